@@ -1,0 +1,47 @@
+//! adapterkit: parameter-efficient transfer learning with bottleneck adapters (Houlsby et al. 2019)
+//! for BERT-family encoders, on candle.
+//!
+//! A frozen [`BaseModel`] is shared by any number of [`TaskModel`]s; each task owns only what it
+//! trains (adapters, head, and copies of the base parameters it tunes) and is saved as a small
+//! AdapterHub-compatible directory.
+
+pub mod adapter;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod head;
+pub mod io;
+pub mod metrics;
+pub mod model;
+pub mod ops;
+pub mod rng;
+pub mod task;
+pub mod tokenizer;
+pub mod train;
+
+pub use adapter::{AdapterConfig, Placement};
+pub use config::BertConfig;
+pub use error::{Error, Result};
+pub use head::{HeadConfig, HeadKind, Pooling};
+pub use model::{BaseModel, Batch, ForwardOptions};
+pub use task::{TaskModel, TrainableSet};
+pub use train::{train, TrainConfig};
+
+/// The asset cache: `$ADAPTERKIT_HOME`, else `~/.cache/adapterkit`.
+pub fn default_home() -> std::path::PathBuf {
+    if let Some(h) = std::env::var_os("ADAPTERKIT_HOME") {
+        return h.into();
+    }
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    home.join(".cache").join("adapterkit")
+}
+
+/// The default base model directory inside the asset cache (all-MiniLM-L6-v2).
+pub fn default_model_dir() -> std::path::PathBuf {
+    default_home().join("models").join("all-MiniLM-L6-v2")
+}
+
+/// The asset fetch script, embedded so the binary can run it anywhere (`adapterkit fetch`).
+pub const FETCH_SCRIPT: &str = include_str!("../../../tools/fetch_assets.py");

@@ -1,0 +1,463 @@
+//! The frozen BERT encoder, with adapter sites, and its forward pass.
+
+use crate::adapter::{param_name, Site};
+use crate::config::BertConfig;
+use crate::error::{Error, Result};
+use crate::head::{HeadKind, Pooling};
+use crate::ops::{dropout, layer_norm, linear, softmax_last_dim};
+use crate::rng::Rng;
+use crate::task::TaskModel;
+use crate::tokenizer::TextTokenizer;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A frozen pre-trained encoder: configuration, weights by checkpoint name, tokenizer. Shared read-only
+/// by every task; nothing in this crate ever writes to it.
+pub struct BaseModel {
+    /// Architecture read from `config.json`.
+    pub config: BertConfig,
+    weights: HashMap<String, Tensor>,
+    /// Tokenizer of the checkpoint.
+    pub tokenizer: TextTokenizer,
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Compute device.
+    pub device: Device,
+}
+
+/// A padded batch of token ids ready for the encoder.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids [batch, seq].
+    pub ids: Tensor,
+    /// Segment ids [batch, seq].
+    pub type_ids: Tensor,
+    /// 1.0 on real tokens, 0.0 on padding [batch, seq].
+    pub mask: Tensor,
+    /// Real length of each row.
+    pub lengths: Vec<usize>,
+}
+
+impl Batch {
+    /// Pads `(ids, type_ids)` rows to the longest row.
+    pub fn new(rows: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> Result<Self> {
+        let b = rows.len();
+        let s = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![pad_id; b * s];
+        let mut types = vec![0u32; b * s];
+        let mut mask = vec![0f32; b * s];
+        let mut lengths = Vec::with_capacity(b);
+        for (i, (r_ids, r_types)) in rows.iter().enumerate() {
+            ids[i * s..i * s + r_ids.len()].copy_from_slice(r_ids);
+            types[i * s..i * s + r_types.len()].copy_from_slice(r_types);
+            mask[i * s..i * s + r_ids.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1.0);
+            lengths.push(r_ids.len());
+        }
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (b, s), device)?,
+            type_ids: Tensor::from_vec(types, (b, s), device)?,
+            mask: Tensor::from_vec(mask, (b, s), device)?,
+            lengths,
+        })
+    }
+
+    /// Rows in the batch.
+    pub fn size(&self) -> usize {
+        self.lengths.len()
+    }
+}
+
+/// Per-call choices of a forward pass.
+#[derive(Default)]
+pub struct ForwardOptions<'a> {
+    /// Training mode: dropout on, drawn from this generator. `None` is inference.
+    pub dropout_rng: Option<&'a mut Rng>,
+    /// Layers whose adapters are skipped (AdapterDrop-style ablation / faster inference).
+    pub skip_adapter_layers: &'a [usize],
+}
+
+/// Every tensor name and shape a BERT checkpoint must provide for `cfg` (without `bert.` prefix).
+pub fn expected_shapes(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.hidden_size;
+    let i = cfg.intermediate_size;
+    let mut v = vec![
+        (
+            "embeddings.word_embeddings.weight".to_string(),
+            vec![cfg.vocab_size, d],
+        ),
+        (
+            "embeddings.position_embeddings.weight".to_string(),
+            vec![cfg.max_position_embeddings, d],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".to_string(),
+            vec![cfg.type_vocab_size, d],
+        ),
+        ("embeddings.LayerNorm.weight".to_string(), vec![d]),
+        ("embeddings.LayerNorm.bias".to_string(), vec![d]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{l}");
+        for n in ["query", "key", "value"] {
+            v.push((format!("{p}.attention.self.{n}.weight"), vec![d, d]));
+            v.push((format!("{p}.attention.self.{n}.bias"), vec![d]));
+        }
+        v.push((format!("{p}.attention.output.dense.weight"), vec![d, d]));
+        v.push((format!("{p}.attention.output.dense.bias"), vec![d]));
+        v.push((format!("{p}.attention.output.LayerNorm.weight"), vec![d]));
+        v.push((format!("{p}.attention.output.LayerNorm.bias"), vec![d]));
+        v.push((format!("{p}.intermediate.dense.weight"), vec![i, d]));
+        v.push((format!("{p}.intermediate.dense.bias"), vec![i]));
+        v.push((format!("{p}.output.dense.weight"), vec![d, i]));
+        v.push((format!("{p}.output.dense.bias"), vec![d]));
+        v.push((format!("{p}.output.LayerNorm.weight"), vec![d]));
+        v.push((format!("{p}.output.LayerNorm.bias"), vec![d]));
+    }
+    v
+}
+
+/// Normalises a checkpoint tensor name: drops the `bert.` prefix, maps TF-era `gamma`/`beta`.
+pub fn canonical_name(name: &str) -> String {
+    let n = name.strip_prefix("bert.").unwrap_or(name);
+    if let Some(stem) = n.strip_suffix("LayerNorm.gamma") {
+        format!("{stem}LayerNorm.weight")
+    } else if let Some(stem) = n.strip_suffix("LayerNorm.beta") {
+        format!("{stem}LayerNorm.bias")
+    } else {
+        n.to_string()
+    }
+}
+
+/// Whether a base parameter is a LayerNorm scale or shift.
+pub fn is_layer_norm(name: &str) -> bool {
+    name.contains("LayerNorm.")
+}
+
+impl BaseModel {
+    /// Loads a Hugging Face BERT checkpoint directory: `config.json`, `model.safetensors` (or
+    /// `pytorch_model.bin`) and `tokenizer.json` (or `vocab.txt`).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let weights_path = ["model.safetensors", "pytorch_model.bin"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                Error::io(
+                    dir.join("model.safetensors"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no model.safetensors or pytorch_model.bin in the checkpoint directory",
+                    ),
+                )
+            })?;
+        let raw = crate::io::load_tensors(&weights_path)?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        Self::from_tensors(config, raw, tokenizer, dir, &weights_path)
+    }
+
+    /// Builds a base model from tensors already in memory, validating names and shapes.
+    pub fn from_tensors(
+        config: BertConfig,
+        raw: HashMap<String, Tensor>,
+        tokenizer: TextTokenizer,
+        dir: &Path,
+        source: &Path,
+    ) -> Result<Self> {
+        let mut all: HashMap<String, Tensor> = HashMap::new();
+        for (k, v) in raw {
+            all.insert(canonical_name(&k), v);
+        }
+        let mut weights = HashMap::new();
+        let mut wanted = expected_shapes(&config);
+        let d = config.hidden_size;
+        if all.contains_key("pooler.dense.weight") {
+            wanted.push(("pooler.dense.weight".into(), vec![d, d]));
+            wanted.push(("pooler.dense.bias".into(), vec![d]));
+        }
+        for (name, shape) in wanted {
+            let t = all.remove(&name).ok_or_else(|| Error::MissingTensor {
+                path: source.to_path_buf(),
+                name: name.clone(),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::TensorShape {
+                    path: source.to_path_buf(),
+                    name,
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                });
+            }
+            weights.insert(name, t.to_dtype(DType::F32)?);
+        }
+        Ok(BaseModel {
+            config,
+            weights,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            device: Device::Cpu,
+        })
+    }
+
+    /// A base weight by canonical name.
+    pub fn weight(&self, name: &str) -> Option<&Tensor> {
+        self.weights.get(name)
+    }
+
+    /// All base weight names, sorted.
+    pub fn weight_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.weights.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Number of base parameters.
+    pub fn num_params(&self) -> usize {
+        self.weights.values().map(|t| t.elem_count()).sum()
+    }
+
+    /// The same model with weights in `dtype` (f64 for gradient checks).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let weights = self
+            .weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(BaseModel {
+            config: self.config.clone(),
+            weights,
+            tokenizer: self.tokenizer.clone(),
+            dir: self.dir.clone(),
+            device: self.device.clone(),
+        })
+    }
+
+    fn param<'a>(&'a self, task: Option<&'a TaskModel>, name: &str) -> Result<&'a Tensor> {
+        if let Some(t) = task.and_then(|t| t.params.get(name)) {
+            return Ok(t);
+        }
+        self.weights
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("the model has no parameter `{name}`")))
+    }
+
+    fn ln(&self, task: Option<&TaskModel>, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        let g = self.param(task, &format!("{prefix}.LayerNorm.weight"))?;
+        let b = self.param(task, &format!("{prefix}.LayerNorm.bias"))?;
+        layer_norm(x, g, b, self.config.layer_norm_eps)
+    }
+
+    fn dense(&self, task: Option<&TaskModel>, prefix: &str, x: &Tensor) -> Result<Tensor> {
+        let w = self.param(task, &format!("{prefix}.weight"))?;
+        let b = self.param(task, &format!("{prefix}.bias"))?;
+        linear(x, w, Some(b))
+    }
+
+    fn adapter(
+        &self,
+        task: Option<&TaskModel>,
+        layer: usize,
+        site: Site,
+        x: &Tensor,
+        skip: &[usize],
+    ) -> Result<Tensor> {
+        let Some(task) = task else {
+            return Ok(x.clone());
+        };
+        let Some(cfg) = task.adapter.as_ref() else {
+            return Ok(x.clone());
+        };
+        if !cfg.has_layer(layer) || !cfg.sites().contains(&site) || skip.contains(&layer) {
+            return Ok(x.clone());
+        }
+        let p = |part: &str| self.param(Some(task), &param_name(layer, site, &task.name, part));
+        let down = linear(x, p("down.weight")?, Some(p("down.bias")?))?;
+        let up = linear(
+            &cfg.nonlinearity.apply(&down)?,
+            p("up.weight")?,
+            Some(p("up.bias")?),
+        )?;
+        Ok(x.add(&up)?)
+    }
+
+    /// Runs the encoder and returns the last hidden state [batch, seq, hidden]. With a task, its
+    /// adapters run at their sites and its own copies of any base parameter replace the base's.
+    pub fn encode(
+        &self,
+        task: Option<&TaskModel>,
+        batch: &Batch,
+        opts: &mut ForwardOptions<'_>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, s) = batch.ids.dims2()?;
+        if s > cfg.max_position_embeddings {
+            return Err(Error::config(
+                "input",
+                "length",
+                format!(
+                    "{s} tokens exceed the model's {} positions",
+                    cfg.max_position_embeddings
+                ),
+            ));
+        }
+        let d = cfg.hidden_size;
+        let p_hidden = cfg.hidden_dropout_prob;
+        let p_attn = cfg.attention_probs_dropout_prob;
+
+        let words = self
+            .param(task, "embeddings.word_embeddings.weight")?
+            .index_select(&batch.ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        let types = self
+            .param(task, "embeddings.token_type_embeddings.weight")?
+            .index_select(&batch.type_ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        let pos = self
+            .param(task, "embeddings.position_embeddings.weight")?
+            .narrow(0, 0, s)?;
+        let emb = words.add(&types)?.broadcast_add(&pos)?;
+        let mut h = self.ln(task, "embeddings", &emb)?;
+        h = maybe_dropout(&h, p_hidden, opts)?;
+
+        // Additive mask: large negative (not -inf, whose gradient arithmetic would give NaN).
+        let dtype = h.dtype();
+        let mask = ((batch.mask.to_dtype(dtype)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        let heads = cfg.num_attention_heads;
+        let dh = cfg.head_dim();
+        let scale = 1.0 / (dh as f64).sqrt();
+        for l in 0..cfg.num_hidden_layers {
+            let pre = format!("encoder.layer.{l}");
+            let split = |t: Tensor| -> Result<Tensor> {
+                Ok(t.reshape((b, s, heads, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let q = split(self.dense(task, &format!("{pre}.attention.self.query"), &h)?)?;
+            let k = split(self.dense(task, &format!("{pre}.attention.self.key"), &h)?)?;
+            let v = split(self.dense(task, &format!("{pre}.attention.self.value"), &h)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = maybe_dropout(&softmax_last_dim(&scores)?, p_attn, opts)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, s, d))?;
+            let attn = self.dense(task, &format!("{pre}.attention.output.dense"), &ctx)?;
+            let attn = maybe_dropout(&attn, p_hidden, opts)?;
+            let attn = self.adapter(task, l, Site::Attention, &attn, opts.skip_adapter_layers)?;
+            h = self.ln(task, &format!("{pre}.attention.output"), &attn.add(&h)?)?;
+
+            let inter = self
+                .dense(task, &format!("{pre}.intermediate.dense"), &h)?
+                .gelu_erf()?;
+            let out = self.dense(task, &format!("{pre}.output.dense"), &inter)?;
+            let out = maybe_dropout(&out, p_hidden, opts)?;
+            let out = self.adapter(task, l, Site::Ffn, &out, opts.skip_adapter_layers)?;
+            h = self.ln(task, &format!("{pre}.output"), &out.add(&h)?)?;
+        }
+        Ok(h)
+    }
+
+    /// The checkpoint's pooler: tanh(W · h[CLS] + b), [batch, hidden].
+    pub fn pooler(&self, task: Option<&TaskModel>, hidden: &Tensor) -> Result<Tensor> {
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(self.dense(task, "pooler.dense", &cls)?.tanh()?)
+    }
+
+    /// One vector per example, as the task's head expects.
+    pub fn pool(&self, task: &TaskModel, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+        match task.head.pooling {
+            Pooling::Cls => Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?),
+            Pooling::Pooler => self.pooler(Some(task), hidden),
+            Pooling::Mean => {
+                let m = batch.mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+                let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+                Ok(sum.broadcast_div(&m.sum(1)?)?)
+            }
+        }
+    }
+
+    /// Head outputs [batch, classes] (logits) or [batch, 1] (regression) for a task.
+    pub fn logits(
+        &self,
+        task: &TaskModel,
+        batch: &Batch,
+        opts: &mut ForwardOptions<'_>,
+    ) -> Result<Tensor> {
+        let hidden = self.encode(Some(task), batch, opts)?;
+        let pooled = self.pool(task, &hidden, batch)?;
+        let p = self.config.hidden_dropout_prob;
+        let name = &task.name;
+        let mut x = maybe_dropout(&pooled, p, opts)?;
+        if task.head.layers == 2 {
+            x = self
+                .dense(Some(task), &format!("heads.{name}.1"), &x)?
+                .tanh()?;
+            x = maybe_dropout(&x, p, opts)?;
+            x = self.dense(Some(task), &format!("heads.{name}.4"), &x)?;
+        } else {
+            x = self.dense(Some(task), &format!("heads.{name}.1"), &x)?;
+        }
+        Ok(x)
+    }
+
+    /// Tokenizes `(text, pair)` inputs and runs inference in length-sorted batches; returns one row of
+    /// outputs per input, in input order (probabilities for classification, the value for regression).
+    pub fn predict(
+        &self,
+        task: &TaskModel,
+        inputs: &[(String, Option<String>)],
+        max_len: usize,
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let encoded = self.tokenizer.encode_all(inputs, max_len)?;
+        self.predict_encoded(task, &encoded, batch_size, skip_adapter_layers)
+    }
+
+    /// [`BaseModel::predict`] on already tokenized inputs.
+    pub fn predict_encoded(
+        &self,
+        task: &TaskModel,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let frozen = task.detached();
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| encoded[i].0.len());
+        let mut out = vec![Vec::new(); encoded.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let rows: Vec<(&[u32], &[u32])> = chunk
+                .iter()
+                .map(|&i| (encoded[i].0.as_slice(), encoded[i].1.as_slice()))
+                .collect();
+            let batch = Batch::new(&rows, self.config.pad_token_id, &self.device)?;
+            let mut opts = ForwardOptions {
+                dropout_rng: None,
+                skip_adapter_layers,
+            };
+            let logits = self.logits(&frozen, &batch, &mut opts)?;
+            let rows_out = match task.head.kind {
+                HeadKind::Classification => softmax_last_dim(&logits)?,
+                HeadKind::Regression => logits,
+            }
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+            for (&i, r) in chunk.iter().zip(rows_out) {
+                out[i] = r;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn maybe_dropout(x: &Tensor, p: f64, opts: &mut ForwardOptions<'_>) -> Result<Tensor> {
+    match opts.dropout_rng.as_deref_mut() {
+        Some(rng) => dropout(x, p, rng),
+        None => Ok(x.clone()),
+    }
+}

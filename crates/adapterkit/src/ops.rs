@@ -1,0 +1,192 @@
+//! Differentiable building blocks composed from candle primitives.
+//!
+//! candle's fused `layer_norm`/`softmax_last_dim` have no backward pass (gradients are silently
+//! dropped), so the encoder uses these compositions, which autograd differentiates exactly. They are
+//! also the reference that any future fused kernel is tested against.
+
+use crate::error::Result;
+use crate::rng::Rng;
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// `x · wᵀ + b` over the last dimension, for inputs of any rank.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    let rows: usize = dims[..last].iter().product();
+    let y = x.reshape((rows, dims[last]))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    out_dims[last] = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// LayerNorm over the last dimension with learned scale and shift.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}
+
+/// Softmax over the last dimension; the max is detached because its gradient contributions cancel.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Mean cross-entropy of `logits` [batch, classes] against class indices.
+pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
+    let (b, c) = logits.dims2()?;
+    let mut onehot = vec![0f32; b * c];
+    for (i, &l) in labels.iter().enumerate() {
+        onehot[i * c + l as usize] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (b, c), logits.device())?.to_dtype(logits.dtype())?;
+    let lp = log_softmax_last_dim(logits)?;
+    Ok((lp.mul(&onehot)?.sum_all()? * (-1.0 / b as f64))?)
+}
+
+/// Mean squared error of `pred` [batch, 1] against targets.
+pub fn mse(pred: &Tensor, targets: &[f32]) -> Result<Tensor> {
+    let t = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), pred.device())?
+        .to_dtype(pred.dtype())?;
+    Ok(pred.sub(&t)?.sqr()?.mean_all()?)
+}
+
+/// Inverted dropout with a seeded mask; identity when `p` is 0.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.uniform() < p { 0.0 } else { scale })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// The nonlinearity inside a bottleneck adapter (AdapterHub's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// Exact (erf) GELU, as BERT's FFN and Houlsby's paper.
+    Gelu,
+    /// max(0, x).
+    Relu,
+    /// x · sigmoid(x) (AdapterHub's default, also called SiLU).
+    Swish,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+impl Activation {
+    /// Applies the nonlinearity.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::Relu => x.relu()?,
+            Activation::Swish => x.silu()?,
+            Activation::Tanh => x.tanh()?,
+        })
+    }
+
+    /// Parses AdapterHub's `non_linearity` strings.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "gelu" | "gelu_new" | "gelu_orig" => Some(Activation::Gelu),
+            "relu" => Some(Activation::Relu),
+            "swish" | "silu" => Some(Activation::Swish),
+            "tanh" => Some(Activation::Tanh),
+            _ => None,
+        }
+    }
+
+    /// The name AdapterHub writes in `non_linearity`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Gelu => "gelu",
+            Activation::Relu => "relu",
+            Activation::Swish => "swish",
+            Activation::Tanh => "tanh",
+        }
+    }
+}
+
+/// Converts a 1-D or N-D tensor to a flat `Vec<f32>`.
+pub fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_ce_matches_closed_form() {
+        let x = Tensor::new(&[[1f32, 2., 3.], [0., 0., 0.]], &Device::Cpu).unwrap();
+        let s = softmax_last_dim(&x)
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-6));
+        let ce = cross_entropy(&x, &[2, 0])
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let l0 = -(3f32.exp() / (1f32.exp() + 2f32.exp() + 3f32.exp())).ln();
+        let l1 = 3f32.ln();
+        assert!((ce - (l0 + l1) / 2.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[0.3f64, -1.2, 2.0, 0.7], [1.0, 0.5, -0.5, 0.1]], &dev).unwrap();
+        let g = Var::new(&[1.1f64, 0.9, 1.3, 0.7], &dev).unwrap();
+        let b = Var::new(&[0.1f64, -0.2, 0.0, 0.3], &dev).unwrap();
+        let w = Tensor::new(&[[0.5f64, -1.0, 2.0, 1.5], [1.0, 1.0, -0.3, 0.2]], &dev).unwrap();
+        let f = |g: &Tensor| -> f64 {
+            let y = layer_norm(&x, g, b.as_tensor(), 1e-12).unwrap();
+            y.mul(&w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let y = layer_norm(&x, g.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+        let loss = y.mul(&w).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let gg = grads.get(g.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        let base = g.as_tensor().to_vec1::<f64>().unwrap();
+        for i in 0..4 {
+            let mut plus = base.clone();
+            plus[i] += 1e-6;
+            let mut minus = base.clone();
+            minus[i] -= 1e-6;
+            let fd = (f(&Tensor::new(plus.as_slice(), &dev).unwrap())
+                - f(&Tensor::new(minus.as_slice(), &dev).unwrap()))
+                / 2e-6;
+            assert!((fd - gg[i]).abs() < 1e-6, "{i}: fd {fd} vs {}", gg[i]);
+        }
+    }
+}

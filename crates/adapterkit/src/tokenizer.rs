@@ -1,0 +1,115 @@
+//! WordPiece tokenization through Hugging Face `tokenizers`, from `tokenizer.json` or `vocab.txt`.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{Model, Tokenizer, TruncationParams, TruncationStrategy};
+
+/// A checkpoint's tokenizer with padding and truncation under our control (batches pad themselves).
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` from `dir`, or builds a BERT WordPiece tokenizer from `vocab.txt`
+    /// (lower-casing unless `tokenizer_config.json` says `"do_lower_case": false`).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        let mut inner = if json.exists() {
+            Tokenizer::from_file(&json)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", json.display())))?
+        } else {
+            let vocab = dir.join("vocab.txt");
+            if !vocab.exists() {
+                return Err(Error::io(
+                    &json,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "neither tokenizer.json nor vocab.txt is in the checkpoint directory",
+                    ),
+                ));
+            }
+            Self::from_vocab(&vocab, lowercase_setting(dir)?)?.inner
+        };
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(TextTokenizer { inner })
+    }
+
+    /// Builds a BERT WordPiece tokenizer from a `vocab.txt`.
+    pub fn from_vocab(vocab: &Path, lowercase: bool) -> Result<Self> {
+        let path = vocab
+            .to_str()
+            .ok_or_else(|| Error::Tokenizer(format!("{}: path is not UTF-8", vocab.display())))?;
+        let wp = WordPiece::from_file(path)
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", vocab.display())))?;
+        let id = |tok: &str| -> Result<u32> {
+            wp.get_vocab().get(tok).copied().ok_or_else(|| {
+                Error::Tokenizer(format!("{}: vocabulary lacks `{tok}`", vocab.display()))
+            })
+        };
+        let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+        let mut inner = Tokenizer::new(wp);
+        inner.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
+        inner.with_pre_tokenizer(Some(BertPreTokenizer));
+        inner.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )));
+        Ok(TextTokenizer { inner })
+    }
+
+    /// Token ids and segment ids of each input, with [CLS]/[SEP] and at most `max_len` tokens
+    /// (pairs truncated longest-first).
+    pub fn encode_all(
+        &self,
+        inputs: &[(String, Option<String>)],
+        max_len: usize,
+    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        if max_len < 4 {
+            return Err(Error::config("tokenizer", "max_len", "must be at least 4"));
+        }
+        let mut tok = self.inner.clone();
+        tok.with_truncation(Some(TruncationParams {
+            max_length: max_len,
+            strategy: TruncationStrategy::LongestFirst,
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inputs
+            .iter()
+            .map(|(a, b)| {
+                let enc = match b {
+                    Some(b) => tok.encode((a.as_str(), b.as_str()), true),
+                    None => tok.encode(a.as_str(), true),
+                }
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+                Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
+            })
+            .collect()
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+fn lowercase_setting(dir: &Path) -> Result<bool> {
+    let p = dir.join("tokenizer_config.json");
+    if !p.exists() {
+        return Ok(true);
+    }
+    let v: serde_json::Value = crate::io::read_json(&p)?;
+    Ok(v.get("do_lower_case")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(true))
+}

@@ -1,0 +1,462 @@
+//! The trainer: one loop for every trainable set (AdamW, warm-up + linear decay, clipping, seeded
+//! order and dropout, length bucketing, dev evaluation each epoch keeping the best).
+
+use crate::data::{bucketed_batches, LabelledSet, TaskData};
+use crate::error::{Error, Result};
+use crate::head::HeadKind;
+use crate::metrics::{classification, pearson, ClassMetrics};
+use crate::model::{BaseModel, Batch, ForwardOptions};
+use crate::ops::{cross_entropy, mse};
+use crate::rng::Rng;
+use crate::task::TaskModel;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Optimisation settings; defaults follow the Houlsby reference code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decoupled weight decay (not applied to LayerNorms and biases).
+    pub weight_decay: f64,
+    /// Adam β₁.
+    pub beta1: f64,
+    /// Adam β₂.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+    /// Fraction of steps with linear warm-up.
+    pub warmup_frac: f64,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: f64,
+    /// Seed of data order and dropout (init is seeded when the task is made).
+    pub seed: u64,
+    /// Stop after this many steps (for smoke tests); `None` runs all epochs.
+    pub max_steps: Option<usize>,
+    /// Batch size for evaluation.
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 3,
+            batch_size: 32,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            warmup_frac: 0.1,
+            max_grad_norm: 1.0,
+            seed: 42,
+            max_steps: None,
+            eval_batch_size: 64,
+        }
+    }
+}
+
+/// Quality of predictions on one set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EvalMetrics {
+    /// Classification metrics.
+    Class(ClassMetrics),
+    /// Regression metrics.
+    Regression {
+        /// Pearson correlation.
+        pearson: f64,
+        /// Mean squared error.
+        mse: f64,
+        /// Number of examples.
+        n: usize,
+    },
+}
+
+impl EvalMetrics {
+    /// The number that selects the best epoch (accuracy, or Pearson r for regression).
+    pub fn primary(&self) -> f64 {
+        match self {
+            EvalMetrics::Class(m) => m.accuracy,
+            EvalMetrics::Regression { pearson, .. } => *pearson,
+        }
+    }
+}
+
+/// Predictions and metrics on one set.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Metrics.
+    pub metrics: EvalMetrics,
+    /// Predicted class (classification) per example, in set order.
+    pub predicted: Vec<usize>,
+    /// Raw outputs (probabilities or value) per example.
+    pub outputs: Vec<Vec<f32>>,
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Dev metrics after the epoch.
+    pub dev: EvalMetrics,
+    /// Seconds spent training in the epoch (evaluation excluded).
+    pub train_seconds: f64,
+    /// Training throughput.
+    pub examples_per_second: f64,
+}
+
+/// What a training run did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Per-epoch results.
+    pub epochs: Vec<EpochReport>,
+    /// Epoch whose parameters were kept (best dev).
+    pub best_epoch: usize,
+    /// Dev metrics of the kept parameters.
+    pub best_dev: EvalMetrics,
+    /// Optimiser steps taken.
+    pub steps: usize,
+    /// Wall time of the whole run, evaluation included.
+    pub seconds: f64,
+}
+
+/// Progress events for a progress bar or a log.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// An optimiser step finished.
+    Step {
+        /// Steps done.
+        step: usize,
+        /// Steps planned.
+        total: usize,
+        /// Loss of this step.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+        /// Examples per second since the epoch began.
+        examples_per_second: f64,
+    },
+    /// An epoch finished and was evaluated.
+    Epoch(EpochReport),
+}
+
+struct AdamSlot {
+    var: Var,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    decay: bool,
+}
+
+fn no_decay(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("LayerNorm")
+}
+
+/// Linear warm-up then linear decay to zero, as a multiplier of the peak rate.
+pub fn lr_factor(step: usize, total: usize, warmup: usize) -> f64 {
+    if step < warmup {
+        (step + 1) as f64 / warmup as f64
+    } else if total > warmup {
+        ((total - step) as f64 / (total - warmup) as f64).max(0.0)
+    } else {
+        1.0
+    }
+}
+
+/// Tokenized inputs of a set, computed once.
+pub fn tokenize_set(
+    base: &BaseModel,
+    set: &LabelledSet,
+    max_len: usize,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    base.tokenizer.encode_all(&set.inputs, max_len)
+}
+
+/// Evaluates a task on tokenized inputs of `set`.
+pub fn evaluate_encoded(
+    base: &BaseModel,
+    task: &TaskModel,
+    set: &LabelledSet,
+    encoded: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+    skip_adapter_layers: &[usize],
+) -> Result<Evaluation> {
+    let outputs = base.predict_encoded(task, encoded, batch_size, skip_adapter_layers)?;
+    Ok(match task.head.kind {
+        HeadKind::Classification => {
+            let predicted: Vec<usize> = outputs.iter().map(|r| argmax(r)).collect();
+            let metrics = EvalMetrics::Class(classification(
+                &predicted,
+                &set.labels,
+                task.head.labels.len(),
+            ));
+            Evaluation {
+                metrics,
+                predicted,
+                outputs,
+            }
+        }
+        HeadKind::Regression => {
+            let pred: Vec<f32> = outputs
+                .iter()
+                .map(|r| r.first().copied().unwrap_or(0.0))
+                .collect();
+            let mse = pred
+                .iter()
+                .zip(&set.targets)
+                .map(|(p, t)| ((p - t) as f64).powi(2))
+                .sum::<f64>()
+                / pred.len().max(1) as f64;
+            Evaluation {
+                metrics: EvalMetrics::Regression {
+                    pearson: pearson(&pred, &set.targets),
+                    mse,
+                    n: pred.len(),
+                },
+                predicted: vec![],
+                outputs,
+            }
+        }
+    })
+}
+
+/// Tokenizes `set` and evaluates the task on it.
+pub fn evaluate(
+    base: &BaseModel,
+    task: &TaskModel,
+    set: &LabelledSet,
+    batch_size: usize,
+    skip_adapter_layers: &[usize],
+) -> Result<Evaluation> {
+    let enc = tokenize_set(base, set, task.max_len)?;
+    evaluate_encoded(base, task, set, &enc, batch_size, skip_adapter_layers)
+}
+
+/// Index of the largest value.
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// The loss of one batch in training mode (dropout drawn from `rng`).
+pub fn batch_loss(
+    base: &BaseModel,
+    task: &TaskModel,
+    encoded: &[(Vec<u32>, Vec<u32>)],
+    set: &LabelledSet,
+    rows: &[usize],
+    rng: Option<&mut Rng>,
+) -> Result<Tensor> {
+    let pieces: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .map(|&i| (encoded[i].0.as_slice(), encoded[i].1.as_slice()))
+        .collect();
+    let batch = Batch::new(&pieces, base.config.pad_token_id, &base.device)?;
+    let mut opts = ForwardOptions {
+        dropout_rng: rng,
+        skip_adapter_layers: &[],
+    };
+    let logits = base.logits(task, &batch, &mut opts)?;
+    match task.head.kind {
+        HeadKind::Classification => {
+            let labels: Vec<u32> = rows.iter().map(|&i| set.labels[i] as u32).collect();
+            cross_entropy(&logits, &labels)
+        }
+        HeadKind::Regression => {
+            let t: Vec<f32> = rows.iter().map(|&i| set.targets[i]).collect();
+            mse(&logits, &t)
+        }
+    }
+}
+
+/// Trains `task` on `data.train`, evaluating on `data.dev` after each epoch and keeping the best
+/// epoch's parameters in `task`. Only the task's parameters get gradients and optimiser state.
+pub fn train(
+    base: &BaseModel,
+    task: &mut TaskModel,
+    data: &TaskData,
+    cfg: &TrainConfig,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<TrainReport> {
+    if data.train.is_empty() || data.dev.is_empty() {
+        return Err(Error::config(
+            "data",
+            "train/dev",
+            "training and dev sets must not be empty",
+        ));
+    }
+    if cfg.batch_size == 0 || cfg.epochs == 0 {
+        return Err(Error::config(
+            "train",
+            "epochs/batch_size",
+            "must be at least 1",
+        ));
+    }
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+        return Err(Error::config("train", "lr", "must be a positive number"));
+    }
+    let start = Instant::now();
+    let train_enc = tokenize_set(base, &data.train, task.max_len)?;
+    let dev_enc = tokenize_set(base, &data.dev, task.max_len)?;
+    let lengths: Vec<usize> = train_enc.iter().map(|e| e.0.len()).collect();
+
+    let mut slots = Vec::new();
+    for (name, t) in task.params.iter_mut() {
+        let var = Var::from_tensor(t)?;
+        *t = var.as_tensor().clone();
+        let n = t.elem_count();
+        slots.push(AdamSlot {
+            var,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            decay: !no_decay(name),
+        });
+    }
+
+    let steps_per_epoch = lengths.len().div_ceil(cfg.batch_size);
+    let mut total = steps_per_epoch * cfg.epochs;
+    if let Some(ms) = cfg.max_steps {
+        total = total.min(ms);
+    }
+    let warmup = ((total as f64) * cfg.warmup_frac).round() as usize;
+    let mut order_rng = Rng::derive(cfg.seed, "order");
+    let mut dropout_rng = Rng::derive(cfg.seed, "dropout");
+    let mut step = 0usize;
+    let mut epochs = Vec::new();
+    let mut best: Option<(usize, EvalMetrics, BTreeMap<String, Tensor>)> = None;
+
+    'outer: for epoch in 1..=cfg.epochs {
+        let t0 = Instant::now();
+        let mut loss_sum = 0.0;
+        let mut seen = 0usize;
+        let mut nb = 0usize;
+        for rows in bucketed_batches(&lengths, cfg.batch_size, &mut order_rng) {
+            if step >= total {
+                break;
+            }
+            let loss = batch_loss(
+                base,
+                task,
+                &train_enc,
+                &data.train,
+                &rows,
+                Some(&mut dropout_rng),
+            )?;
+            let loss_v = f64::from(loss.to_scalar::<f32>()?);
+            if !loss_v.is_finite() {
+                return Err(Error::config(
+                    "train",
+                    "lr",
+                    format!("loss became {loss_v} at step {step}; lower the learning rate"),
+                ));
+            }
+            let grads = loss.backward()?;
+            let mut gvecs = Vec::with_capacity(slots.len());
+            let mut sq = 0f64;
+            for s in &slots {
+                let g = match grads.get(s.var.as_tensor()) {
+                    Some(g) => crate::ops::to_vec_f32(g)?,
+                    None => vec![0.0; s.m.len()],
+                };
+                sq += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+                gvecs.push(g);
+            }
+            drop(grads);
+            let norm = sq.sqrt();
+            let clip = if norm > cfg.max_grad_norm {
+                (cfg.max_grad_norm / (norm + 1e-6)) as f32
+            } else {
+                1.0
+            };
+            let lr = cfg.lr * lr_factor(step, total, warmup);
+            let t = (step + 1) as i32;
+            let bc1 = 1.0 - cfg.beta1.powi(t);
+            let bc2 = 1.0 - cfg.beta2.powi(t);
+            let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
+            let step_size = (lr / bc1) as f32;
+            let bc2_sqrt = bc2.sqrt() as f32;
+            let eps = cfg.eps as f32;
+            for (s, g) in slots.iter_mut().zip(gvecs) {
+                let mut p = crate::ops::to_vec_f32(s.var.as_tensor())?;
+                let shrink = if s.decay {
+                    1.0 - (lr * cfg.weight_decay) as f32
+                } else {
+                    1.0
+                };
+                for i in 0..p.len() {
+                    let gi = g[i] * clip;
+                    s.m[i] = b1 * s.m[i] + (1.0 - b1) * gi;
+                    s.v[i] = b2 * s.v[i] + (1.0 - b2) * gi * gi;
+                    p[i] = p[i] * shrink - step_size * s.m[i] / (s.v[i].sqrt() / bc2_sqrt + eps);
+                }
+                let shape = s.var.as_tensor().shape().clone();
+                s.var.set(&Tensor::from_vec(p, shape, &base.device)?)?;
+            }
+            step += 1;
+            nb += 1;
+            seen += rows.len();
+            loss_sum += loss_v;
+            on_event(&Event::Step {
+                step,
+                total,
+                loss: loss_v,
+                lr,
+                examples_per_second: seen as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            });
+        }
+        if nb == 0 {
+            break 'outer;
+        }
+        let train_seconds = t0.elapsed().as_secs_f64();
+        let frozen = task.detached();
+        let dev =
+            evaluate_encoded(base, &frozen, &data.dev, &dev_enc, cfg.eval_batch_size, &[])?.metrics;
+        let report = EpochReport {
+            epoch,
+            train_loss: loss_sum / nb as f64,
+            dev,
+            train_seconds,
+            examples_per_second: seen as f64 / train_seconds.max(1e-9),
+        };
+        on_event(&Event::Epoch(report.clone()));
+        if best.as_ref().is_none_or(|b| dev.primary() > b.1.primary()) {
+            let snapshot = frozen
+                .params
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.copy()?)))
+                .collect::<Result<BTreeMap<_, _>>>()?;
+            best = Some((epoch, dev, snapshot));
+        }
+        epochs.push(report);
+        if step >= total {
+            break;
+        }
+    }
+    let (best_epoch, best_dev, params) =
+        best.ok_or_else(|| Error::config("train", "max_steps", "no training step was taken"))?;
+    task.params = params;
+    Ok(TrainReport {
+        epochs,
+        best_epoch,
+        best_dev,
+        steps: step,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
