@@ -94,7 +94,7 @@ impl BertConfig {
                 return Err(Error::config(context, field, "must be a positive integer"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::config(
                 context,
                 "num_attention_heads",

@@ -507,14 +507,60 @@ pub fn index_labels(
         .collect()
 }
 
-fn to_set(examples: &[Example], labels: &[usize], idx: &[usize]) -> LabelledSet {
+fn to_set(examples: &[Example], labels: &[usize], targets: &[f32], idx: &[usize]) -> LabelledSet {
     LabelledSet {
         inputs: idx
             .iter()
             .map(|&i| (examples[i].text.clone(), examples[i].pair.clone()))
             .collect(),
         labels: idx.iter().map(|&i| labels[i]).collect(),
-        targets: idx.iter().map(|&i| labels[i] as f32).collect(),
+        targets: idx.iter().map(|&i| targets[i]).collect(),
+    }
+}
+
+/// How the label column of a user's files is read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Labels {
+    /// Classes are the sorted distinct labels of the training file.
+    Infer,
+    /// Classes are these, in this order; any other label is an error.
+    Given(Vec<String>),
+    /// Labels are real numbers (regression).
+    Regression,
+}
+
+/// Class indices and numeric targets of examples; for regression the class index is 0.
+fn label_values(
+    path: &Path,
+    examples: &[Example],
+    classes: Option<&[(String, String)]>,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    match classes {
+        Some(c) => {
+            let idx = index_labels(path, examples, c)?;
+            let t = idx.iter().map(|&i| i as f32).collect();
+            Ok((idx, t))
+        }
+        None => {
+            let t = examples
+                .iter()
+                .map(|e| {
+                    e.label
+                        .trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|v| v.is_finite())
+                        .ok_or_else(|| {
+                            data_err(
+                                path,
+                                e.line,
+                                format!("label `{}` is not a number (regression task)", e.label),
+                            )
+                        })
+                })
+                .collect::<Result<Vec<f32>>>()?;
+            Ok((vec![0; t.len()], t))
+        }
     }
 }
 
@@ -534,32 +580,48 @@ pub fn load_registry_task(home: &Path, name: &str, split_seed: u64) -> Result<Ta
         .iter()
         .map(|(r, n)| (r.to_string(), n.to_string()))
         .collect();
-    let idx = index_labels(&path, &examples, &labels)?;
+    let (idx, targets) = label_values(&path, &examples, Some(&labels))?;
     let split = stratified_split(&idx, 0.1, 0.1, split_seed);
     Ok(TaskData {
         name: name.to_string(),
         labels: labels.into_iter().map(|(_, n)| n).collect(),
-        train: to_set(&examples, &idx, &split.train),
-        dev: to_set(&examples, &idx, &split.dev),
-        test: to_set(&examples, &idx, &split.test),
+        train: to_set(&examples, &idx, &targets, &split.train),
+        dev: to_set(&examples, &idx, &targets, &split.dev),
+        test: to_set(&examples, &idx, &targets, &split.test),
         split: Some(split),
         pair: false,
         source: vec![path],
     })
 }
 
+/// A user's data files.
+#[derive(Debug, Clone)]
+pub struct DataFiles {
+    /// Training file (split 80/10/10 when dev and test are absent).
+    pub train: PathBuf,
+    /// Development file.
+    pub dev: Option<PathBuf>,
+    /// Test file.
+    pub test: Option<PathBuf>,
+    /// Format of all files; `None` guesses from each extension.
+    pub format: Option<Format>,
+}
+
 /// Loads a user's files: with only `train`, it is split 80/10/10; class names are the sorted distinct
 /// labels of the training file unless `labels` lists them.
 pub fn load_files(
     name: &str,
-    train: &Path,
-    dev: Option<&Path>,
-    test: Option<&Path>,
-    format: Option<Format>,
+    files: &DataFiles,
     cols: &Columns,
-    labels: Option<Vec<String>>,
+    labels: Labels,
     split_seed: u64,
 ) -> Result<TaskData> {
+    let (train, dev, test, format) = (
+        files.train.as_path(),
+        files.dev.as_deref(),
+        files.test.as_deref(),
+        files.format,
+    );
     let fmt = |p: &Path| -> Result<Format> {
         format.or_else(|| Format::from_path(p)).ok_or_else(|| {
             Error::config(
@@ -570,16 +632,18 @@ pub fn load_files(
         })
     };
     let train_ex = read_examples(train, fmt(train)?, cols)?;
+    let regression = labels == Labels::Regression;
     let names = match labels {
-        Some(l) => l,
-        None => {
+        Labels::Given(l) => l,
+        Labels::Regression => Vec::new(),
+        Labels::Infer => {
             let mut l: Vec<String> = train_ex.iter().map(|e| e.label.clone()).collect();
             l.sort();
             l.dedup();
             l
         }
     };
-    if names.len() < 2 {
+    if !regression && names.len() < 2 {
         return Err(data_err(
             train,
             0,
@@ -587,27 +651,28 @@ pub fn load_files(
         ));
     }
     let pairs: Vec<(String, String)> = names.iter().map(|n| (n.clone(), n.clone())).collect();
-    let train_idx = index_labels(train, &train_ex, &pairs)?;
+    let classes = (!regression).then_some(pairs.as_slice());
+    let (train_idx, train_t) = label_values(train, &train_ex, classes)?;
     let (train_set, dev_set, test_set, split) = match (dev, test) {
         (Some(d), Some(t)) => {
             let dex = read_examples(d, fmt(d)?, cols)?;
             let tex = read_examples(t, fmt(t)?, cols)?;
-            let di = index_labels(d, &dex, &pairs)?;
-            let ti = index_labels(t, &tex, &pairs)?;
+            let (di, dt) = label_values(d, &dex, classes)?;
+            let (ti, tt) = label_values(t, &tex, classes)?;
             let all = |n: usize| (0..n).collect::<Vec<_>>();
             (
-                to_set(&train_ex, &train_idx, &all(train_ex.len())),
-                to_set(&dex, &di, &all(dex.len())),
-                to_set(&tex, &ti, &all(tex.len())),
+                to_set(&train_ex, &train_idx, &train_t, &all(train_ex.len())),
+                to_set(&dex, &di, &dt, &all(dex.len())),
+                to_set(&tex, &ti, &tt, &all(tex.len())),
                 None,
             )
         }
         (None, None) => {
             let s = stratified_split(&train_idx, 0.1, 0.1, split_seed);
             (
-                to_set(&train_ex, &train_idx, &s.train),
-                to_set(&train_ex, &train_idx, &s.dev),
-                to_set(&train_ex, &train_idx, &s.test),
+                to_set(&train_ex, &train_idx, &train_t, &s.train),
+                to_set(&train_ex, &train_idx, &train_t, &s.dev),
+                to_set(&train_ex, &train_idx, &train_t, &s.test),
                 Some(s),
             )
         }

@@ -26,10 +26,10 @@ pub fn classification(pred: &[usize], gold: &[usize], classes: usize) -> ClassMe
     }
     let correct: f64 = (0..classes).map(|c| cm[c][c]).sum();
     let mut f1s = Vec::new();
-    for c in 0..classes {
-        let tp = cm[c][c];
-        let fp: f64 = (0..classes).map(|g| cm[g][c]).sum::<f64>() - tp;
-        let fnn: f64 = cm[c].iter().sum::<f64>() - tp;
+    for (c, row) in cm.iter().enumerate() {
+        let tp = row[c];
+        let fp: f64 = cm.iter().map(|r| r[c]).sum::<f64>() - tp;
+        let fnn: f64 = row.iter().sum::<f64>() - tp;
         let denom = 2.0 * tp + fp + fnn;
         f1s.push(if denom > 0.0 { 2.0 * tp / denom } else { 0.0 });
     }

@@ -1,0 +1,170 @@
+//! The binary end to end on the tiny fixture model: train on a user CSV, predict, info, errors.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn tiny() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../adapterkit/tests/fixtures/tiny-bert")
+}
+
+fn ak(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_adapterkit"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = stdin.unwrap_or("").to_string();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(input.as_bytes()).unwrap();
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn train_predict_info_on_a_user_csv() {
+    let dir = std::env::temp_dir().join(format!("ak-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("toy.csv");
+    let mut rows = String::from("sentence,sentiment\n");
+    for i in 0..60 {
+        let (w, l) = if i % 2 == 0 {
+            ("good", "pos")
+        } else {
+            ("awful", "neg")
+        };
+        rows.push_str(&format!("\"the movie was {w}\",{l}\n"));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let out = dir.join("adapter");
+    let model = tiny();
+    let o = ak(
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--train-file",
+            csv.to_str().unwrap(),
+            "--header",
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "sentiment",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--bottleneck",
+            "4",
+            "--lr",
+            "0.01",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains("adapters on toy: dev") && stdout.contains("test"),
+        "{stdout}"
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["split_sizes"]["train"], 48);
+    assert!(metrics["test"]["accuracy"].as_f64().unwrap() >= 0.0);
+
+    let o = ak(
+        &[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+        ],
+        Some("it was good\n\nbad plot\n"),
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let lines: Vec<serde_json::Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let p = &lines[0]["probabilities"];
+    let sum = p["neg"].as_f64().unwrap() + p["pos"].as_f64().unwrap();
+    assert!((sum - 1.0).abs() < 1e-5);
+    assert!(["neg", "pos"].contains(&lines[1]["label"].as_str().unwrap()));
+
+    let o = ak(
+        &[
+            "info",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let info: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+    assert!(info["adapter"]["trainable_params"].as_u64().unwrap() > 0);
+    assert!(info["adapter"]["bytes_on_disk"].as_u64().unwrap() > 0);
+
+    // Errors are one clear line naming what is wrong, with a non-zero exit and no panic.
+    let o = ak(
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--train-file",
+            csv.to_str().unwrap(),
+            "--header",
+            "--text-column",
+            "body",
+        ],
+        None,
+    );
+    let err = text(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no column `body`") && !err.contains("panicked"),
+        "{err}"
+    );
+    let o = ak(
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--train-file",
+            "/nonexistent/x.csv",
+        ],
+        None,
+    );
+    let err = text(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("/nonexistent/x.csv"),
+        "{err}"
+    );
+    let o = ak(
+        &[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            "/nonexistent/adapter",
+            "hi",
+        ],
+        None,
+    );
+    let err = text(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("adapterkit.json"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,524 @@
+//! Adapter behaviour on the tiny random BERT: near identity, gradients, isolation between tasks,
+//! save/load round trips and hostile inputs.
+
+mod common;
+use adapterkit::adapter::{param_name, Site};
+use adapterkit::data::{LabelledSet, TaskData};
+use adapterkit::model::expected_shapes;
+use adapterkit::task::files;
+use adapterkit::train::{batch_loss, evaluate};
+use adapterkit::{
+    AdapterConfig, BaseModel, BertConfig, Error, ForwardOptions, HeadConfig, Placement, TaskModel,
+    TrainConfig, TrainableSet,
+};
+use candle_core::{DType, Tensor, Var};
+use common::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn adapters(std: f64) -> AdapterConfig {
+    AdapterConfig {
+        bottleneck: 8,
+        init_std: std,
+        ..AdapterConfig::default()
+    }
+}
+
+fn head() -> HeadConfig {
+    HeadConfig::classification(vec!["neg".into(), "pos".into()])
+}
+
+fn adapter_task(base: &BaseModel, name: &str, std: f64, seed: u64) -> TaskModel {
+    TaskModel::new(
+        base,
+        name,
+        TrainableSet::Adapters { layernorms: true },
+        Some(adapters(std)),
+        head(),
+        32,
+        seed,
+    )
+    .unwrap()
+}
+
+/// A small labelled set in the tiny vocabulary: positive words → class 1.
+fn toy_data() -> TaskData {
+    let pos = ["good", "great", "fun", "love"];
+    let neg = ["bad", "awful", "boring", "hate"];
+    let mut inputs = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..48 {
+        let (w, l) = if i % 2 == 0 {
+            (pos[i / 2 % 4], 1)
+        } else {
+            (neg[i / 2 % 4], 0)
+        };
+        let filler = [
+            "the movie",
+            "this film is very",
+            "the plot and acting was",
+            "it",
+        ][i % 4];
+        inputs.push((format!("{filler} {w}"), None));
+        labels.push(l);
+    }
+    let set = |r: std::ops::Range<usize>| LabelledSet {
+        inputs: inputs[r.clone()].to_vec(),
+        labels: labels[r.clone()].to_vec(),
+        targets: labels[r].iter().map(|&l| l as f32).collect(),
+    };
+    TaskData {
+        name: "toy".into(),
+        labels: vec!["neg".into(), "pos".into()],
+        train: set(0..32),
+        dev: set(32..40),
+        test: set(40..48),
+        split: None,
+        pair: false,
+        source: vec![],
+    }
+}
+
+fn quick_cfg(seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs: 2,
+        batch_size: 8,
+        lr: 1e-2,
+        seed,
+        ..TrainConfig::default()
+    }
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ak-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn snapshot(base: &BaseModel) -> HashMap<String, Vec<u32>> {
+    base.weight_names()
+        .into_iter()
+        .map(|n| {
+            let bits = base
+                .weight(&n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (n, bits.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}
+
+fn bits(rows: &[Vec<f32>]) -> Vec<u32> {
+    rows.iter().flatten().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn fresh_adapter_is_near_identity_and_zero_adapter_is_exact() {
+    let base = tiny_base();
+    let g = golden(&tiny_dir().join("golden.safetensors"));
+    let batch = golden_batch(&g);
+    let plain = base
+        .encode(None, &batch, &mut ForwardOptions::default())
+        .unwrap();
+    let small = adapter_task(&base, "a", 1e-3, 1);
+    let with = base
+        .encode(Some(&small), &batch, &mut ForwardOptions::default())
+        .unwrap();
+    let d = max_abs_diff(&plain, &with);
+    assert!(
+        d > 0.0 && d < 1e-2,
+        "std 1e-3 adapter moved the output by {d}"
+    );
+    let zero = adapter_task(&base, "z", 0.0, 1);
+    let exact = base
+        .encode(Some(&zero), &batch, &mut ForwardOptions::default())
+        .unwrap();
+    assert_eq!(max_abs_diff(&plain, &exact), 0.0);
+    // A large init is far from identity: the check above can fail.
+    let big = adapter_task(&base, "b", 1.0, 1);
+    let far = base
+        .encode(Some(&big), &batch, &mut ForwardOptions::default())
+        .unwrap();
+    assert!(max_abs_diff(&plain, &far) > 1e-2);
+}
+
+#[test]
+fn placement_and_leave_out_decide_the_adapter_tensors() {
+    let base = tiny_base();
+    let cfg = AdapterConfig {
+        placement: Placement::Pfeiffer,
+        leave_out: vec![0],
+        ..adapters(1e-3)
+    };
+    let t = TaskModel::new(
+        &base,
+        "p",
+        TrainableSet::Adapters { layernorms: false },
+        Some(cfg.clone()),
+        head(),
+        32,
+        0,
+    )
+    .unwrap();
+    let names: Vec<&String> = t
+        .params
+        .keys()
+        .filter(|k| k.contains(".adapters."))
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(t
+        .params
+        .contains_key(&param_name(1, Site::Ffn, "p", "down.weight")));
+    assert!(!t
+        .params
+        .contains_key(&param_name(1, Site::Attention, "p", "down.weight")));
+    assert!(
+        !t.params.keys().any(|k| k.contains("LayerNorm")),
+        "frozen LayerNorms must not be owned"
+    );
+    let adapter_params: usize = t
+        .params
+        .iter()
+        .filter(|(k, _)| k.contains(".adapters."))
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    assert_eq!(adapter_params, cfg.num_params(32, 2));
+}
+
+#[test]
+fn trainable_sets_own_exactly_their_parameters() {
+    let base = tiny_base();
+    let mk = |set: TrainableSet| {
+        let a = matches!(set, TrainableSet::Adapters { .. }).then(|| adapters(1e-3));
+        TaskModel::new(&base, "t", set, a, head(), 32, 0).unwrap()
+    };
+    let head_n = 32 * 32 + 32 + 2 * 32 + 2;
+    assert_eq!(mk(TrainableSet::Head).num_params(), head_n);
+    let ln = mk(TrainableSet::Layernorm);
+    assert_eq!(
+        ln.params.keys().filter(|k| k.contains("LayerNorm")).count(),
+        10
+    );
+    assert_eq!(ln.num_params(), head_n + 5 * 2 * 32);
+    let top1 = mk(TrainableSet::TopK { k: 1 });
+    assert!(top1
+        .params
+        .keys()
+        .any(|k| k.starts_with("encoder.layer.1.")));
+    assert!(!top1
+        .params
+        .keys()
+        .any(|k| k.starts_with("encoder.layer.0.") || k.starts_with("embeddings.")));
+    let full = mk(TrainableSet::Full);
+    let pooler = 32 * 32 + 32;
+    assert_eq!(full.num_params(), head_n + base.num_params() - pooler);
+    assert!(TaskModel::new(&base, "t", TrainableSet::TopK { k: 3 }, None, head(), 32, 0).is_err());
+    assert!(TaskModel::new(
+        &base,
+        "t",
+        TrainableSet::Full,
+        Some(adapters(1e-3)),
+        head(),
+        32,
+        0
+    )
+    .is_err());
+    assert!(TaskModel::new(&base, "bad name", TrainableSet::Head, None, head(), 32, 0).is_err());
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_gradient_matching_finite_differences() {
+    let base = tiny_base().to_dtype(DType::F64).unwrap();
+    let task = adapter_task(&base, "g", 5e-2, 3)
+        .to_dtype(DType::F64)
+        .unwrap();
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.train.inputs, 32).unwrap();
+    let rows: Vec<usize> = (0..6).collect();
+
+    let mut var_task = task.clone();
+    let mut vars = Vec::new();
+    for (name, t) in var_task.params.iter_mut() {
+        let v = Var::from_tensor(t).unwrap();
+        *t = v.as_tensor().clone();
+        vars.push((name.clone(), v));
+    }
+    let loss = batch_loss(&base, &var_task, &enc, &data.train, &rows, None).unwrap();
+    let grads = loss.backward().unwrap();
+    let loss_at = |t: &TaskModel| -> f64 {
+        batch_loss(&base, t, &enc, &data.train, &rows, None)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let mut checked = 0;
+    for (name, v) in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name} got no gradient"));
+        let gv = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert!(
+            gv.iter().all(|x| x.is_finite()),
+            "{name}: non-finite gradient"
+        );
+        assert!(gv.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
+        let is_adapter_or_ln = name.contains(".adapters.") || name.contains("LayerNorm");
+        if !is_adapter_or_ln {
+            continue;
+        }
+        let base_vals = task.params[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let n = base_vals.len();
+        for &i in &[0, n / 2, n - 1] {
+            let h = 1e-6;
+            let perturbed = |delta: f64| {
+                let mut vals = base_vals.clone();
+                vals[i] += delta;
+                let mut t = task.clone();
+                let shape = task.params[name].shape().clone();
+                t.params.insert(
+                    name.clone(),
+                    Tensor::from_vec(vals, shape, &base.device).unwrap(),
+                );
+                loss_at(&t)
+            };
+            let fd = (perturbed(h) - perturbed(-h)) / (2.0 * h);
+            let tol = 1e-6 + 1e-4 * fd.abs().max(gv[i].abs());
+            assert!(
+                (fd - gv[i]).abs() <= tol,
+                "{name}[{i}]: analytic {} vs finite difference {fd}",
+                gv[i]
+            );
+            checked += 1;
+        }
+    }
+    // 2 layers × 2 sites × 4 tensors + 5 LayerNorms × 2 tensors, 3 entries each.
+    assert_eq!(checked, (16 + 10) * 3);
+}
+
+#[test]
+fn training_leaves_base_and_other_tasks_bit_identical_and_save_load_round_trips() {
+    let base = tiny_base();
+    let before = snapshot(&base);
+    let data = toy_data();
+
+    let mut first = adapter_task(&base, "first", 1e-3, 1);
+    let report = adapterkit::train(&base, &mut first, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+    assert!(report.steps > 0);
+    let first_preds = evaluate(&base, &first, &data.test, 16, &[])
+        .unwrap()
+        .outputs;
+
+    for set in [
+        TrainableSet::Adapters { layernorms: true },
+        TrainableSet::Full,
+        TrainableSet::TopK { k: 1 },
+    ] {
+        let a = matches!(set, TrainableSet::Adapters { .. }).then(|| adapters(1e-3));
+        let mut other = TaskModel::new(&base, "second", set.clone(), a, head(), 32, 2).unwrap();
+        let start = other.detached().params;
+        adapterkit::train(&base, &mut other, &data, &quick_cfg(2), &mut |_| {}).unwrap();
+        let moved = other
+            .params
+            .iter()
+            .filter(|(k, v)| max_abs_diff(v, &start[*k]) > 0.0)
+            .count();
+        assert!(moved > 0, "{set:?}: training changed nothing");
+        assert_eq!(
+            snapshot(&base),
+            before,
+            "{set:?} training modified the base weights"
+        );
+        let again = evaluate(&base, &first, &data.test, 16, &[])
+            .unwrap()
+            .outputs;
+        assert_eq!(
+            bits(&again),
+            bits(&first_preds),
+            "{set:?} training changed another task's predictions"
+        );
+    }
+
+    let dir = tmpdir("roundtrip");
+    first.save(&dir, "tiny").unwrap();
+    for f in [
+        files::ADAPTER_CONFIG,
+        files::ADAPTER_WEIGHTS,
+        files::HEAD_CONFIG,
+        files::HEAD_WEIGHTS,
+        files::META,
+        files::BASE_PARAMS,
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(files::ADAPTER_CONFIG)).unwrap())
+            .unwrap();
+    assert_eq!(cfg["config"]["mh_adapter"], true);
+    assert_eq!(cfg["config"]["reduction_factor"], 4.0);
+    let weights =
+        candle_core::safetensors::load(dir.join(files::ADAPTER_WEIGHTS), &base.device).unwrap();
+    assert!(weights.contains_key(
+        "bert.encoder.layer.0.attention.output.adapters.first.adapter_down.0.weight"
+    ));
+    assert!(weights.contains_key("bert.encoder.layer.1.output.adapters.first.adapter_up.bias"));
+    let loaded = TaskModel::load(&dir, &base).unwrap();
+    let reloaded = evaluate(&base, &loaded, &data.test, 16, &[])
+        .unwrap()
+        .outputs;
+    assert_eq!(bits(&reloaded), bits(&first_preds));
+    // Skipping adapters of a layer changes predictions (the option is real).
+    let skipped = evaluate(&base, &loaded, &data.test, 16, &[0, 1])
+        .unwrap()
+        .outputs;
+    assert_ne!(bits(&skipped), bits(&first_preds));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn training_is_deterministic_for_a_seed() {
+    let base = tiny_base();
+    let data = toy_data();
+    let run = |seed| {
+        let mut t = adapter_task(&base, "d", 1e-3, 5);
+        adapterkit::train(&base, &mut t, &data, &quick_cfg(seed), &mut |_| {}).unwrap();
+        bits(&evaluate(&base, &t, &data.test, 16, &[]).unwrap().outputs)
+    };
+    assert_eq!(run(9), run(9));
+    assert_ne!(run(9), run(10));
+}
+
+fn random_base(layers: usize, hidden: usize) -> BaseModel {
+    let mut cfg: BertConfig =
+        serde_json::from_str(&std::fs::read_to_string(tiny_dir().join("config.json")).unwrap())
+            .unwrap();
+    cfg.num_hidden_layers = layers;
+    cfg.hidden_size = hidden;
+    cfg.intermediate_size = hidden * 2;
+    let mut rng = adapterkit::rng::Rng::new(11);
+    let tensors = expected_shapes(&cfg)
+        .into_iter()
+        .map(|(n, s)| {
+            let count: usize = s.iter().product();
+            let v: Vec<f32> = (0..count).map(|_| (rng.normal() * 0.02) as f32).collect();
+            (
+                n,
+                Tensor::from_vec(v, s, &candle_core::Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let tok = adapterkit::tokenizer::TextTokenizer::from_dir(&tiny_dir()).unwrap();
+    BaseModel::from_tensors(cfg, tensors, tok, &tiny_dir(), &tiny_dir()).unwrap()
+}
+
+#[test]
+fn adapter_for_another_base_is_refused() {
+    let base = tiny_base();
+    let dir = tmpdir("otherbase");
+    adapter_task(&base, "x", 1e-3, 1)
+        .save(&dir, "tiny")
+        .unwrap();
+    for other in [random_base(3, 32), random_base(2, 48)] {
+        let e = TaskModel::load(&dir, &other).unwrap_err();
+        assert!(matches!(e, Error::Incompatible { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("does not fit") && msg.contains("layers"),
+            "{msg}"
+        );
+    }
+    // A mis-shaped adapter tensor is named with both shapes.
+    let mut bad = adapter_task(&base, "x", 1e-3, 1);
+    let key = param_name(0, Site::Ffn, "x", "up.weight");
+    bad.params.insert(
+        key.clone(),
+        Tensor::zeros((32, 4), DType::F32, &base.device).unwrap(),
+    );
+    bad.save(&dir, "tiny").unwrap();
+    let msg = TaskModel::load(&dir, &base).unwrap_err().to_string();
+    assert!(
+        msg.contains(&key) && msg.contains("[32, 4]") && msg.contains("[32, 8]"),
+        "{msg}"
+    );
+    // An interrupted save (no metadata) does not load.
+    std::fs::remove_file(dir.join(files::META)).unwrap();
+    let msg = TaskModel::load(&dir, &base).unwrap_err().to_string();
+    assert!(msg.contains(files::META), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn hostile_checkpoints_give_named_errors() {
+    let src = tiny_dir();
+    let dir = tmpdir("ckpt");
+    std::fs::copy(src.join("vocab.txt"), dir.join("vocab.txt")).unwrap();
+
+    // Missing required config key.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let msg = BaseModel::load(&dir).err().unwrap().to_string();
+    assert!(
+        msg.contains("config.json") && msg.contains("hidden_size"),
+        "{msg}"
+    );
+
+    // Missing and mis-shaped tensors.
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut t =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    t.remove("encoder.layer.1.output.dense.weight");
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let msg = BaseModel::load(&dir).err().unwrap().to_string();
+    assert!(
+        msg.contains("missing tensor `encoder.layer.1.output.dense.weight`"),
+        "{msg}"
+    );
+    t.insert(
+        "encoder.layer.1.output.dense.weight".into(),
+        Tensor::zeros((32, 32), DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let msg = BaseModel::load(&dir).err().unwrap().to_string();
+    assert!(
+        msg.contains("encoder.layer.1.output.dense.weight")
+            && msg.contains("[32, 32]")
+            && msg.contains("[32, 64]"),
+        "{msg}"
+    );
+
+    // Garbage weights file and no weights at all.
+    std::fs::write(dir.join("model.safetensors"), b"not a safetensors file").unwrap();
+    let msg = BaseModel::load(&dir).err().unwrap().to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("cannot read tensors"),
+        "{msg}"
+    );
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let msg = BaseModel::load(&dir).err().unwrap().to_string();
+    assert!(
+        msg.contains("no model.safetensors or pytorch_model.bin"),
+        "{msg}"
+    );
+
+    // Inputs longer than the position table.
+    let base = tiny_base();
+    let long = vec![5u32; 80];
+    let batch = adapterkit::Batch::new(&[(&long, &vec![0u32; 80])], 0, &base.device).unwrap();
+    let msg = base
+        .encode(None, &batch, &mut ForwardOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("80 tokens exceed"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
