@@ -1,5 +1,7 @@
 //! `adapterkit`: train, evaluate, save and use bottleneck adapters on a frozen BERT encoder.
 
+mod bench;
+
 use adapterkit::data::{self, Columns, Format, TaskData};
 use adapterkit::ops::Activation;
 use adapterkit::train::{evaluate, Event};
@@ -46,6 +48,9 @@ enum Command {
     Info(InfoArgs),
     /// List the built-in data sets.
     Tasks,
+    /// Time fixed-shape training or inference steps; prints JSON with achieved GFLOP/s next to the
+    /// same run's measured GEMM peak and the peak RSS.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Copy, Clone, ValueEnum, PartialEq, Eq)]
@@ -318,6 +323,7 @@ fn main() {
         Command::Eval(a) => eval(a),
         Command::Predict(a) => predict(a),
         Command::Info(a) => info(a),
+        Command::Bench(a) => bench::run(a),
         Command::Tasks => {
             for t in data::REGISTRY {
                 println!("{:<8} {}", t.name, t.description);

@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod flops;
 pub mod head;
 pub mod io;
 pub mod metrics;

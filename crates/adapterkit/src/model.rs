@@ -140,6 +140,11 @@ impl BaseModel {
     /// Loads a Hugging Face BERT checkpoint directory: `config.json`, `model.safetensors` (or
     /// `pytorch_model.bin`) and `tokenizer.json` (or `vocab.txt`).
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, &Device::Cpu)
+    }
+
+    /// [`BaseModel::load`] onto a given device (a CUDA device with the `cuda` feature).
+    pub fn load_on(dir: &Path, device: &Device) -> Result<Self> {
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let weights_path = ["model.safetensors", "pytorch_model.bin"]
             .iter()
@@ -156,7 +161,21 @@ impl BaseModel {
             })?;
         let raw = crate::io::load_tensors(&weights_path)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
-        Self::from_tensors(config, raw, tokenizer, dir, &weights_path)
+        let mut model = Self::from_tensors(config, raw, tokenizer, dir, &weights_path)?;
+        if !device.same_device(&Device::Cpu) {
+            for t in model.weights.values_mut() {
+                *t = t.to_device(device)?;
+            }
+            model.device = device.clone();
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            params = model.num_params(),
+            layers = model.config.num_hidden_layers,
+            hidden = model.config.hidden_size,
+            "loaded base model"
+        );
+        Ok(model)
     }
 
     /// Builds a base model from tensors already in memory, validating names and shapes.
@@ -200,6 +219,32 @@ impl BaseModel {
             dir: dir.to_path_buf(),
             device: Device::Cpu,
         })
+    }
+
+    /// A base with random weights (normal, std `initializer_range`) of the shape `config` describes:
+    /// for benchmarks and tests of architectures whose real checkpoints are not available.
+    pub fn random(config: BertConfig, tokenizer: TextTokenizer, seed: u64) -> Result<Self> {
+        config.validate("random model")?;
+        let mut rng = Rng::derive(seed, "random-base");
+        let std = config.initializer_range;
+        let mut tensors = HashMap::new();
+        let d = config.hidden_size;
+        let mut shapes = expected_shapes(&config);
+        shapes.push(("pooler.dense.weight".into(), vec![d, d]));
+        shapes.push(("pooler.dense.bias".into(), vec![d]));
+        for (name, shape) in shapes {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.ends_with("LayerNorm.weight") {
+                vec![1.0; n]
+            } else if shape.len() == 1 {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
+        }
+        let dir = PathBuf::from("<random>");
+        Self::from_tensors(config, tensors, tokenizer, &dir, &dir)
     }
 
     /// A base weight by canonical name.

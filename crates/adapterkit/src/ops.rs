@@ -9,19 +9,105 @@ use crate::rng::Rng;
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Chooses the fast ops (default) or the composed reference path everywhere in this process; the
+/// reference path is what the fast ops are tested against, and what runs on non-CPU devices.
+pub fn use_fast_ops(on: bool) {
+    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fast ops are in use (see [`use_fast_ops`]).
+pub fn fast_ops() -> bool {
+    FUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// `x · wᵀ + b` over the last dimension, for inputs of any rank.
+///
+/// When the weights are frozen (not tracked by autograd) but the input is, the product is computed
+/// outside the graph and attached through [`FrozenLinearGrad`], whose backward yields only the
+/// input gradient: candle's matmul backward would also compute (and keep) a gradient for the frozen
+/// weight, a third more FLOPs and memory for nothing.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let last = dims.len() - 1;
     let rows: usize = dims[..last].iter().product();
-    let y = x.reshape((rows, dims[last]))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
+    let x2 = x.reshape((rows, dims[last]))?;
+    let frozen = !w.track_op() && !b.is_some_and(Tensor::track_op);
+    let y = if frozen && fast_ops() && x2.track_op() && x2.device().is_cpu() {
+        let out = linear_2d(&x2.detach(), w, b)?;
+        x2.apply_op1(FrozenLinearGrad {
+            w: w.clone(),
+            out: std::sync::Mutex::new(Some(out)),
+        })?
+    } else {
+        linear_2d(&x2, w, b)?
     };
     let mut out_dims = dims;
     out_dims[last] = w.dim(0)?;
     Ok(y.reshape(out_dims)?)
+}
+
+fn linear_2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+/// Graph node of a linear layer with frozen weights: forward hands over the precomputed product,
+/// backward returns `grad · w` for the input and nothing for the weights.
+pub struct FrozenLinearGrad {
+    w: Tensor,
+    // Taken on the forward call so the graph does not keep a second copy of the output alive.
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle_core::CustomOp1 for FrozenLinearGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &candle_core::CpuStorage,
+        _l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen-linear: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: forward ran twice".into()))?
+            .contiguous()?;
+        let (storage, layout) = out.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-linear: output not contiguous".into())
+        })?;
+        match &*storage {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Ok((
+                candle_core::CpuStorage::F32(v[start..end].to_vec()),
+                layout.shape().clone(),
+            )),
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F64(v)) => Ok((
+                candle_core::CpuStorage::F64(v[start..end].to_vec()),
+                layout.shape().clone(),
+            )),
+            _ => Err(candle_core::Error::Msg(
+                "frozen-linear: only f32/f64 on CPU".into(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
+    }
 }
 
 /// LayerNorm over the last dimension with learned scale and shift.

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::head::HeadConfig;
 use crate::model::{is_layer_norm, BaseModel};
 use crate::rng::Rng;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -477,7 +477,7 @@ impl TaskModel {
             params.insert(
                 name,
                 t.to_dtype(candle_core::DType::F32)?
-                    .to_device(&Device::Cpu)?,
+                    .to_device(&base.device)?,
             );
         }
         Ok(TaskModel {

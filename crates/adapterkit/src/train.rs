@@ -157,6 +157,83 @@ struct AdamSlot {
     decay: bool,
 }
 
+/// AdamW with decoupled weight decay and global-norm clipping over a task's parameters.
+pub struct AdamW {
+    slots: Vec<AdamSlot>,
+    cfg: TrainConfig,
+    t: i32,
+}
+
+impl AdamW {
+    /// Turns every parameter of `task` into a variable (so autograd tracks it) with fresh moments.
+    pub fn new(task: &mut TaskModel, cfg: &TrainConfig) -> Result<Self> {
+        let mut slots = Vec::new();
+        for (name, t) in task.params.iter_mut() {
+            let var = Var::from_tensor(t)?;
+            *t = var.as_tensor().clone();
+            let n = t.elem_count();
+            slots.push(AdamSlot {
+                var,
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+                decay: !no_decay(name),
+            });
+        }
+        Ok(AdamW {
+            slots,
+            cfg: cfg.clone(),
+            t: 0,
+        })
+    }
+
+    /// One update at learning rate `lr`; returns the gradient norm before clipping. A parameter
+    /// without a gradient in `grads` counts as zero gradient.
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<f64> {
+        let cfg = &self.cfg;
+        let mut gvecs = Vec::with_capacity(self.slots.len());
+        let mut sq = 0f64;
+        for s in &self.slots {
+            let g = match grads.get(s.var.as_tensor()) {
+                Some(g) => crate::ops::to_vec_f32(g)?,
+                None => vec![0.0; s.m.len()],
+            };
+            sq += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+            gvecs.push(g);
+        }
+        let norm = sq.sqrt();
+        let clip = if norm > cfg.max_grad_norm {
+            (cfg.max_grad_norm / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        self.t += 1;
+        let bc1 = 1.0 - cfg.beta1.powi(self.t);
+        let bc2 = 1.0 - cfg.beta2.powi(self.t);
+        let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
+        let step_size = (lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let eps = cfg.eps as f32;
+        for (s, g) in self.slots.iter_mut().zip(gvecs) {
+            let mut p = crate::ops::to_vec_f32(s.var.as_tensor())?;
+            let shrink = if s.decay {
+                1.0 - (lr * cfg.weight_decay) as f32
+            } else {
+                1.0
+            };
+            for i in 0..p.len() {
+                let gi = g[i] * clip;
+                s.m[i] = b1 * s.m[i] + (1.0 - b1) * gi;
+                s.v[i] = b2 * s.v[i] + (1.0 - b2) * gi * gi;
+                p[i] = p[i] * shrink - step_size * s.m[i] / (s.v[i].sqrt() / bc2_sqrt + eps);
+            }
+            let t = s.var.as_tensor();
+            s.var
+                .set(&Tensor::from_vec(p, t.shape().clone(), t.device())?)?;
+        }
+        Ok(norm)
+    }
+}
+
 fn no_decay(name: &str) -> bool {
     name.ends_with(".bias") || name.contains("LayerNorm")
 }
@@ -317,18 +394,7 @@ pub fn train(
     let dev_enc = tokenize_set(base, &data.dev, task.max_len)?;
     let lengths: Vec<usize> = train_enc.iter().map(|e| e.0.len()).collect();
 
-    let mut slots = Vec::new();
-    for (name, t) in task.params.iter_mut() {
-        let var = Var::from_tensor(t)?;
-        *t = var.as_tensor().clone();
-        let n = t.elem_count();
-        slots.push(AdamSlot {
-            var,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            decay: !no_decay(name),
-        });
-    }
+    let mut opt = AdamW::new(task, cfg)?;
 
     let steps_per_epoch = lengths.len().div_ceil(cfg.batch_size);
     let mut total = steps_per_epoch * cfg.epochs;
@@ -368,47 +434,9 @@ pub fn train(
                 ));
             }
             let grads = loss.backward()?;
-            let mut gvecs = Vec::with_capacity(slots.len());
-            let mut sq = 0f64;
-            for s in &slots {
-                let g = match grads.get(s.var.as_tensor()) {
-                    Some(g) => crate::ops::to_vec_f32(g)?,
-                    None => vec![0.0; s.m.len()],
-                };
-                sq += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
-                gvecs.push(g);
-            }
-            drop(grads);
-            let norm = sq.sqrt();
-            let clip = if norm > cfg.max_grad_norm {
-                (cfg.max_grad_norm / (norm + 1e-6)) as f32
-            } else {
-                1.0
-            };
             let lr = cfg.lr * lr_factor(step, total, warmup);
-            let t = (step + 1) as i32;
-            let bc1 = 1.0 - cfg.beta1.powi(t);
-            let bc2 = 1.0 - cfg.beta2.powi(t);
-            let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
-            let step_size = (lr / bc1) as f32;
-            let bc2_sqrt = bc2.sqrt() as f32;
-            let eps = cfg.eps as f32;
-            for (s, g) in slots.iter_mut().zip(gvecs) {
-                let mut p = crate::ops::to_vec_f32(s.var.as_tensor())?;
-                let shrink = if s.decay {
-                    1.0 - (lr * cfg.weight_decay) as f32
-                } else {
-                    1.0
-                };
-                for i in 0..p.len() {
-                    let gi = g[i] * clip;
-                    s.m[i] = b1 * s.m[i] + (1.0 - b1) * gi;
-                    s.v[i] = b2 * s.v[i] + (1.0 - b2) * gi * gi;
-                    p[i] = p[i] * shrink - step_size * s.m[i] / (s.v[i].sqrt() / bc2_sqrt + eps);
-                }
-                let shape = s.var.as_tensor().shape().clone();
-                s.var.set(&Tensor::from_vec(p, shape, &base.device)?)?;
-            }
+            opt.step(&grads, lr)?;
+            drop(grads);
             step += 1;
             nb += 1;
             seen += rows.len();
@@ -435,6 +463,13 @@ pub fn train(
             train_seconds,
             examples_per_second: seen as f64 / train_seconds.max(1e-9),
         };
+        tracing::info!(
+            epoch,
+            train_loss = report.train_loss,
+            dev = dev.primary(),
+            examples_per_second = report.examples_per_second,
+            "epoch finished"
+        );
         on_event(&Event::Epoch(report.clone()));
         if best.as_ref().is_none_or(|b| dev.primary() > b.1.primary()) {
             let snapshot = frozen

@@ -4,7 +4,6 @@
 mod common;
 use adapterkit::adapter::{param_name, Site};
 use adapterkit::data::{LabelledSet, TaskData};
-use adapterkit::model::expected_shapes;
 use adapterkit::task::files;
 use adapterkit::train::{batch_loss, evaluate};
 use adapterkit::{
@@ -402,20 +401,8 @@ fn random_base(layers: usize, hidden: usize) -> BaseModel {
     cfg.num_hidden_layers = layers;
     cfg.hidden_size = hidden;
     cfg.intermediate_size = hidden * 2;
-    let mut rng = adapterkit::rng::Rng::new(11);
-    let tensors = expected_shapes(&cfg)
-        .into_iter()
-        .map(|(n, s)| {
-            let count: usize = s.iter().product();
-            let v: Vec<f32> = (0..count).map(|_| (rng.normal() * 0.02) as f32).collect();
-            (
-                n,
-                Tensor::from_vec(v, s, &candle_core::Device::Cpu).unwrap(),
-            )
-        })
-        .collect();
     let tok = adapterkit::tokenizer::TextTokenizer::from_dir(&tiny_dir()).unwrap();
-    BaseModel::from_tensors(cfg, tensors, tok, &tiny_dir(), &tiny_dir()).unwrap()
+    BaseModel::random(cfg, tok, 11).unwrap()
 }
 
 #[test]

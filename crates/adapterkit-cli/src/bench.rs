@@ -1,0 +1,244 @@
+//! `adapterkit bench`: fixed-shape timing of training and inference steps, with analytic FLOPs and
+//! the same run's measured GEMM peak next to the achieved rate.
+
+use adapterkit::flops::{step_flops, StepKind};
+use adapterkit::ops::cross_entropy;
+use adapterkit::rng::Rng;
+use adapterkit::train::AdamW;
+use adapterkit::{
+    AdapterConfig, BaseModel, Batch, BertConfig, ForwardOptions, HeadConfig, TaskModel,
+    TrainConfig, TrainableSet,
+};
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Copy, Clone, ValueEnum, PartialEq, Eq)]
+pub enum Shape {
+    /// The real all-MiniLM-L6-v2 (6 × 384) from --model or the asset cache.
+    Minilm,
+    /// BERT-base shape (12 × 768, FFN 3072) with random weights.
+    BertBase,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// What one step does.
+    #[arg(long, value_enum, default_value = "adapter-train")]
+    case: Case,
+    /// Model shape.
+    #[arg(long, value_enum, default_value = "minilm")]
+    shape: Shape,
+    /// Base model directory for --shape minilm [default: the cached all-MiniLM-L6-v2].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Rows per step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Tokens per row (every row full length, no padding).
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Adapter bottleneck size.
+    #[arg(long, default_value_t = 64)]
+    bottleneck: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Worker threads (sets RAYON_NUM_THREADS for the matmuls) [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Use the composed reference ops instead of the fast ones (for A/B comparisons).
+    #[arg(long)]
+    reference_ops: bool,
+    /// Also write the JSON result here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Copy, Clone, ValueEnum, PartialEq, Eq)]
+pub enum Case {
+    /// Houlsby adapters (m = --bottleneck) + LayerNorms + head: forward, backward, AdamW.
+    AdapterTrain,
+    /// Every parameter: forward, backward, AdamW.
+    FullTrain,
+    /// Forward of the base encoder.
+    InferBase,
+    /// Forward with one adapter and its head.
+    InferAdapter,
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// GEMM peak of this process: median rate of a 2048×768 · 768×3072 f32 product.
+fn gemm_peak() -> Result<f64> {
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 1.0, (2048, 768), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (768, 3072), &dev)?;
+    let mut times = Vec::new();
+    for i in 0..6 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        let _ = c.sum_all()?.to_scalar::<f32>()?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * 2048.0 * 768.0 * 3072.0 / median(&mut times) / 1e9)
+}
+
+fn bert_base_config() -> Result<BertConfig> {
+    Ok(serde_json::from_value(json!({
+        "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "intermediate_size": 3072, "max_position_embeddings": 512
+    }))?)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        // Must happen before the first matmul creates the thread pool.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    adapterkit::ops::use_fast_ops(!a.reference_ops);
+    let minilm_dir = a
+        .model
+        .clone()
+        .unwrap_or_else(adapterkit::default_model_dir);
+    let minilm = BaseModel::load(&minilm_dir)
+        .with_context(|| format!("loading {} (run `adapterkit fetch`)", minilm_dir.display()))?;
+    let base = match a.shape {
+        Shape::Minilm => minilm,
+        Shape::BertBase => BaseModel::random(bert_base_config()?, minilm.tokenizer.clone(), 0)?,
+    };
+    let cfg = base.config.clone();
+    let mut rng = Rng::new(1);
+    let ids: Vec<u32> = (0..a.batch * a.seq)
+        .map(|i| {
+            if i % a.seq == 0 {
+                101
+            } else {
+                1000 + rng.below(cfg.vocab_size - 1000) as u32
+            }
+        })
+        .collect();
+    let types = vec![0u32; ids.len()];
+    let rows: Vec<(&[u32], &[u32])> = (0..a.batch)
+        .map(|r| {
+            (
+                &ids[r * a.seq..(r + 1) * a.seq],
+                &types[r * a.seq..(r + 1) * a.seq],
+            )
+        })
+        .collect();
+    let batch = Batch::new(&rows, cfg.pad_token_id, &base.device)?;
+    let labels: Vec<u32> = (0..a.batch).map(|i| (i % 2) as u32).collect();
+    let head = HeadConfig::classification(vec!["a".into(), "b".into()]);
+    let adapter = AdapterConfig {
+        bottleneck: a.bottleneck,
+        ..AdapterConfig::default()
+    };
+    let (set, adapter, kind, sites) = match a.case {
+        Case::AdapterTrain => (
+            TrainableSet::Adapters { layernorms: true },
+            Some(adapter),
+            StepKind::AdapterTrain,
+            2,
+        ),
+        Case::FullTrain => (TrainableSet::Full, None, StepKind::FullTrain, 0),
+        Case::InferBase => (TrainableSet::Head, None, StepKind::InferBase, 0),
+        Case::InferAdapter => (
+            TrainableSet::Adapters { layernorms: true },
+            Some(adapter),
+            StepKind::InferAdapter,
+            2,
+        ),
+    };
+    let mut task = TaskModel::new(&base, "bench", set, adapter, head, a.seq, 0)?;
+    let train_cfg = TrainConfig::default();
+    let mut opt = match a.case {
+        Case::AdapterTrain | Case::FullTrain => Some(AdamW::new(&mut task, &train_cfg)?),
+        _ => None,
+    };
+    let mut dropout_rng = Rng::new(2);
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        match a.case {
+            Case::AdapterTrain | Case::FullTrain => {
+                let mut opts = ForwardOptions {
+                    dropout_rng: Some(&mut dropout_rng),
+                    skip_adapter_layers: &[],
+                };
+                let logits = base.logits(&task, &batch, &mut opts)?;
+                let loss = cross_entropy(&logits, &labels)?;
+                let grads = loss.backward()?;
+                if let Some(o) = opt.as_mut() {
+                    o.step(&grads, 1e-4)?;
+                }
+            }
+            Case::InferBase => {
+                let h = base.encode(None, &batch, &mut ForwardOptions::default())?;
+                let _ = h.narrow(1, 0, 1)?.sum_all()?.to_scalar::<f32>()?;
+            }
+            Case::InferAdapter => {
+                let logits = base.logits(&task, &batch, &mut ForwardOptions::default())?;
+                let _ = logits.sum_all()?.to_scalar::<f32>()?;
+            }
+        }
+        if i >= a.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let flops = step_flops(&cfg, kind, a.batch, a.seq, a.bottleneck, sites);
+    let med = median(&mut times.clone());
+    let peak = gemm_peak()?;
+    let achieved = flops / med / 1e9;
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    let out = json!({
+        "tool": "adapterkit",
+        "case": format!("{:?}", kind),
+        "shape": match a.shape { Shape::Minilm => "minilm-l6", Shape::BertBase => "bert-base" },
+        "ops": if a.reference_ops { "reference" } else { "fast" },
+        "batch": a.batch,
+        "seq": a.seq,
+        "threads": threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        "step_seconds": times,
+        "median_seconds": med,
+        "sequences_per_second": a.batch as f64 / med,
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": achieved,
+        "gemm_peak_gflops": peak,
+        "percent_of_peak": 100.0 * achieved / peak,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    if let Some(p) = &a.json {
+        adapterkit::io::write_json(p, &out)?;
+    }
+    Ok(())
+}
