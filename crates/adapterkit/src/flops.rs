@@ -63,7 +63,7 @@ mod tests {
         .unwrap();
         // The performance issue quotes ~92 GFLOP for PyTorch's adapter step at batch 16 × seq 128.
         let f = step_flops(&cfg, StepKind::AdapterTrain, 16, 128, 64, 2) / 1e9;
-        assert!((90.0..100.0).contains(&f), "{f}");
+        assert!((90.0..105.0).contains(&f), "{f}");
         let inf = step_flops(&cfg, StepKind::InferBase, 16, 128, 0, 0) / 1e9;
         assert!((inf - 45.9).abs() < 0.5, "{inf}");
     }
