@@ -21,6 +21,19 @@ use std::path::{Path, PathBuf};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    // From the mimalloc library linked in by the `mimalloc` crate.
+    fn mi_option_set(option: std::os::raw::c_int, value: std::os::raw::c_long);
+}
+
+/// Keeps freed tensor buffers mapped: by default mimalloc returns them to the OS after 10 ms, and
+/// the kernel then zeroes fresh huge pages on every step (~10% of a training step, measured).
+fn keep_freed_memory() {
+    const MI_OPTION_PURGE_DELAY: std::os::raw::c_int = 15;
+    // SAFETY: plain option setter of the allocator in use, called once before any threads start.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 /// Parameter-efficient transfer learning with bottleneck adapters (Houlsby et al. 2019).
 ///
 /// A frozen pre-trained BERT encoder is shared by many tasks; each task trains only small adapter
@@ -310,6 +323,7 @@ fn load_base(model: &Option<PathBuf>) -> Result<BaseModel> {
 }
 
 fn main() {
+    keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ADAPTERKIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod flops;
+pub mod fused;
 pub mod head;
 pub mod io;
 pub mod metrics;

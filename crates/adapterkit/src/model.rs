@@ -4,7 +4,7 @@ use crate::adapter::{param_name, Site};
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::head::{HeadKind, Pooling};
-use crate::ops::{dropout, layer_norm, linear, softmax_last_dim};
+use crate::ops::{attention_softmax, dropout, gelu, layer_norm, linear, softmax_last_dim};
 use crate::rng::Rng;
 use crate::task::TaskModel;
 use crate::tokenizer::TextTokenizer;
@@ -369,7 +369,7 @@ impl BaseModel {
 
         // Additive mask: large negative (not -inf, whose gradient arithmetic would give NaN).
         let dtype = h.dtype();
-        let mask = ((batch.mask.to_dtype(dtype)? - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?;
+        let mask = ((batch.mask.to_dtype(dtype)? - 1.0)? * 1e9)?;
         let heads = cfg.num_attention_heads;
         let dh = cfg.head_dim();
         let scale = 1.0 / (dh as f64).sqrt();
@@ -383,8 +383,8 @@ impl BaseModel {
             let q = split(self.dense(task, &format!("{pre}.attention.self.query"), &h)?)?;
             let k = split(self.dense(task, &format!("{pre}.attention.self.key"), &h)?)?;
             let v = split(self.dense(task, &format!("{pre}.attention.self.value"), &h)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = maybe_dropout(&softmax_last_dim(&scores)?, p_attn, opts)?;
+            let probs = attention_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
+            let probs = maybe_dropout(&probs, p_attn, opts)?;
             let ctx = probs
                 .matmul(&v)?
                 .transpose(1, 2)?
@@ -395,9 +395,7 @@ impl BaseModel {
             let attn = self.adapter(task, l, Site::Attention, &attn, opts.skip_adapter_layers)?;
             h = self.ln(task, &format!("{pre}.attention.output"), &attn.add(&h)?)?;
 
-            let inter = self
-                .dense(task, &format!("{pre}.intermediate.dense"), &h)?
-                .gelu_erf()?;
+            let inter = gelu(&self.dense(task, &format!("{pre}.intermediate.dense"), &h)?)?;
             let out = self.dense(task, &format!("{pre}.output.dense"), &inter)?;
             let out = maybe_dropout(&out, p_hidden, opts)?;
             let out = self.adapter(task, l, Site::Ffn, &out, opts.skip_adapter_layers)?;

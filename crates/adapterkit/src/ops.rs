@@ -110,8 +110,34 @@ impl candle_core::CustomOp1 for FrozenLinearGrad {
     }
 }
 
-/// LayerNorm over the last dimension with learned scale and shift.
+/// LayerNorm over the last dimension with learned scale and shift (fused when [`fast_ops`]).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast_ops() && [x, gamma, beta].iter().all(|t| crate::fused::supported(t)) {
+        return Ok(crate::fused::layer_norm(x, gamma, beta, eps)?);
+    }
+    layer_norm_reference(x, gamma, beta, eps)
+}
+
+/// Exact (erf) GELU (fused when [`fast_ops`]).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fast_ops() && crate::fused::supported(x) {
+        return Ok(crate::fused::gelu(x)?);
+    }
+    Ok(x.gelu_erf()?)
+}
+
+/// Attention probabilities softmax(scale · scores + mask) for [batch, heads, q, k] scores and an
+/// additive [batch, k] mask (fused when [`fast_ops`]).
+pub fn attention_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if fast_ops() && crate::fused::supported(scores) && crate::fused::supported(mask) {
+        return Ok(crate::fused::attention_softmax(scores, mask, scale)?);
+    }
+    let (b, _, _, k) = scores.dims4()?;
+    softmax_last_dim(&(scores * scale)?.broadcast_add(&mask.reshape((b, 1, 1, k))?)?)
+}
+
+/// LayerNorm composed from candle primitives: the reference for the fused kernel.
+pub fn layer_norm_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -185,7 +211,7 @@ impl Activation {
     /// Applies the nonlinearity.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::Gelu => x.gelu_erf()?,
+            Activation::Gelu => gelu(x)?,
             Activation::Relu => x.relu()?,
             Activation::Swish => x.silu()?,
             Activation::Tanh => x.tanh()?,

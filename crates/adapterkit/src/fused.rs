@@ -1,0 +1,516 @@
+//! Fused CPU kernels with hand-written backward passes: GELU, LayerNorm and the attention softmax.
+//!
+//! Each replaces a chain of candle primitives (each a full pass over memory, most single-threaded)
+//! with one parallel pass forward and one backward. The composed versions in [`crate::ops`] stay as
+//! the reference these are tested against, and as the path for other devices and dtypes.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+// Rows per parallel task is chosen so each task handles at least this many elements.
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        return Err(candle_core::Error::Msg(format!("{what}: expected f32")));
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: expected a contiguous tensor")))?;
+    Ok(&v[a..b])
+}
+
+fn rows_per_task(d: usize) -> usize {
+    MIN_TASK_ELEMS.div_ceil(d.max(1)).max(1)
+}
+
+/// Whether `t` can take the fused path.
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7); returns (erf(z), exp(-z²)).
+#[inline]
+fn erf_and_gauss(z: f32) -> (f32, f32) {
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let g = (-a * a).exp();
+    let e = 1.0 - poly * g;
+    (if z < 0.0 { -e } else { e }, g)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+// 1/sqrt(2π)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(x.par_chunks(MIN_TASK_ELEMS))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let (e, _) = erf_and_gauss(x * FRAC_1_SQRT_2);
+                    *y = 0.5 * x * (1.0 + e);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
+        ))
+    }
+}
+
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "fused-gelu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "gelu backward")?;
+        let g = f32_slice(s2, l2, "gelu backward")?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(
+                x.par_chunks(MIN_TASK_ELEMS)
+                    .zip(g.par_chunks(MIN_TASK_ELEMS)),
+            )
+            .for_each(|(dx, (x, g))| {
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    let (e, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
+                    *dx = g * (0.5 * (1.0 + e) + x * INV_SQRT_2PI * gauss);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Exact (erf) GELU, fused forward and backward.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer norm")?;
+        let gamma = f32_slice(s2, l2, "layer norm")?;
+        let beta = f32_slice(s3, l3, "layer norm")?;
+        let d = gamma.len();
+        let mut y = vec![0f32; x.len()];
+        let chunk = rows_per_task(d) * d;
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let (mean, rstd) = moments(x, self.eps);
+                    for i in 0..d {
+                        y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let rows = x.dim(0)?;
+        let all = x.apply_op3_no_bwd(
+            gamma,
+            &grad.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
+        let dx = all.narrow(0, 0, rows)?;
+        let dgamma = all.narrow(0, rows, 1)?.squeeze(0)?;
+        let dbeta = all.narrow(0, rows + 1, 1)?.squeeze(0)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+#[inline]
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Output rows 0..n: dx; row n: dgamma; row n+1: dbeta.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer norm backward")?;
+        let gamma = f32_slice(s2, l2, "layer norm backward")?;
+        let dy = f32_slice(s3, l3, "layer norm backward")?;
+        let d = gamma.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, tail) = out.split_at_mut(rows * d);
+        let chunk = rows_per_task(d) * d;
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+            .map(|(dx, (x, dy))| {
+                let mut dg = vec![0f32; d];
+                let mut db = vec![0f32; d];
+                let mut xhat = vec![0f32; d];
+                for ((dx, x), dy) in dx
+                    .chunks_exact_mut(d)
+                    .zip(x.chunks_exact(d))
+                    .zip(dy.chunks_exact(d))
+                {
+                    let (mean, rstd) = moments(x, self.eps);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for i in 0..d {
+                        xhat[i] = (x[i] - mean) * rstd;
+                        let g = dy[i] * gamma[i];
+                        s1 += g;
+                        s2 += g * xhat[i];
+                        dg[i] += dy[i] * xhat[i];
+                        db[i] += dy[i];
+                    }
+                    let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                    for i in 0..d {
+                        dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
+                    }
+                }
+                (dg, db)
+            })
+            .collect();
+        let (dgamma, dbeta) = tail.split_at_mut(d);
+        for (dg, db) in partials {
+            for i in 0..d {
+                dgamma[i] += dg[i];
+                dbeta[i] += db[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+/// LayerNorm over the last dimension, fused forward and backward (gradients for x, γ and β).
+pub fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&1);
+    let x2 = x.reshape(((), d))?.contiguous()?;
+    let y = x2.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )?;
+    y.reshape(dims)
+}
+
+/// softmax(scale · scores + mask) over the last dimension of [batch, heads, q, k] scores, with an
+/// additive [batch, k] mask.
+struct AttentionSoftmax {
+    scale: f32,
+    heads_q: usize,
+}
+
+impl CustomOp2 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-attention-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let scores = f32_slice(s1, l1, "attention softmax")?;
+        let mask = f32_slice(s2, l2, "attention softmax")?;
+        let k = *l1.dims().last().unwrap_or(&1);
+        let mut p = vec![0f32; scores.len()];
+        let rows_task = rows_per_task(k);
+        let chunk = rows_task * k;
+        p.par_chunks_mut(chunk)
+            .zip(scores.par_chunks(chunk))
+            .enumerate()
+            .for_each(|(t, (p, s))| {
+                for (r, (p, s)) in p.chunks_exact_mut(k).zip(s.chunks_exact(k)).enumerate() {
+                    let row = t * rows_task + r;
+                    let b = row / self.heads_q;
+                    let m = &mask[b * k..(b + 1) * k];
+                    let mut max = f32::NEG_INFINITY;
+                    for i in 0..k {
+                        p[i] = s[i] * self.scale + m[i];
+                        max = max.max(p[i]);
+                    }
+                    let mut sum = 0f32;
+                    for v in p.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    p.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(p), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _m: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let ds =
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// d(scores) = scale · P ⊙ (dP − Σ dP ⊙ P), row-wise.
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let p = f32_slice(s1, l1, "softmax backward")?;
+        let dp = f32_slice(s2, l2, "softmax backward")?;
+        let k = *l1.dims().last().unwrap_or(&1);
+        let mut ds = vec![0f32; p.len()];
+        let chunk = rows_per_task(k) * k;
+        ds.par_chunks_mut(chunk)
+            .zip(p.par_chunks(chunk).zip(dp.par_chunks(chunk)))
+            .for_each(|(ds, (p, dp))| {
+                for ((ds, p), dp) in ds
+                    .chunks_exact_mut(k)
+                    .zip(p.chunks_exact(k))
+                    .zip(dp.chunks_exact(k))
+                {
+                    let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+                    for i in 0..k {
+                        ds[i] = self.scale * p[i] * (dp[i] - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(ds), l1.shape().clone()))
+    }
+}
+
+/// Attention probabilities softmax(scale · scores + mask) for [batch, heads, q, k] scores and an
+/// additive [batch, k] mask; the gradient flows to the scores only.
+pub fn attention_softmax(
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (_, h, q, _) = scores.dims4()?;
+    scores.contiguous()?.apply_op2(
+        &mask.contiguous()?,
+        AttentionSoftmax {
+            scale: scale as f32,
+            heads_q: h * q,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{layer_norm_reference, softmax_last_dim};
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Max |a-b| relative to max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = a
+            .sub(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    /// Values and gradients of `fast` and `reference` on the same inputs, via loss = Σ out ⊙ w.
+    fn compare(
+        inputs: &[Tensor],
+        fast: &dyn Fn(&[Tensor]) -> Tensor,
+        reference: &dyn Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let yf = fast(&ts);
+        let yr = reference(&ts);
+        assert!(rel(&yf, &yr) < tol, "values differ: {}", rel(&yf, &yr));
+        let w = randn(yf.dims(), 99, 1.0);
+        let gf = yf.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = yr.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            match (gf.get(t), gr.get(t)) {
+                (Some(a), Some(b)) => {
+                    assert!(rel(a, b) < tol, "gradient {i} differs: {}", rel(a, b))
+                }
+                (None, None) => {}
+                (a, b) => panic!(
+                    "gradient {i}: fast {} vs reference {}",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_matches_reference() {
+        let x = randn(&[37, 129], 1, 3.0);
+        compare(
+            &[x],
+            &|t| gelu(&t[0]).unwrap(),
+            &|t| t[0].gelu_erf().unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn layer_norm_matches_reference() {
+        let x = randn(&[3, 41, 96], 2, 2.0).affine(1.0, 0.5).unwrap();
+        let g = randn(&[96], 3, 0.3).affine(1.0, 1.0).unwrap();
+        let b = randn(&[96], 4, 0.3);
+        compare(
+            &[x, g, b],
+            &|t| layer_norm(&t[0], &t[1], &t[2], 1e-12).unwrap(),
+            &|t| layer_norm_reference(&t[0], &t[1], &t[2], 1e-12).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn attention_softmax_matches_reference() {
+        let (b, h, q, k) = (3, 4, 19, 19);
+        let scores = randn(&[b, h, q, k], 5, 4.0);
+        // Row 0 full length, rows 1 and 2 padded.
+        let mut m = vec![0f32; b * k];
+        for j in 15..k {
+            m[k + j] = -1e9;
+        }
+        for j in 5..k {
+            m[2 * k + j] = -1e9;
+        }
+        let mask = Tensor::from_vec(m, (b, k), &Device::Cpu).unwrap();
+        let scale = 0.125;
+        let reference = |t: &[Tensor]| {
+            softmax_last_dim(
+                &(&t[0] * scale)
+                    .unwrap()
+                    .broadcast_add(&t[1].reshape((b, 1, 1, k)).unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let fast = |t: &[Tensor]| attention_softmax(&t[0], &t[1].detach(), scale).unwrap();
+        compare(
+            &[scores, mask.clone()],
+            &fast,
+            &|t| reference(&[t[0].clone(), t[1].detach()]),
+            1e-5,
+        );
+        let p = attention_softmax(&randn(&[b, h, q, k], 6, 1.0), &mask, scale).unwrap();
+        let masked = p.narrow(0, 2, 1).unwrap().narrow(3, 5, k - 5).unwrap();
+        assert_eq!(
+            masked
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+}
