@@ -184,6 +184,9 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    if fast_ops() && crate::fused::supported(x) {
+        return Ok(crate::fused::dropout(x, p, rng.next_u64())?);
+    }
     let n = x.elem_count();
     let scale = (1.0 / (1.0 - p)) as f32;
     let mask: Vec<f32> = (0..n)

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Side-by-side runner: adapterkit vs PyTorch + AdapterHub on the same cases, interleaved
+(A B A B ...), each run a fresh process with warm-up steps then timed steps; reports the median of the
+per-run medians, the throughput ratio (ours / theirs), peak RSS of each, and our achieved GFLOP/s next
+to the same run's measured GEMM peak. Standard library only; called by bench/run.sh.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+
+def run(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", required=True)
+    ap.add_argument("--python", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cases", default="adapter-train,full-train,infer-base,infer-adapter")
+    ap.add_argument("--shapes", default="minilm,bert-base")
+    ap.add_argument("--sizes", default="16x128,32x64")
+    ap.add_argument("--threads", default="2")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for shape in a.shapes.split(","):
+        for size in a.sizes.split(","):
+            b, s = size.split("x")
+            for threads in a.threads.split(","):
+                for case in a.cases.split(","):
+                    common = ["--case", case, "--shape", shape, "--batch", b, "--seq", s,
+                              "--threads", threads, "--steps", str(a.steps), "--warmup", "1"]
+                    ours, theirs = [], []
+                    for _ in range(a.rounds):
+                        ours.append(run([a.ours, "bench", "--model", a.model] + common))
+                        theirs.append(run([a.python, os.path.join(here, "pytorch_step.py"), "--model", a.model] + common))
+                    o = statistics.median(r["median_seconds"] for r in ours)
+                    t = statistics.median(r["median_seconds"] for r in theirs)
+                    row = {
+                        "shape": shape, "batch": int(b), "seq": int(s), "threads": int(threads), "case": case,
+                        "ours_s": o, "pytorch_s": t, "throughput_ratio": t / o,
+                        "ours_rss_gb": max(r["peak_rss_bytes"] for r in ours) / 1e9,
+                        "pytorch_rss_gb": max(r["peak_rss_bytes"] for r in theirs) / 1e9,
+                        "ours_gflops": statistics.median(r["achieved_gflops"] for r in ours),
+                        "gemm_peak_gflops": statistics.median(r["gemm_peak_gflops"] for r in ours),
+                        "pytorch_gflops": ours[0]["gflop_per_step"] / t,
+                    }
+                    rows.append(row)
+                    print(f"{shape:<9} {b:>3}x{s:<4} t{threads} {case:<14} ours {o:7.3f}s  pytorch {t:7.3f}s  "
+                          f"ratio {t / o:5.2f}  rss {row['ours_rss_gb']:.2f}/{row['pytorch_rss_gb']:.2f} GB  "
+                          f"{row['ours_gflops']:.0f} GFLOP/s of {row['gemm_peak_gflops']:.0f} peak "
+                          f"(pytorch {row['pytorch_gflops']:.0f})", flush=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
+              "rounds": a.rounds, "steps": a.steps, "pytorch": theirs[-1].get("torch"),
+              "adapters": theirs[-1].get("adapters"), "rows": rows}
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
