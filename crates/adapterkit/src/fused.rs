@@ -453,6 +453,215 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(op)
 }
 
+/// Head layout conversions between [batch, seq, heads·dh] (token-major, what linears produce) and
+/// [batch, heads, seq, dh] (head-major, what batched attention matmuls take), as parallel copies.
+#[derive(Clone, Copy)]
+struct Heads {
+    b: usize,
+    s: usize,
+    h: usize,
+    dh: usize,
+}
+
+impl Heads {
+    /// [b, s, h, dh] → [b, h, s, dh]
+    fn split(&self, src: &[f32]) -> Vec<f32> {
+        let Heads { s, h, dh, .. } = *self;
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(s * dh)
+            .enumerate()
+            .for_each(|(bh, block)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for t in 0..s {
+                    let from = ((bi * s + t) * h + hi) * dh;
+                    block[t * dh..(t + 1) * dh].copy_from_slice(&src[from..from + dh]);
+                }
+            });
+        dst
+    }
+
+    /// [b, h, s, dh] → [b, s, h, dh]
+    fn merge(&self, src: &[f32]) -> Vec<f32> {
+        let Heads { s, h, dh, .. } = *self;
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(h * dh)
+            .enumerate()
+            .for_each(|(bt, row)| {
+                let (bi, t) = (bt / s, bt % s);
+                for hi in 0..h {
+                    let from = ((bi * h + hi) * s + t) * dh;
+                    row[hi * dh..(hi + 1) * dh].copy_from_slice(&src[from..from + dh]);
+                }
+            });
+        dst
+    }
+
+    fn split_shape(&self) -> Shape {
+        Shape::from((self.b, self.h, self.s, self.dh))
+    }
+
+    fn merged_shape(&self) -> Shape {
+        Shape::from((self.b * self.s, self.h * self.dh))
+    }
+}
+
+/// A head-layout copy as a graph-free op (used inside backward passes).
+struct Relayout {
+    heads: Heads,
+    to_split: bool,
+}
+
+impl CustomOp1 for Relayout {
+    fn name(&self) -> &'static str {
+        "relayout-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "relayout")?;
+        Ok(if self.to_split {
+            (
+                CpuStorage::F32(self.heads.split(x)),
+                self.heads.split_shape(),
+            )
+        } else {
+            (
+                CpuStorage::F32(self.heads.merge(x)),
+                self.heads.merged_shape(),
+            )
+        })
+    }
+}
+
+fn take_out(out: &std::sync::Mutex<Option<Tensor>>, what: &str) -> CResult<Tensor> {
+    out.lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: poisoned lock")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: forward ran twice")))?
+        .contiguous()
+}
+
+fn with_slice<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> T) -> CResult<T> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cs) => Ok(f(f32_slice(cs, layout, what)?)),
+        _ => Err(candle_core::Error::Msg(format!("{what}: CPU only"))),
+    }
+}
+
+/// Frozen linear whose output comes out head-major: `x [b·s, in] → [b, h, s, dh]`.
+struct FrozenLinearSplit {
+    w: Tensor,
+    heads: Heads,
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp1 for FrozenLinearSplit {
+    fn name(&self) -> &'static str {
+        "frozen-linear-split-heads"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = take_out(&self.out, self.name())?;
+        let split = with_slice(&out, self.name(), |v| self.heads.split(v))?;
+        Ok((CpuStorage::F32(split), self.heads.split_shape()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let merged = grad.contiguous()?.apply_op1_no_bwd(&Relayout {
+            heads: self.heads,
+            to_split: false,
+        })?;
+        Ok(Some(merged.matmul(&self.w)?))
+    }
+}
+
+/// Frozen linear that takes head-major input: `ctx [b, h, s, dh] → [b·s, out]`.
+struct FrozenLinearMerge {
+    w: Tensor,
+    heads: Heads,
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp1 for FrozenLinearMerge {
+    fn name(&self) -> &'static str {
+        "frozen-linear-merge-heads"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = take_out(&self.out, self.name())?;
+        let shape = out.shape().clone();
+        let v = with_slice(&out, self.name(), <[f32]>::to_vec)?;
+        Ok((CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let dmerged = grad.matmul(&self.w)?;
+        Ok(Some(dmerged.apply_op1_no_bwd(&Relayout {
+            heads: self.heads,
+            to_split: true,
+        })?))
+    }
+}
+
+fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// `x [b, s, d] · wᵀ + bias` returned head-major as [b, h, s, d/h], for frozen `w` and `bias`: the
+/// head split costs no separate copy, and backward yields only the input gradient.
+pub fn frozen_linear_split_heads(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, s, d_in) = x.dims3()?;
+    let out_dim = w.dim(0)?;
+    let hs = Heads {
+        b,
+        s,
+        h: heads,
+        dh: out_dim / heads,
+    };
+    let x2 = x.reshape((b * s, d_in))?;
+    let out = affine_2d(&x2.detach(), w, bias)?;
+    if !x2.track_op() {
+        let split = with_slice(&out.contiguous()?, "split heads", |v| hs.split(v))?;
+        return Tensor::from_vec(split, hs.split_shape(), x.device());
+    }
+    x2.apply_op1(FrozenLinearSplit {
+        w: w.clone(),
+        heads: hs,
+        out: std::sync::Mutex::new(Some(out)),
+    })
+}
+
+/// Head-major `ctx [b, h, s, dh]` merged to [b, s, h·dh] and multiplied by frozen `wᵀ` (+ bias),
+/// giving [b, s, out]; backward yields only the input gradient, head-major again.
+pub fn frozen_linear_merge_heads(
+    ctx: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, h, s, dh) = ctx.dims4()?;
+    let hs = Heads { b, s, h, dh };
+    let ctx = ctx.contiguous()?;
+    let merged = with_slice(&ctx, "merge heads", |v| hs.merge(v))?;
+    let merged = Tensor::from_vec(merged, hs.merged_shape(), ctx.device())?;
+    let out = affine_2d(&merged, w, bias)?;
+    let out_dim = w.dim(0)?;
+    let y = if ctx.track_op() {
+        ctx.apply_op1(FrozenLinearMerge {
+            w: w.clone(),
+            heads: hs,
+            out: std::sync::Mutex::new(Some(out)),
+        })?
+    } else {
+        out
+    };
+    y.reshape((b, s, out_dim))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,17 +725,40 @@ mod tests {
 
     #[test]
     fn dropout_drops_the_right_share_and_backward_uses_the_same_mask() {
-        let x = Var::from_tensor(&randn(&[200, 500], 7, 1.0).abs().unwrap().affine(1.0, 0.1).unwrap()).unwrap();
+        let x = Var::from_tensor(
+            &randn(&[200, 500], 7, 1.0)
+                .abs()
+                .unwrap()
+                .affine(1.0, 0.1)
+                .unwrap(),
+        )
+        .unwrap();
         let y = dropout(x.as_tensor(), 0.1, 1234).unwrap();
         let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let dropped = yv.iter().filter(|&&v| v == 0.0).count() as f64 / yv.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "dropped {dropped}");
-        let again = dropout(x.as_tensor(), 0.1, 1234).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let again = dropout(x.as_tensor(), 0.1, 1234)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(yv, again);
-        let other = dropout(x.as_tensor(), 0.1, 1235).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let other = dropout(x.as_tensor(), 0.1, 1235)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_ne!(yv, other);
         let g = y.sum_all().unwrap().backward().unwrap();
-        let gv = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gv = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (gi, yi) in gv.iter().zip(&yv) {
             let want = if *yi == 0.0 { 0.0 } else { 1.0 / 0.9 };
             assert!((gi - want).abs() < 1e-6);

@@ -301,6 +301,23 @@ impl BaseModel {
         linear(x, w, Some(b))
     }
 
+    /// The weight and bias of linear `prefix` when the fused frozen-weight kernels apply to it.
+    fn frozen_fast<'a>(
+        &'a self,
+        task: Option<&'a TaskModel>,
+        prefix: &str,
+        x: &Tensor,
+    ) -> Result<Option<(&'a Tensor, &'a Tensor)>> {
+        let w = self.param(task, &format!("{prefix}.weight"))?;
+        let b = self.param(task, &format!("{prefix}.bias"))?;
+        let ok = crate::ops::fast_ops()
+            && crate::fused::supported(x)
+            && !w.track_op()
+            && !b.track_op()
+            && w.dtype() == DType::F32;
+        Ok(ok.then_some((w, b)))
+    }
+
     fn adapter(
         &self,
         task: Option<&TaskModel>,
@@ -375,22 +392,29 @@ impl BaseModel {
         let scale = 1.0 / (dh as f64).sqrt();
         for l in 0..cfg.num_hidden_layers {
             let pre = format!("encoder.layer.{l}");
-            let split = |t: Tensor| -> Result<Tensor> {
+            // Head-major projections: fused with the layout change when the weights are frozen.
+            let project = |name: &str| -> Result<Tensor> {
+                let prefix = format!("{pre}.attention.self.{name}");
+                if let Some((w, bias)) = self.frozen_fast(task, &prefix, &h)? {
+                    return Ok(crate::fused::frozen_linear_split_heads(&h, w, bias, heads)?);
+                }
+                let t = self.dense(task, &prefix, &h)?;
                 Ok(t.reshape((b, s, heads, dh))?
                     .transpose(1, 2)?
                     .contiguous()?)
             };
-            let q = split(self.dense(task, &format!("{pre}.attention.self.query"), &h)?)?;
-            let k = split(self.dense(task, &format!("{pre}.attention.self.key"), &h)?)?;
-            let v = split(self.dense(task, &format!("{pre}.attention.self.value"), &h)?)?;
+            let (q, k, v) = (project("query")?, project("key")?, project("value")?);
             let probs = attention_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
             let probs = maybe_dropout(&probs, p_attn, opts)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, s, d))?;
-            let attn = self.dense(task, &format!("{pre}.attention.output.dense"), &ctx)?;
+            let ctx = probs.matmul(&v)?;
+            let out_prefix = format!("{pre}.attention.output.dense");
+            let attn = match self.frozen_fast(task, &out_prefix, &ctx)? {
+                Some((w, bias)) => crate::fused::frozen_linear_merge_heads(&ctx, w, bias)?,
+                None => {
+                    let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, s, d))?;
+                    self.dense(task, &out_prefix, &ctx)?
+                }
+            };
             let attn = maybe_dropout(&attn, p_hidden, opts)?;
             let attn = self.adapter(task, l, Site::Attention, &attn, opts.skip_adapter_layers)?;
             h = self.ln(task, &format!("{pre}.attention.output"), &attn.add(&h)?)?;

@@ -9,17 +9,20 @@ use crate::rng::Rng;
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Chooses the fast ops (default) or the composed reference path everywhere in this process; the
-/// reference path is what the fast ops are tested against, and what runs on non-CPU devices.
-pub fn use_fast_ops(on: bool) {
-    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+thread_local! {
+    static FAST: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
-/// Whether the fast ops are in use (see [`use_fast_ops`]).
+/// Chooses the fast fused ops (default) or the composed reference path for model code run on the
+/// calling thread; the reference path is what the fast ops are tested against, and what runs on
+/// non-CPU devices and non-f32 dtypes.
+pub fn use_fast_ops(on: bool) {
+    FAST.with(|f| f.set(on));
+}
+
+/// Whether the calling thread uses the fast ops (see [`use_fast_ops`]).
 pub fn fast_ops() -> bool {
-    FUSED.load(std::sync::atomic::Ordering::Relaxed)
+    FAST.with(std::cell::Cell::get)
 }
 
 /// `x · wᵀ + b` over the last dimension, for inputs of any rank.

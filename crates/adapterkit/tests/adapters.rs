@@ -509,3 +509,65 @@ fn hostile_checkpoints_give_named_errors() {
     assert!(msg.contains("80 tokens exceed"), "{msg}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn fast_and_reference_paths_agree_on_values_and_gradients() {
+    let base = tiny_base();
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.train.inputs, 32).unwrap();
+    // Rows of different lengths, so padding and masks are exercised.
+    let rows: Vec<usize> = (0..8).collect();
+    for set in [
+        TrainableSet::Adapters { layernorms: true },
+        TrainableSet::TopK { k: 1 },
+        TrainableSet::Head,
+    ] {
+        let a = matches!(set, TrainableSet::Adapters { .. }).then(|| adapters(5e-2));
+        let task = TaskModel::new(&base, "f", set.clone(), a, head(), 32, 4).unwrap();
+        let run = |fast: bool| {
+            adapterkit::ops::use_fast_ops(fast);
+            let mut t = task.clone();
+            let mut vars = Vec::new();
+            for (name, p) in t.params.iter_mut() {
+                let v = Var::from_tensor(p).unwrap();
+                *p = v.as_tensor().clone();
+                vars.push((name.clone(), v));
+            }
+            let loss = batch_loss(&base, &t, &enc, &data.train, &rows, None).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<(String, Tensor)> = vars
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.clone(),
+                        grads.get(v.as_tensor()).expect("gradient").clone(),
+                    )
+                })
+                .collect();
+            adapterkit::ops::use_fast_ops(true);
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (lf, gf) = run(true);
+        let (lr, gr) = run(false);
+        assert!(
+            (lf - lr).abs() <= 1e-5 * lr.abs().max(1.0),
+            "{set:?}: loss {lf} vs {lr}"
+        );
+        for ((name, a), (_, b)) in gf.iter().zip(&gr) {
+            let scale = b
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(a, b);
+            assert!(
+                d <= 1e-4 * scale + 1e-7,
+                "{set:?} {name}: gradient differs by {d} (scale {scale})"
+            );
+        }
+    }
+}
