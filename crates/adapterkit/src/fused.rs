@@ -577,43 +577,117 @@ fn with_slice<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> T) -> CResult
     }
 }
 
-/// Frozen linear whose output comes out head-major: `x [b·s, in] → [b, h, s, dh]`.
-struct FrozenLinearSplit {
-    w: Tensor,
+fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// Copies one of the three [rows, 3·d] column blocks of a fused QKV product into head-major
+/// [b, h, s, dh] (part 0 = q, 1 = k, 2 = v).
+struct SplitPart {
     heads: Heads,
+    part: usize,
+}
+
+impl CustomOp1 for SplitPart {
+    fn name(&self) -> &'static str {
+        "split-qkv-part"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let src = f32_slice(st, l, "split qkv")?;
+        let Heads { s, h, dh, .. } = self.heads;
+        let d = h * dh;
+        let off = self.part * d;
+        let mut dst = vec![0f32; src.len() / 3];
+        dst.par_chunks_mut(s * dh)
+            .enumerate()
+            .for_each(|(bh, block)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for t in 0..s {
+                    let from = (bi * s + t) * 3 * d + off + hi * dh;
+                    block[t * dh..(t + 1) * dh].copy_from_slice(&src[from..from + dh]);
+                }
+            });
+        Ok((CpuStorage::F32(dst), self.heads.split_shape()))
+    }
+}
+
+/// Merges head-major dq, dk, dv [b, h, s, dh] into one token-major [rows, 3·d] tensor.
+struct MergeQkv {
+    heads: Heads,
+}
+
+impl CustomOp3 for MergeQkv {
+    fn name(&self) -> &'static str {
+        "merge-qkv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let parts = [
+            f32_slice(s1, l1, "merge qkv")?,
+            f32_slice(s2, l2, "merge qkv")?,
+            f32_slice(s3, l3, "merge qkv")?,
+        ];
+        let Heads { b, s, h, dh } = self.heads;
+        let d = h * dh;
+        let mut dst = vec![0f32; b * s * 3 * d];
+        dst.par_chunks_mut(3 * d).enumerate().for_each(|(bt, row)| {
+            let (bi, t) = (bt / s, bt % s);
+            for (p, src) in parts.iter().enumerate() {
+                for hi in 0..h {
+                    let from = ((bi * h + hi) * s + t) * dh;
+                    row[p * d + hi * dh..p * d + (hi + 1) * dh]
+                        .copy_from_slice(&src[from..from + dh]);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dst), Shape::from((b * s, 3 * d))))
+    }
+}
+
+/// The frozen weights of one self-attention block, by role.
+pub struct AttentionWeights<'a> {
+    /// Query projection weight and bias.
+    pub q: (&'a Tensor, &'a Tensor),
+    /// Key projection weight and bias.
+    pub k: (&'a Tensor, &'a Tensor),
+    /// Value projection weight and bias.
+    pub v: (&'a Tensor, &'a Tensor),
+    /// Output projection weight and bias.
+    pub o: (&'a Tensor, &'a Tensor),
+}
+
+struct AttentionSaved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+}
+
+/// Multi-head self-attention with frozen weights as one graph node: the forward keeps q, k, v and
+/// the attention probabilities; the backward is written out by hand and yields only the gradient
+/// of the block input (no weight gradients, no per-op gradient accumulation in the graph).
+struct FrozenAttention {
+    wqkv: Tensor,
+    wo: Tensor,
+    heads: Heads,
+    scale: f32,
+    dropout: Option<Dropout>,
+    saved: AttentionSaved,
     out: std::sync::Mutex<Option<Tensor>>,
 }
 
-impl CustomOp1 for FrozenLinearSplit {
+impl CustomOp1 for FrozenAttention {
     fn name(&self) -> &'static str {
-        "frozen-linear-split-heads"
-    }
-
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let out = take_out(&self.out, self.name())?;
-        let split = with_slice(&out, self.name(), |v| self.heads.split(v))?;
-        Ok((CpuStorage::F32(split), self.heads.split_shape()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let merged = grad.contiguous()?.apply_op1_no_bwd(&Relayout {
-            heads: self.heads,
-            to_split: false,
-        })?;
-        Ok(Some(merged.matmul(&self.w)?))
-    }
-}
-
-/// Frozen linear that takes head-major input: `ctx [b, h, s, dh] → [b·s, out]`.
-struct FrozenLinearMerge {
-    w: Tensor,
-    heads: Heads,
-    out: std::sync::Mutex<Option<Tensor>>,
-}
-
-impl CustomOp1 for FrozenLinearMerge {
-    fn name(&self) -> &'static str {
-        "frozen-linear-merge-heads"
+        "frozen-attention"
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
@@ -623,72 +697,153 @@ impl CustomOp1 for FrozenLinearMerge {
         Ok((CpuStorage::F32(v), shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let dmerged = grad.matmul(&self.w)?;
-        Ok(Some(dmerged.apply_op1_no_bwd(&Relayout {
-            heads: self.heads,
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let hs = self.heads;
+        let AttentionSaved { q, k, v, probs } = &self.saved;
+        let g = grad.reshape((hs.b * hs.s, hs.h * hs.dh))?.contiguous()?;
+        let dctx = g.matmul(&self.wo)?.apply_op1_no_bwd(&Relayout {
+            heads: hs,
             to_split: true,
-        })?))
+        })?;
+        let probs_d = match &self.dropout {
+            Some(d) => probs.apply_op1_no_bwd(d)?,
+            None => probs.clone(),
+        };
+        let dprobs_d = dctx.matmul(&v.t()?)?;
+        let dv = probs_d.t()?.matmul(&dctx)?;
+        let dprobs = match &self.dropout {
+            Some(d) => dprobs_d.apply_op1_no_bwd(d)?,
+            None => dprobs_d,
+        };
+        let dscores = probs.apply_op2_no_bwd(&dprobs, &SoftmaxBackward { scale: self.scale })?;
+        let dq = dscores.matmul(k)?;
+        let dk = dscores.t()?.matmul(q)?;
+        let dqkv = dq.apply_op3_no_bwd(
+            &dk.contiguous()?,
+            &dv.contiguous()?,
+            &MergeQkv { heads: hs },
+        )?;
+        Ok(Some(dqkv.matmul(&self.wqkv)?.reshape(arg.shape())?))
     }
 }
 
-fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)?.broadcast_add(b)
-}
-
-/// `x [b, s, d] · wᵀ + bias` returned head-major as [b, h, s, d/h], for frozen `w` and `bias`: the
-/// head split costs no separate copy, and backward yields only the input gradient.
-pub fn frozen_linear_split_heads(
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
+/// Self-attention of `h [b, s, d]` with frozen weights, additive [b, s] mask and optional attention
+/// dropout `(p, seed)`; returns the output projection [b, s, d] (before the block's own dropout).
+pub fn frozen_attention(
+    h: &Tensor,
+    w: &AttentionWeights<'_>,
+    mask: &Tensor,
     heads: usize,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
 ) -> candle_core::Result<Tensor> {
-    let (b, s, d_in) = x.dims3()?;
-    let out_dim = w.dim(0)?;
+    let (b, s, d) = h.dims3()?;
     let hs = Heads {
         b,
         s,
         h: heads,
-        dh: out_dim / heads,
+        dh: d / heads,
     };
-    let x2 = x.reshape((b * s, d_in))?;
-    let out = affine_2d(&x2.detach(), w, bias)?;
-    if !x2.track_op() {
-        let split = with_slice(&out.contiguous()?, "split heads", |v| hs.split(v))?;
-        return Tensor::from_vec(split, hs.split_shape(), x.device());
-    }
-    x2.apply_op1(FrozenLinearSplit {
-        w: w.clone(),
+    let wqkv = Tensor::cat(&[w.q.0, w.k.0, w.v.0], 0)?;
+    let bqkv = Tensor::cat(&[w.q.1, w.k.1, w.v.1], 0)?;
+    let x = h.detach().reshape((b * s, d))?;
+    let qkv = affine_2d(&x, &wqkv, &bqkv)?.contiguous()?;
+    let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let scale32 = scale as f32;
+    let probs = q.matmul(&k.t()?)?.apply_op2_no_bwd(
+        &mask.contiguous()?,
+        &AttentionSoftmax {
+            scale: scale32,
+            heads_q: heads * s,
+        },
+    )?;
+    let drop = dropout.filter(|(p, _)| *p > 0.0).map(|(p, seed)| {
+        let keep = 1.0 - p;
+        Dropout {
+            seed,
+            keep_threshold: (keep * 4_294_967_296.0).min(4_294_967_295.0) as u32,
+            scale: (1.0 / keep) as f32,
+        }
+    });
+    let probs_d = match &drop {
+        Some(op) => probs.apply_op1_no_bwd(op)?,
+        None => probs.clone(),
+    };
+    let ctx = probs_d.matmul(&v)?.apply_op1_no_bwd(&Relayout {
         heads: hs,
+        to_split: false,
+    })?;
+    let out = affine_2d(&ctx, w.o.0, w.o.1)?.reshape((b, s, d))?;
+    if !h.track_op() {
+        return Ok(out);
+    }
+    h.apply_op1(FrozenAttention {
+        wqkv,
+        wo: w.o.0.clone(),
+        heads: hs,
+        scale: scale32,
+        dropout: drop,
+        saved: AttentionSaved { q, k, v, probs },
         out: std::sync::Mutex::new(Some(out)),
     })
 }
 
-/// Head-major `ctx [b, h, s, dh]` merged to [b, s, h·dh] and multiplied by frozen `wᵀ` (+ bias),
-/// giving [b, s, out]; backward yields only the input gradient, head-major again.
-pub fn frozen_linear_merge_heads(
-    ctx: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
+/// The feed-forward block `W2 · gelu(W1 · x + b1) + b2` with frozen weights as one graph node,
+/// keeping only the pre-activation for its hand-written backward (input gradient only).
+struct FrozenFfn {
+    w1: Tensor,
+    w2: Tensor,
+    pre: Tensor,
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CustomOp1 for FrozenFfn {
+    fn name(&self) -> &'static str {
+        "frozen-ffn"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = take_out(&self.out, self.name())?;
+        let shape = out.shape().clone();
+        let v = with_slice(&out, self.name(), <[f32]>::to_vec)?;
+        Ok((CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let rows = self.pre.dim(0)?;
+        let g = grad.reshape((rows, ()))?.contiguous()?;
+        let dact = g.matmul(&self.w2)?;
+        let dpre = self.pre.apply_op2_no_bwd(&dact, &GeluBackward)?;
+        Ok(Some(dpre.matmul(&self.w1)?.reshape(arg.shape())?))
+    }
+}
+
+/// `W2 · gelu(W1 · x + b1) + b2` over the last dimension of `x`, for frozen weights.
+pub fn frozen_ffn(
+    x: &Tensor,
+    w1: (&Tensor, &Tensor),
+    w2: (&Tensor, &Tensor),
 ) -> candle_core::Result<Tensor> {
-    let (b, h, s, dh) = ctx.dims4()?;
-    let hs = Heads { b, s, h, dh };
-    let ctx = ctx.contiguous()?;
-    let merged = with_slice(&ctx, "merge heads", |v| hs.merge(v))?;
-    let merged = Tensor::from_vec(merged, hs.merged_shape(), ctx.device())?;
-    let out = affine_2d(&merged, w, bias)?;
-    let out_dim = w.dim(0)?;
-    let y = if ctx.track_op() {
-        ctx.apply_op1(FrozenLinearMerge {
-            w: w.clone(),
-            heads: hs,
-            out: std::sync::Mutex::new(Some(out)),
-        })?
-    } else {
-        out
-    };
-    y.reshape((b, s, out_dim))
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&1);
+    let x2 = x.detach().reshape(((), d))?;
+    let pre = affine_2d(&x2, w1.0, w1.1)?.contiguous()?;
+    let act = pre.apply_op1_no_bwd(&Gelu)?;
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = w2.0.dim(0)?;
+    }
+    let out = affine_2d(&act, w2.0, w2.1)?.reshape(out_dims)?;
+    if !x.track_op() {
+        return Ok(out);
+    }
+    x.apply_op1(FrozenFfn {
+        w1: w1.0.clone(),
+        w2: w2.0.clone(),
+        pre,
+        out: std::sync::Mutex::new(Some(out)),
+    })
 }
 
 #[cfg(test)]
@@ -810,6 +965,86 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(fast_exp(-1e4), 0.0);
+    }
+
+    #[test]
+    fn frozen_blocks_match_composed_ops_with_dropout_and_padding() {
+        let (b, s, d, heads) = (2, 7, 16, 4);
+        let w: Vec<Tensor> = (0..4).map(|i| randn(&[d, d], 20 + i, 0.3)).collect();
+        let bias: Vec<Tensor> = (0..4).map(|i| randn(&[d], 30 + i, 0.1)).collect();
+        let mut m = vec![0f32; b * s];
+        for j in 4..s {
+            m[s + j] = -1e9;
+        }
+        let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
+        let scale = 0.5;
+        let seed = 77;
+        let weights = AttentionWeights {
+            q: (&w[0], &bias[0]),
+            k: (&w[1], &bias[1]),
+            v: (&w[2], &bias[2]),
+            o: (&w[3], &bias[3]),
+        };
+        let composed = |h: &Tensor| {
+            let lin = |x: &Tensor, i: usize| {
+                x.broadcast_matmul(&w[i].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias[i])
+                    .unwrap()
+            };
+            let split = |t: Tensor| {
+                t.reshape((b, s, heads, d / heads))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let (q, k, v) = (split(lin(h, 0)), split(lin(h, 1)), split(lin(h, 2)));
+            let p = attention_softmax(&q.matmul(&k.t().unwrap()).unwrap(), &mask, scale).unwrap();
+            let p = dropout(&p, 0.25, seed).unwrap();
+            let ctx = p
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, s, d))
+                .unwrap();
+            lin(&ctx, 3)
+        };
+        let h = randn(&[b, s, d], 40, 1.0);
+        compare(
+            std::slice::from_ref(&h),
+            &|t| {
+                frozen_attention(&t[0], &weights, &mask, heads, scale, Some((0.25, seed))).unwrap()
+            },
+            &|t| composed(&t[0]),
+            1e-5,
+        );
+        let w1 = randn(&[3 * d, d], 50, 0.3);
+        let b1 = randn(&[3 * d], 51, 0.1);
+        let w_out = randn(&[d, 3 * d], 52, 0.3);
+        let ffn_ref = |x: &Tensor| {
+            let a = gelu(
+                &x.broadcast_matmul(&w1.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b1)
+                    .unwrap(),
+            )
+            .unwrap();
+            a.broadcast_matmul(&w_out.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias[3])
+                .unwrap()
+        };
+        compare(
+            &[h],
+            &|t| frozen_ffn(&t[0], (&w1, &b1), (&w_out, &bias[3])).unwrap(),
+            &|t| ffn_ref(&t[0]),
+            1e-5,
+        );
     }
 
     #[test]

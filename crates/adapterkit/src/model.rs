@@ -318,6 +318,29 @@ impl BaseModel {
         Ok(ok.then_some((w, b)))
     }
 
+    /// All four frozen weight pairs of layer `pre`'s attention when the fused block applies.
+    fn frozen_attention<'a>(
+        &'a self,
+        task: Option<&'a TaskModel>,
+        pre: &str,
+        h: &Tensor,
+    ) -> Result<Option<crate::fused::AttentionWeights<'a>>> {
+        let get = |n: &str| self.frozen_fast(task, &format!("{pre}.{n}"), h);
+        Ok(
+            match (
+                get("attention.self.query")?,
+                get("attention.self.key")?,
+                get("attention.self.value")?,
+                get("attention.output.dense")?,
+            ) {
+                (Some(q), Some(k), Some(v), Some(o)) => {
+                    Some(crate::fused::AttentionWeights { q, k, v, o })
+                }
+                _ => None,
+            },
+        )
+    }
+
     fn adapter(
         &self,
         task: Option<&TaskModel>,
@@ -392,35 +415,50 @@ impl BaseModel {
         let scale = 1.0 / (dh as f64).sqrt();
         for l in 0..cfg.num_hidden_layers {
             let pre = format!("encoder.layer.{l}");
-            // Head-major projections: fused with the layout change when the weights are frozen.
-            let project = |name: &str| -> Result<Tensor> {
-                let prefix = format!("{pre}.attention.self.{name}");
-                if let Some((w, bias)) = self.frozen_fast(task, &prefix, &h)? {
-                    return Ok(crate::fused::frozen_linear_split_heads(&h, w, bias, heads)?);
+            let attn = match self.frozen_attention(task, &pre, &h)? {
+                Some(w) => {
+                    let seed = opts
+                        .dropout_rng
+                        .as_deref_mut()
+                        .map(|r| (p_attn, r.next_u64()));
+                    crate::fused::frozen_attention(&h, &w, &mask, heads, scale, seed)?
                 }
-                let t = self.dense(task, &prefix, &h)?;
-                Ok(t.reshape((b, s, heads, dh))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let (q, k, v) = (project("query")?, project("key")?, project("value")?);
-            let probs = attention_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
-            let probs = maybe_dropout(&probs, p_attn, opts)?;
-            let ctx = probs.matmul(&v)?;
-            let out_prefix = format!("{pre}.attention.output.dense");
-            let attn = match self.frozen_fast(task, &out_prefix, &ctx)? {
-                Some((w, bias)) => crate::fused::frozen_linear_merge_heads(&ctx, w, bias)?,
                 None => {
-                    let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, s, d))?;
-                    self.dense(task, &out_prefix, &ctx)?
+                    let project = |name: &str| -> Result<Tensor> {
+                        let t = self.dense(task, &format!("{pre}.attention.self.{name}"), &h)?;
+                        Ok(t.reshape((b, s, heads, dh))?
+                            .transpose(1, 2)?
+                            .contiguous()?)
+                    };
+                    let (q, k, v) = (project("query")?, project("key")?, project("value")?);
+                    let probs = attention_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
+                    let probs = maybe_dropout(&probs, p_attn, opts)?;
+                    let ctx = probs
+                        .matmul(&v)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .reshape((b, s, d))?;
+                    self.dense(task, &format!("{pre}.attention.output.dense"), &ctx)?
                 }
             };
             let attn = maybe_dropout(&attn, p_hidden, opts)?;
             let attn = self.adapter(task, l, Site::Attention, &attn, opts.skip_adapter_layers)?;
             h = self.ln(task, &format!("{pre}.attention.output"), &attn.add(&h)?)?;
 
-            let inter = gelu(&self.dense(task, &format!("{pre}.intermediate.dense"), &h)?)?;
-            let out = self.dense(task, &format!("{pre}.output.dense"), &inter)?;
+            let (ffn_in, ffn_out) = (
+                format!("{pre}.intermediate.dense"),
+                format!("{pre}.output.dense"),
+            );
+            let out = match (
+                self.frozen_fast(task, &ffn_in, &h)?,
+                self.frozen_fast(task, &ffn_out, &h)?,
+            ) {
+                (Some(w1), Some(w2)) => crate::fused::frozen_ffn(&h, w1, w2)?,
+                _ => {
+                    let inter = gelu(&self.dense(task, &ffn_in, &h)?)?;
+                    self.dense(task, &ffn_out, &inter)?
+                }
+            };
             let out = maybe_dropout(&out, p_hidden, opts)?;
             let out = self.adapter(task, l, Site::Ffn, &out, opts.skip_adapter_layers)?;
             h = self.ln(task, &format!("{pre}.output"), &out.add(&h)?)?;
