@@ -581,6 +581,100 @@ fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> 
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
+/// Batched product of small matrices `op(a[i]) · op(b[i])` for [batch, rows, cols] operands, with
+/// the batch spread over threads and each product single-threaded: candle parallelises inside each
+/// small product instead, and synchronising threads 192 times per call left attention products at
+/// about a third of the machine's GEMM rate (measured: 65–90 vs 233 GFLOP/s).
+struct BatchedMatmul {
+    trans_a: bool,
+    trans_b: bool,
+}
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, "batched matmul")?;
+        let b = f32_slice(s2, l2, "batched matmul")?;
+        let (da, db) = (l1.dims(), l2.dims());
+        let rank = da.len();
+        if rank < 3 || db.len() != rank {
+            return Err(candle_core::Error::Msg(
+                "batched matmul: expected [.., rows, cols] operands".into(),
+            ));
+        }
+        let batch: usize = da[..rank - 2].iter().product();
+        let (ar, ac) = (da[rank - 2], da[rank - 1]);
+        let (br, bc) = (db[rank - 2], db[rank - 1]);
+        let (m, k) = if self.trans_a { (ac, ar) } else { (ar, ac) };
+        let (k2, n) = if self.trans_b { (bc, br) } else { (br, bc) };
+        if k != k2 || db[..rank - 2].iter().product::<usize>() != batch {
+            return Err(candle_core::Error::Msg(format!(
+                "batched matmul: shapes {da:?} and {db:?} do not fit"
+            )));
+        }
+        // Row-major strides of op(x): (row stride, column stride).
+        let (a_rs, a_cs) = if self.trans_a {
+            (1, ac as isize)
+        } else {
+            (ac as isize, 1)
+        };
+        let (b_rs, b_cs) = if self.trans_b {
+            (1, bc as isize)
+        } else {
+            (bc as isize, 1)
+        };
+        let mut out = vec![0f32; batch * m * n];
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
+            let lhs = &a[i * ar * ac..(i + 1) * ar * ac];
+            let rhs = &b[i * br * bc..(i + 1) * br * bc];
+            // SAFETY: `dst` holds m·n elements written with strides (n, 1); `lhs` and `rhs` hold the
+            // ar·ac and br·bc elements that the strides above address for m×k and k×n operands.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    rhs.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        let mut shape = da.to_vec();
+        shape[rank - 2] = m;
+        shape[rank - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `op(a) · op(b)` over the leading (batch) dimensions, without autograd.
+fn bmm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> candle_core::Result<Tensor> {
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &BatchedMatmul { trans_a, trans_b })
+}
+
 /// Copies one of the three [rows, 3·d] column blocks of a fused QKV product into head-major
 /// [b, h, s, dh] (part 0 = q, 1 = k, 2 = v).
 struct SplitPart {
@@ -709,15 +803,15 @@ impl CustomOp1 for FrozenAttention {
             Some(d) => probs.apply_op1_no_bwd(d)?,
             None => probs.clone(),
         };
-        let dprobs_d = dctx.matmul(&v.t()?)?;
-        let dv = probs_d.t()?.matmul(&dctx)?;
+        let dprobs_d = bmm(&dctx, v, false, true)?;
+        let dv = bmm(&probs_d, &dctx, true, false)?;
         let dprobs = match &self.dropout {
             Some(d) => dprobs_d.apply_op1_no_bwd(d)?,
             None => dprobs_d,
         };
         let dscores = probs.apply_op2_no_bwd(&dprobs, &SoftmaxBackward { scale: self.scale })?;
-        let dq = dscores.matmul(k)?;
-        let dk = dscores.t()?.matmul(q)?;
+        let dq = bmm(&dscores, k, false, false)?;
+        let dk = bmm(&dscores, q, true, false)?;
         let dqkv = dq.apply_op3_no_bwd(
             &dk.contiguous()?,
             &dv.contiguous()?,
@@ -751,7 +845,7 @@ pub fn frozen_attention(
     let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let scale32 = scale as f32;
-    let probs = q.matmul(&k.t()?)?.apply_op2_no_bwd(
+    let probs = bmm(&q, &k, false, true)?.apply_op2_no_bwd(
         &mask.contiguous()?,
         &AttentionSoftmax {
             scale: scale32,
@@ -770,7 +864,7 @@ pub fn frozen_attention(
         Some(op) => probs.apply_op1_no_bwd(op)?,
         None => probs.clone(),
     };
-    let ctx = probs_d.matmul(&v)?.apply_op1_no_bwd(&Relayout {
+    let ctx = bmm(&probs_d, &v, false, false)?.apply_op1_no_bwd(&Relayout {
         heads: hs,
         to_split: false,
     })?;
@@ -1045,6 +1139,25 @@ mod tests {
             &|t| ffn_ref(&t[0]),
             1e-5,
         );
+    }
+
+    #[test]
+    fn batched_matmul_matches_candle_in_every_transpose_mode() {
+        let a = randn(&[3, 2, 5, 7], 60, 1.0);
+        let b = randn(&[3, 2, 7, 4], 61, 1.0);
+        let at = a.transpose(2, 3).unwrap().contiguous().unwrap();
+        let bt = b.transpose(2, 3).unwrap().contiguous().unwrap();
+        let want = a.matmul(&b).unwrap();
+        for (x, y, ta, tb) in [
+            (&a, &b, false, false),
+            (&at, &b, true, false),
+            (&a, &bt, false, true),
+            (&at, &bt, true, true),
+        ] {
+            let got = bmm(x, y, ta, tb).unwrap();
+            assert!(rel(&got, &want) < 1e-6, "trans ({ta}, {tb})");
+        }
+        assert!(bmm(&a, &a, false, false).is_err());
     }
 
     #[test]
