@@ -4,6 +4,7 @@
 //! with one parallel pass forward and one backward. The composed versions in [`crate::ops`] stay as
 //! the reference these are tested against, and as the path for other devices and dtypes.
 
+use crate::ops::Activation;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -940,6 +941,330 @@ pub fn frozen_ffn(
     })
 }
 
+/// `dst (m×n, row-major) = [dst +] lhs · rhs` through `gemm`, operands given by pointer-free
+/// slices and (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+    accumulate: bool,
+    parallel: bool,
+) {
+    let span = |rs: isize, cs: isize, r: usize, c: usize| {
+        (r.max(1) - 1) as isize * rs + (c.max(1) - 1) as isize * cs + 1
+    };
+    assert!(dst.len() >= m * n);
+    assert!(lhs.0.len() as isize >= span(lhs.1, lhs.2, m, k));
+    assert!(rhs.0.len() as isize >= span(rhs.1, rhs.2, k, n));
+    let par = if parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above check that every element addressed through the given strides for
+    // m×k, k×n and m×n operands lies inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2,
+            lhs.1,
+            rhs.0.as_ptr(),
+            rhs.2,
+            rhs.1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+fn act_fwd(act: Activation, z: f32) -> f32 {
+    match act {
+        Activation::Gelu => 0.5 * z * (1.0 + erf_and_gauss(z * FRAC_1_SQRT_2).0),
+        Activation::Relu => z.max(0.0),
+        Activation::Swish => z / (1.0 + fast_exp(-z)),
+        Activation::Tanh => z.tanh(),
+    }
+}
+
+fn act_grad(act: Activation, z: f32) -> f32 {
+    match act {
+        Activation::Gelu => {
+            let (e, gauss) = erf_and_gauss(z * FRAC_1_SQRT_2);
+            0.5 * (1.0 + e) + z * INV_SQRT_2PI * gauss
+        }
+        Activation::Relu => {
+            if z > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Swish => {
+            let sig = 1.0 / (1.0 + fast_exp(-z));
+            sig * (1.0 + z * (1.0 - sig))
+        }
+        Activation::Tanh => 1.0 - z.tanh() * z.tanh(),
+    }
+}
+
+fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
+    x.par_chunks(rows_per_task(cols) * cols)
+        .map(|chunk| {
+            let mut acc = vec![0f32; cols];
+            for row in chunk.chunks_exact(cols) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; cols],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// A whole bottleneck adapter `x + W_up · f(W_down · x + b_down) + b_up` as one graph node over
+/// `x [rows, d]`, `down = [W_down | b_down] [m, d+1]` and `up = [W_up | b_up] [d, m+1]`.
+struct Adapter {
+    act: Activation,
+    pre: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for Adapter {
+    fn name(&self) -> &'static str {
+        "fused-adapter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "adapter")?;
+        let down = f32_slice(s2, l2, "adapter")?;
+        let up = f32_slice(s3, l3, "adapter")?;
+        let (rows, d) = l1.shape().dims2()?;
+        let m = l2.dims()[0];
+        // z = x · W_downᵀ + b_down
+        let mut z = vec![0f32; rows * m];
+        let bias: Vec<f32> = (0..m).map(|j| down[j * (d + 1) + d]).collect();
+        z.par_chunks_mut(m).for_each(|r| r.copy_from_slice(&bias));
+        gemm_into(
+            &mut z,
+            rows,
+            m,
+            d,
+            (x, d as isize, 1),
+            (down, 1, (d + 1) as isize),
+            true,
+            true,
+        );
+        let a: Vec<f32> = z.par_iter().map(|&v| act_fwd(self.act, v)).collect();
+        // y = x + b_up + a · W_upᵀ
+        let mut y = x.to_vec();
+        y.par_chunks_mut(d).for_each(|r| {
+            for (j, v) in r.iter_mut().enumerate() {
+                *v += up[j * (m + 1) + m];
+            }
+        });
+        gemm_into(
+            &mut y,
+            rows,
+            d,
+            m,
+            (&a, m as isize, 1),
+            (up, 1, (m + 1) as isize),
+            true,
+            true,
+        );
+        if let Ok(mut g) = self.pre.lock() {
+            *g = Some(z);
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let z = self
+            .pre
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("adapter: poisoned lock".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("adapter: backward before forward".into()))?;
+        let (rows, d) = x.dims2()?;
+        let m = down.dim(0)?;
+        let op = AdapterBackward {
+            act: self.act,
+            z,
+            rows,
+            d,
+            m,
+        };
+        let all = x.apply_op3_no_bwd(
+            &grad.contiguous()?,
+            &Tensor::cat(&[down.flatten_all()?, up.flatten_all()?], 0)?,
+            &op,
+        )?;
+        let dx = all.narrow(0, 0, rows * d)?.reshape((rows, d))?;
+        let ddown = all.narrow(0, rows * d, m * (d + 1))?.reshape((m, d + 1))?;
+        let dup = all
+            .narrow(0, rows * d + m * (d + 1), d * (m + 1))?
+            .reshape((d, m + 1))?;
+        Ok((Some(dx), Some(ddown), Some(dup)))
+    }
+}
+
+/// Output, flattened: dx [rows·d], d(down) [m·(d+1)], d(up) [d·(m+1)].
+struct AdapterBackward {
+    act: Activation,
+    z: Vec<f32>,
+    rows: usize,
+    d: usize,
+    m: usize,
+}
+
+impl CustomOp3 for AdapterBackward {
+    fn name(&self) -> &'static str {
+        "fused-adapter-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "adapter backward")?;
+        let dy = f32_slice(s2, l2, "adapter backward")?;
+        let packed = f32_slice(s3, l3, "adapter backward")?;
+        let (rows, d, m) = (self.rows, self.d, self.m);
+        let (down, up) = packed.split_at(m * (d + 1));
+        let a: Vec<f32> = self.z.par_iter().map(|&v| act_fwd(self.act, v)).collect();
+        let mut out = vec![0f32; rows * d + m * (d + 1) + d * (m + 1)];
+        let (dx, rest) = out.split_at_mut(rows * d);
+        let (ddown, dup) = rest.split_at_mut(m * (d + 1));
+        // d(up): dW_up = dyᵀ · a, db_up = Σ dy
+        let mut dwu = vec![0f32; d * m];
+        gemm_into(
+            &mut dwu,
+            d,
+            m,
+            rows,
+            (dy, 1, d as isize),
+            (&a, m as isize, 1),
+            false,
+            true,
+        );
+        let dbu = column_sums(dy, d);
+        for j in 0..d {
+            dup[j * (m + 1)..j * (m + 1) + m].copy_from_slice(&dwu[j * m..(j + 1) * m]);
+            dup[j * (m + 1) + m] = dbu[j];
+        }
+        // dz = f'(z) ⊙ (dy · W_up)
+        let mut dz = vec![0f32; rows * m];
+        gemm_into(
+            &mut dz,
+            rows,
+            m,
+            d,
+            (dy, d as isize, 1),
+            (up, (m + 1) as isize, 1),
+            false,
+            true,
+        );
+        dz.par_iter_mut()
+            .zip(self.z.par_iter())
+            .for_each(|(g, &zv)| *g *= act_grad(self.act, zv));
+        // d(down): dW_down = dzᵀ · x, db_down = Σ dz
+        let mut dwd = vec![0f32; m * d];
+        gemm_into(
+            &mut dwd,
+            m,
+            d,
+            rows,
+            (&dz, 1, m as isize),
+            (x, d as isize, 1),
+            false,
+            true,
+        );
+        let dbd = column_sums(&dz, m);
+        for i in 0..m {
+            ddown[i * (d + 1)..i * (d + 1) + d].copy_from_slice(&dwd[i * d..(i + 1) * d]);
+            ddown[i * (d + 1) + d] = dbd[i];
+        }
+        // dx = dy + dz · W_down
+        dx.copy_from_slice(dy);
+        gemm_into(
+            dx,
+            rows,
+            d,
+            m,
+            (&dz, m as isize, 1),
+            (down, (d + 1) as isize, 1),
+            true,
+            true,
+        );
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+/// A bottleneck adapter over the last dimension of `x`, fused forward and backward (gradients for
+/// the input and all four adapter tensors).
+pub fn adapter(
+    x: &Tensor,
+    down: (&Tensor, &Tensor),
+    up: (&Tensor, &Tensor),
+    act: Activation,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&1);
+    let x2 = x.reshape(((), d))?.contiguous()?;
+    let down_p = Tensor::cat(&[down.0, &down.1.unsqueeze(1)?], 1)?;
+    let up_p = Tensor::cat(&[up.0, &up.1.unsqueeze(1)?], 1)?;
+    let y = x2.apply_op3(
+        &down_p,
+        &up_p,
+        Adapter {
+            act,
+            pre: std::sync::Mutex::new(None),
+        },
+    )?;
+    y.reshape(dims)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1158,6 +1483,50 @@ mod tests {
             assert!(rel(&got, &want) < 1e-6, "trans ({ta}, {tb})");
         }
         assert!(bmm(&a, &a, false, false).is_err());
+    }
+
+    #[test]
+    fn adapter_matches_composed_ops_for_every_activation() {
+        let (rows, d, m) = (37, 24, 6);
+        for act in [
+            Activation::Gelu,
+            Activation::Relu,
+            Activation::Swish,
+            Activation::Tanh,
+        ] {
+            let inputs = [
+                randn(&[rows, d], 70, 1.0),
+                randn(&[m, d], 71, 0.3),
+                randn(&[m], 72, 0.3),
+                randn(&[d, m], 73, 0.3),
+                randn(&[d], 74, 0.3),
+            ];
+            let composed = |t: &[Tensor]| {
+                let z = t[0]
+                    .matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap();
+                let a = match act {
+                    Activation::Gelu => z.gelu_erf().unwrap(),
+                    Activation::Relu => z.relu().unwrap(),
+                    Activation::Swish => z.silu().unwrap(),
+                    Activation::Tanh => z.tanh().unwrap(),
+                };
+                let up = a
+                    .matmul(&t[3].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[4])
+                    .unwrap();
+                t[0].add(&up).unwrap()
+            };
+            compare(
+                &inputs,
+                &|t| adapter(&t[0], (&t[1], &t[2]), (&t[3], &t[4]), act).unwrap(),
+                &composed,
+                2e-5,
+            );
+        }
     }
 
     #[test]

@@ -359,6 +359,24 @@ impl BaseModel {
             return Ok(x.clone());
         }
         let p = |part: &str| self.param(Some(task), &param_name(layer, site, &task.name, part));
+        let (wd, bd, wu, bu) = (
+            p("down.weight")?,
+            p("down.bias")?,
+            p("up.weight")?,
+            p("up.bias")?,
+        );
+        if crate::ops::fast_ops()
+            && [x, wd, bd, wu, bu]
+                .iter()
+                .all(|t| crate::fused::supported(t))
+        {
+            return Ok(crate::fused::adapter(
+                x,
+                (wd, bd),
+                (wu, bu),
+                cfg.nonlinearity,
+            )?);
+        }
         let down = linear(x, p("down.weight")?, Some(p("down.bias")?))?;
         let up = linear(
             &cfg.nonlinearity.apply(&down)?,
