@@ -259,6 +259,9 @@ struct TrainArgs {
     /// Metrics JSON path [default: <out>/metrics.json].
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Use the composed reference ops instead of the fused kernels (slower; for checking).
+    #[arg(long)]
+    reference_ops: bool,
 }
 
 #[derive(Args)]
@@ -376,6 +379,7 @@ fn default_lr(m: Method) -> f64 {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    adapterkit::ops::use_fast_ops(!a.reference_ops);
     let home = adapterkit::default_home();
     let base = load_base(&a.model)?;
     let data = a.data.load(&home, a.regression)?;
