@@ -570,11 +570,28 @@ fn take_out(out: &std::sync::Mutex<Option<Tensor>>, what: &str) -> CResult<Tenso
         .contiguous()
 }
 
-fn with_slice<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> T) -> CResult<T> {
-    let (storage, layout) = t.storage_and_layout();
+/// The forward of a graph node whose output was computed outside the graph: hands the stored
+/// output over as the node's storage (taken, so the graph does not keep a second copy).
+pub(crate) fn hand_over(
+    out: &std::sync::Mutex<Option<Tensor>>,
+    what: &str,
+) -> CResult<(CpuStorage, Shape)> {
+    let out = take_out(out, what)?;
+    let shape = out.shape().clone();
+    let (storage, layout) = out.storage_and_layout();
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: output not contiguous")))?;
     match &*storage {
-        candle_core::Storage::Cpu(cs) => Ok(f(f32_slice(cs, layout, what)?)),
-        _ => Err(candle_core::Error::Msg(format!("{what}: CPU only"))),
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+            Ok((CpuStorage::F32(v[a..b].to_vec()), shape))
+        }
+        candle_core::Storage::Cpu(CpuStorage::F64(v)) => {
+            Ok((CpuStorage::F64(v[a..b].to_vec()), shape))
+        }
+        _ => Err(candle_core::Error::Msg(format!(
+            "{what}: only f32/f64 on CPU"
+        ))),
     }
 }
 
@@ -786,10 +803,7 @@ impl CustomOp1 for FrozenAttention {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let out = take_out(&self.out, self.name())?;
-        let shape = out.shape().clone();
-        let v = with_slice(&out, self.name(), <[f32]>::to_vec)?;
-        Ok((CpuStorage::F32(v), shape))
+        hand_over(&self.out, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -899,10 +913,7 @@ impl CustomOp1 for FrozenFfn {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let out = take_out(&self.out, self.name())?;
-        let shape = out.shape().clone();
-        let v = with_slice(&out, self.name(), <[f32]>::to_vec)?;
-        Ok((CpuStorage::F32(v), shape))
+        hand_over(&self.out, self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {

@@ -77,30 +77,7 @@ impl candle_core::CustomOp1 for FrozenLinearGrad {
         _s: &candle_core::CpuStorage,
         _l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen-linear: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: forward ran twice".into()))?
-            .contiguous()?;
-        let (storage, layout) = out.storage_and_layout();
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("frozen-linear: output not contiguous".into())
-        })?;
-        match &*storage {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Ok((
-                candle_core::CpuStorage::F32(v[start..end].to_vec()),
-                layout.shape().clone(),
-            )),
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F64(v)) => Ok((
-                candle_core::CpuStorage::F64(v[start..end].to_vec()),
-                layout.shape().clone(),
-            )),
-            _ => Err(candle_core::Error::Msg(
-                "frozen-linear: only f32/f64 on CPU".into(),
-            )),
-        }
+        crate::fused::hand_over(&self.out, "frozen-linear")
     }
 
     fn bwd(
