@@ -685,12 +685,40 @@ impl CustomOp2 for BatchedMatmul {
         shape[rank - 1] = n;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dc: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = match (self.trans_a, self.trans_b) {
+            (false, false) => (bmm(dc, b, false, true)?, bmm(a, dc, true, false)?),
+            (false, true) => (bmm(dc, b, false, false)?, bmm(dc, a, true, false)?),
+            (true, false) => (bmm(b, dc, false, true)?, bmm(a, dc, false, false)?),
+            (true, true) => (bmm(b, dc, true, true)?, bmm(dc, a, true, true)?),
+        };
+        Ok((Some(da), Some(db)))
+    }
 }
 
 /// `op(a) · op(b)` over the leading (batch) dimensions, without autograd.
 fn bmm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> candle_core::Result<Tensor> {
     a.contiguous()?
         .apply_op2_no_bwd(&b.contiguous()?, &BatchedMatmul { trans_a, trans_b })
+}
+
+/// `op(a) · op(b)` over the leading (batch) dimensions of [.., rows, cols] operands, batch-parallel,
+/// with gradients for both operands.
+pub fn batched_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> candle_core::Result<Tensor> {
+    a.contiguous()?
+        .apply_op2(&b.contiguous()?, BatchedMatmul { trans_a, trans_b })
 }
 
 /// Copies one of the three [rows, 3·d] column blocks of a fused QKV product into head-major
@@ -1494,6 +1522,29 @@ mod tests {
             assert!(rel(&got, &want) < 1e-6, "trans ({ta}, {tb})");
         }
         assert!(bmm(&a, &a, false, false).is_err());
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let x = if ta { at.clone() } else { a.clone() };
+            let y = if tb { bt.clone() } else { b.clone() };
+            let reference = |t: &[Tensor]| {
+                let l = if ta {
+                    t[0].transpose(2, 3).unwrap()
+                } else {
+                    t[0].clone()
+                };
+                let r = if tb {
+                    t[1].transpose(2, 3).unwrap()
+                } else {
+                    t[1].clone()
+                };
+                l.matmul(&r).unwrap()
+            };
+            compare(
+                &[x, y],
+                &|t| batched_matmul(&t[0], &t[1], ta, tb).unwrap(),
+                &reference,
+                1e-5,
+            );
+        }
     }
 
     #[test]

@@ -449,13 +449,20 @@ impl BaseModel {
                             .contiguous()?)
                     };
                     let (q, k, v) = (project("query")?, project("key")?, project("value")?);
-                    let probs = attention_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
+                    let fast = crate::ops::fast_ops() && crate::fused::supported(&q);
+                    let scores = if fast {
+                        crate::fused::batched_matmul(&q, &k, false, true)?
+                    } else {
+                        q.matmul(&k.t()?)?
+                    };
+                    let probs = attention_softmax(&scores, &mask, scale)?;
                     let probs = maybe_dropout(&probs, p_attn, opts)?;
-                    let ctx = probs
-                        .matmul(&v)?
-                        .transpose(1, 2)?
-                        .contiguous()?
-                        .reshape((b, s, d))?;
+                    let ctx = if fast {
+                        crate::fused::batched_matmul(&probs, &v, false, false)?
+                    } else {
+                        probs.matmul(&v)?
+                    };
+                    let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, s, d))?;
                     self.dense(task, &format!("{pre}.attention.output.dense"), &ctx)?
                 }
             };

@@ -10,6 +10,7 @@ use crate::ops::{cross_entropy, mse};
 use crate::rng::Rng;
 use crate::task::TaskModel;
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -220,12 +221,18 @@ impl AdamW {
             } else {
                 1.0
             };
-            for i in 0..p.len() {
-                let gi = g[i] * clip;
-                s.m[i] = b1 * s.m[i] + (1.0 - b1) * gi;
-                s.v[i] = b2 * s.v[i] + (1.0 - b2) * gi * gi;
-                p[i] = p[i] * shrink - step_size * s.m[i] / (s.v[i].sqrt() / bc2_sqrt + eps);
-            }
+            const CHUNK: usize = 1 << 15;
+            p.par_chunks_mut(CHUNK)
+                .zip(s.m.par_chunks_mut(CHUNK))
+                .zip(s.v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|((p, m), (v, g))| {
+                    for i in 0..p.len() {
+                        let gi = g[i] * clip;
+                        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                        p[i] = p[i] * shrink - step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+                    }
+                });
             let t = s.var.as_tensor();
             s.var
                 .set(&Tensor::from_vec(p, t.shape().clone(), t.device())?)?;
