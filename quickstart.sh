@@ -7,7 +7,7 @@ runs="${RUNS:-runs}"
 cargo build --release --quiet
 ak=./target/release/adapterkit
 $ak fetch
-$ak train --task mr --method adapters --bottleneck 64 --epochs 3 --seed 42 --out "$runs/mr-adapters"
+$ak train --task mr --method adapters --bottleneck 64 --epochs 5 --seed 42 --out "$runs/mr-adapters"
 $ak train --task mr --method full --epochs 2 --seed 42 --out "$runs/mr-full"
 $ak train --task mr --method head --epochs 3 --seed 42 --out "$runs/mr-head"
 echo
