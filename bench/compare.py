@@ -60,6 +60,7 @@ def main():
                     row = {
                         "shape": shape, "batch": int(b), "seq": int(s), "threads": int(threads), "case": case,
                         "ours_s": o, "pytorch_s": t, "throughput_ratio": t / o,
+                        "pair_ratios": [p["median_seconds"] / q["median_seconds"] for p, q in zip(theirs, ours)],
                         "ours_rss_gb": max(r["peak_rss_bytes"] for r in ours) / 1e9,
                         "pytorch_rss_gb": max(r["peak_rss_bytes"] for r in theirs) / 1e9,
                         "ours_gflops": statistics.median(r["achieved_gflops"] for r in ours),
@@ -68,7 +69,7 @@ def main():
                     }
                     rows.append(row)
                     print(f"{shape:<9} {b:>3}x{s:<4} t{threads} {case:<14} ours {o:7.3f}s  pytorch {t:7.3f}s  "
-                          f"ratio {t / o:5.2f}  rss {row['ours_rss_gb']:.2f}/{row['pytorch_rss_gb']:.2f} GB  "
+                          f"ratio {t / o:5.2f} (pairs {' '.join(f'{r:.2f}' for r in row['pair_ratios'])})  rss {row['ours_rss_gb']:.2f}/{row['pytorch_rss_gb']:.2f} GB  "
                           f"{row['ours_gflops']:.0f} GFLOP/s of {row['gemm_peak_gflops']:.0f} peak "
                           f"(pytorch {row['pytorch_gflops']:.0f})", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
