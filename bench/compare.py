@@ -67,6 +67,11 @@ def main():
                         "gemm_peak_gflops": statistics.median(r["gemm_peak_gflops"] for r in ours),
                         "pytorch_gflops": ours[0]["gflop_per_step"] / t,
                     }
+                    if case == "latency":
+                        row["ours_p99_s"] = statistics.median(r["p99_seconds"] for r in ours)
+                        row["pytorch_p99_s"] = statistics.median(r["p99_seconds"] for r in theirs)
+                        print(f"latency p50 ours {o * 1e3:.2f} ms / pytorch {t * 1e3:.2f} ms; p99 ours "
+                              f"{row['ours_p99_s'] * 1e3:.2f} ms / pytorch {row['pytorch_p99_s'] * 1e3:.2f} ms", flush=True)
                     rows.append(row)
                     print(f"{shape:<9} {b:>3}x{s:<4} t{threads} {case:<14} ours {o:7.3f}s  pytorch {t:7.3f}s  "
                           f"ratio {t / o:5.2f} (pairs {' '.join(f'{r:.2f}' for r in row['pair_ratios'])})  rss {row['ours_rss_gb']:.2f}/{row['pytorch_rss_gb']:.2f} GB  "

@@ -19,7 +19,7 @@ import torch
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="adapter-train",
-                    choices=["adapter-train", "full-train", "infer-base", "infer-adapter"])
+                    choices=["adapter-train", "full-train", "infer-base", "infer-adapter", "latency"])
     ap.add_argument("--shape", default="minilm", choices=["minilm", "bert-base"])
     ap.add_argument("--model", required=True, help="MiniLM checkpoint dir (also the tokenizer/vocab source)")
     ap.add_argument("--batch", type=int, default=16)
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=200)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -50,7 +51,7 @@ def main():
     mask = torch.ones_like(ids)
     labels = torch.arange(a.batch) % 2
 
-    with_adapter = a.case in ("adapter-train", "infer-adapter")
+    with_adapter = a.case in ("adapter-train", "infer-adapter", "latency")
     if with_adapter:
         model.add_adapter("bench", config=DoubleSeqBnConfig(reduction_factor=d / a.bottleneck, non_linearity="gelu"))
     model.add_classification_head("bench", num_labels=2)
@@ -62,6 +63,29 @@ def main():
         model.set_active_adapters("bench")
     else:
         model.active_head = "bench"
+
+    if a.case == "latency":
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(a.model)
+        model.eval()
+        sentence = "a gripping, beautifully acted film that stays with you."
+        times = []
+        for i in range(a.calls + 10):
+            t = time.perf_counter()
+            with torch.no_grad():
+                enc = tok(sentence, return_tensors="pt", truncation=True, max_length=128)
+                logits = model(**enc).logits
+                logits.softmax(-1).tolist()
+            if i >= 10:
+                times.append(time.perf_counter() - t)
+        times.sort()
+        print(json.dumps({
+            "tool": "pytorch", "torch": torch.__version__, "adapters": adapters.__version__, "case": "latency",
+            "calls": a.calls, "median_seconds": times[round((len(times) - 1) * 0.5)],
+            "p99_seconds": times[round((len(times) - 1) * 0.99)],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }))
+        return
 
     train = a.case.endswith("train")
     if train:

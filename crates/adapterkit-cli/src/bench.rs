@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Worker threads (sets RAYON_NUM_THREADS for the matmuls) [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Calls of the latency case.
+    #[arg(long, default_value_t = 200)]
+    calls: usize,
     /// Use the composed reference ops instead of the fast ones (for A/B comparisons).
     #[arg(long)]
     reference_ops: bool,
@@ -71,7 +74,13 @@ pub enum Case {
     InferBase,
     /// Forward with one adapter and its head.
     InferAdapter,
+    /// One short sentence at a time (batch 1, tokenization included) through one adapter: reports
+    /// the median (p50) and p99 over --calls calls.
+    Latency,
 }
+
+/// The sentence of the latency case (the PyTorch reference uses the same).
+const LATENCY_SENTENCE: &str = "a gripping, beautifully acted film that stays with you.";
 
 fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -169,7 +178,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ),
         Case::FullTrain => (TrainableSet::Full, None, StepKind::FullTrain, 0),
         Case::InferBase => (TrainableSet::Head, None, StepKind::InferBase, 0),
-        Case::InferAdapter => (
+        Case::InferAdapter | Case::Latency => (
             TrainableSet::Adapters { layernorms: true },
             Some(adapter),
             StepKind::InferAdapter,
@@ -182,6 +191,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Case::AdapterTrain | Case::FullTrain => Some(AdamW::new(&mut task, &train_cfg)?),
         _ => None,
     };
+    if a.case == Case::Latency {
+        return latency(&a, &base, &task);
+    }
     let mut dropout_rng = Rng::new(2);
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
@@ -203,7 +215,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let h = base.encode(None, &batch, &mut ForwardOptions::default())?;
                 let _ = h.narrow(1, 0, 1)?.sum_all()?.to_scalar::<f32>()?;
             }
-            Case::InferAdapter => {
+            Case::InferAdapter | Case::Latency => {
                 let logits = base.logits(&task, &batch, &mut ForwardOptions::default())?;
                 let _ = logits.sum_all()?.to_scalar::<f32>()?;
             }
@@ -234,6 +246,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "achieved_gflops": achieved,
         "gemm_peak_gflops": peak,
         "percent_of_peak": 100.0 * achieved / peak,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    if let Some(p) = &a.json {
+        adapterkit::io::write_json(p, &out)?;
+    }
+    Ok(())
+}
+
+fn latency(a: &BenchArgs, base: &BaseModel, task: &TaskModel) -> Result<()> {
+    let input = vec![(LATENCY_SENTENCE.to_string(), None)];
+    let mut times = Vec::with_capacity(a.calls);
+    for i in 0..a.calls + 10 {
+        let t = Instant::now();
+        let out = base.predict(task, &input, 128, 1, &[])?;
+        if out.is_empty() {
+            anyhow::bail!("no prediction");
+        }
+        if i >= 10 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let tokens = base.tokenizer.encode_all(&input, 128)?[0].0.len();
+    times.sort_by(|x, y| x.total_cmp(y));
+    let pct = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
+    let out = json!({
+        "tool": "adapterkit",
+        "case": "latency",
+        "tokens": tokens,
+        "calls": a.calls,
+        "median_seconds": pct(0.5),
+        "p99_seconds": pct(0.99),
+        "gflop_per_step": step_flops(&base.config, StepKind::InferAdapter, 1, tokens, a.bottleneck, 2) / 1e9,
+        "achieved_gflops": 0.0,
+        "gemm_peak_gflops": gemm_peak()?,
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{out}");

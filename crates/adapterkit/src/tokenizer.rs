@@ -9,9 +9,20 @@ use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{Model, Tokenizer, TruncationParams, TruncationStrategy};
 
 /// A checkpoint's tokenizer with padding and truncation under our control (batches pad themselves).
-#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    // A copy configured to truncate at the last length asked for: cloning the vocabulary on every
+    // call cost more than encoding a short sentence.
+    truncating: std::sync::Mutex<Option<(usize, Tokenizer)>>,
+}
+
+impl Clone for TextTokenizer {
+    fn clone(&self) -> Self {
+        TextTokenizer {
+            inner: self.inner.clone(),
+            truncating: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl TextTokenizer {
@@ -39,7 +50,10 @@ impl TextTokenizer {
         inner
             .with_truncation(None)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(TextTokenizer { inner })
+        Ok(TextTokenizer {
+            inner,
+            truncating: std::sync::Mutex::new(None),
+        })
     }
 
     /// Builds a BERT WordPiece tokenizer from a `vocab.txt`.
@@ -64,7 +78,10 @@ impl TextTokenizer {
             ("[SEP]".into(), sep),
             ("[CLS]".into(), cls),
         )));
-        Ok(TextTokenizer { inner })
+        Ok(TextTokenizer {
+            inner,
+            truncating: std::sync::Mutex::new(None),
+        })
     }
 
     /// Token ids and segment ids of each input, with [CLS]/[SEP] and at most `max_len` tokens
@@ -77,13 +94,23 @@ impl TextTokenizer {
         if max_len < 4 {
             return Err(Error::config("tokenizer", "max_len", "must be at least 4"));
         }
-        let mut tok = self.inner.clone();
-        tok.with_truncation(Some(TruncationParams {
-            max_length: max_len,
-            strategy: TruncationStrategy::LongestFirst,
-            ..Default::default()
-        }))
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut cache = self
+            .truncating
+            .lock()
+            .map_err(|_| Error::Tokenizer("tokenizer cache lock poisoned".into()))?;
+        if cache.as_ref().is_none_or(|(len, _)| *len != max_len) {
+            let mut tok = self.inner.clone();
+            tok.with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                strategy: TruncationStrategy::LongestFirst,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            *cache = Some((max_len, tok));
+        }
+        let Some((_, tok)) = cache.as_ref() else {
+            return Err(Error::Tokenizer("tokenizer cache is empty".into()));
+        };
         inputs
             .iter()
             .map(|(a, b)| {
