@@ -1031,6 +1031,7 @@ fn gemm_into(
     }
 }
 
+#[inline(always)]
 fn act_fwd(act: Activation, z: f32) -> f32 {
     match act {
         Activation::Gelu => 0.5 * z * (1.0 + erf_and_gauss(z * FRAC_1_SQRT_2).0),
@@ -1040,6 +1041,7 @@ fn act_fwd(act: Activation, z: f32) -> f32 {
     }
 }
 
+#[inline(always)]
 fn act_grad(act: Activation, z: f32) -> f32 {
     match act {
         Activation::Gelu => {
@@ -1058,6 +1060,39 @@ fn act_grad(act: Activation, z: f32) -> f32 {
             sig * (1.0 + z * (1.0 - sig))
         }
         Activation::Tanh => 1.0 - z.tanh() * z.tanh(),
+    }
+}
+
+/// f(z) element-wise, in parallel chunks; the match on the activation sits outside the inner loop
+/// so each arm vectorises.
+fn activate(act: Activation, z: &[f32]) -> Vec<f32> {
+    fn run(z: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+        let mut out = vec![0f32; z.len()];
+        out.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(z.par_chunks(MIN_TASK_ELEMS))
+            .for_each(|(o, z)| o.iter_mut().zip(z).for_each(|(o, &z)| *o = f(z)));
+        out
+    }
+    match act {
+        Activation::Gelu => run(z, |v| act_fwd(Activation::Gelu, v)),
+        Activation::Relu => run(z, |v| act_fwd(Activation::Relu, v)),
+        Activation::Swish => run(z, |v| act_fwd(Activation::Swish, v)),
+        Activation::Tanh => run(z, |v| act_fwd(Activation::Tanh, v)),
+    }
+}
+
+/// g ← g ⊙ f'(z), in parallel chunks (see [`activate`]).
+fn scale_by_act_grad(act: Activation, g: &mut [f32], z: &[f32]) {
+    fn run(g: &mut [f32], z: &[f32], f: impl Fn(f32) -> f32 + Sync) {
+        g.par_chunks_mut(MIN_TASK_ELEMS)
+            .zip(z.par_chunks(MIN_TASK_ELEMS))
+            .for_each(|(g, z)| g.iter_mut().zip(z).for_each(|(g, &z)| *g *= f(z)));
+    }
+    match act {
+        Activation::Gelu => run(g, z, |v| act_grad(Activation::Gelu, v)),
+        Activation::Relu => run(g, z, |v| act_grad(Activation::Relu, v)),
+        Activation::Swish => run(g, z, |v| act_grad(Activation::Swish, v)),
+        Activation::Tanh => run(g, z, |v| act_grad(Activation::Tanh, v)),
     }
 }
 
@@ -1121,12 +1156,13 @@ impl CustomOp3 for Adapter {
             true,
             true,
         );
-        let a: Vec<f32> = z.par_iter().map(|&v| act_fwd(self.act, v)).collect();
+        let a = activate(self.act, &z);
         // y = x + b_up + a · W_upᵀ
-        let mut y = x.to_vec();
-        y.par_chunks_mut(d).for_each(|r| {
-            for (j, v) in r.iter_mut().enumerate() {
-                *v += up[j * (m + 1) + m];
+        let bias_up: Vec<f32> = (0..d).map(|j| up[j * (m + 1) + m]).collect();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            for ((y, &x), &b) in y.iter_mut().zip(x).zip(&bias_up) {
+                *y = x + b;
             }
         });
         gemm_into(
@@ -1210,7 +1246,7 @@ impl CustomOp3 for AdapterBackward {
         let packed = f32_slice(s3, l3, "adapter backward")?;
         let (rows, d, m) = (self.rows, self.d, self.m);
         let (down, up) = packed.split_at(m * (d + 1));
-        let a: Vec<f32> = self.z.par_iter().map(|&v| act_fwd(self.act, v)).collect();
+        let a = activate(self.act, &self.z);
         let mut out = vec![0f32; rows * d + m * (d + 1) + d * (m + 1)];
         let (dx, rest) = out.split_at_mut(rows * d);
         let (ddown, dup) = rest.split_at_mut(m * (d + 1));
@@ -1243,9 +1279,7 @@ impl CustomOp3 for AdapterBackward {
             false,
             true,
         );
-        dz.par_iter_mut()
-            .zip(self.z.par_iter())
-            .for_each(|(g, &zv)| *g *= act_grad(self.act, zv));
+        scale_by_act_grad(self.act, &mut dz, &self.z);
         // d(down): dW_down = dzᵀ · x, db_down = Σ dz
         let mut dwd = vec![0f32; m * d];
         gemm_into(
