@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! adapterkit: parameter-efficient transfer learning with bottleneck adapters (Houlsby et al. 2019)
 //! for BERT-family encoders, on candle.
 //!
