@@ -554,15 +554,7 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
             "{set:?}: loss {lf} vs {lr}"
         );
         for ((name, a), (_, b)) in gf.iter().zip(&gr) {
-            let scale = b
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(b);
             let d = max_abs_diff(a, b);
             assert!(
                 d <= 1e-4 * scale + 1e-7,
