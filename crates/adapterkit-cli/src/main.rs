@@ -84,8 +84,11 @@ enum Method {
 enum PlacementArg {
     /// Two adapters per layer: after attention output and after FFN output.
     Houlsby,
-    /// One adapter per layer, after the FFN output.
+    /// One adapter per layer after the FFN, AdapterHub's `seq_bn` arrangement (original residual +
+    /// LayerNorm before and after the adapter).
     Pfeiffer,
+    /// One adapter per layer, after the attention output only.
+    Attention,
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -202,6 +205,11 @@ struct TrainArgs {
     /// Adapter placement.
     #[arg(long, value_enum, default_value = "houlsby")]
     placement: PlacementArg,
+    /// An AdapterHub adapter configuration that defines the adapter architecture: a path to an
+    /// `adapter_config.json` (or a bare BnConfig object), or `double_seq_bn` / `seq_bn` for
+    /// AdapterHub's Houlsby / Pfeiffer defaults (reduction factor 16, swish / relu, "bert" init).
+    #[arg(long, conflicts_with_all = ["placement", "bottleneck", "reduction_factor", "nonlinearity", "leave_out"])]
+    adapter_config: Option<String>,
     /// Adapter bottleneck size m.
     #[arg(long, default_value_t = 64, conflicts_with = "reduction_factor")]
     bottleneck: usize,
@@ -302,6 +310,12 @@ struct PredictArgs {
     /// Examples per inference batch.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Also print the head's raw outputs (`logits`, before softmax) for each input.
+    #[arg(long)]
+    logits: bool,
+    /// Maximum tokens per input [default: the length the adapter was trained with].
+    #[arg(long)]
+    max_len: Option<usize>,
 }
 
 #[derive(Args)]
@@ -378,6 +392,37 @@ fn default_lr(m: Method) -> f64 {
     }
 }
 
+/// `--adapter-config`: an AdapterHub preset name, or a JSON file in AdapterHub's format.
+fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<AdapterConfig> {
+    let preset = |mh: bool, nl: &str, ln_before: bool| {
+        serde_json::json!({
+            "mh_adapter": mh, "output_adapter": true, "reduction_factor": 16,
+            "non_linearity": nl, "original_ln_before": ln_before, "original_ln_after": true,
+            "residual_before_ln": true, "init_weights": "bert"
+        })
+    };
+    let (ctx, value) = match spec {
+        "double_seq_bn" | "houlsby" => (
+            "--adapter-config double_seq_bn".to_string(),
+            preset(true, "swish", false),
+        ),
+        "seq_bn" | "pfeiffer" => (
+            "--adapter-config seq_bn".to_string(),
+            preset(false, "relu", true),
+        ),
+        path => {
+            let path = Path::new(path);
+            let v = adapterkit::hub::read_value(path).with_context(|| {
+                format!("--adapter-config `{spec}`: not a preset (double_seq_bn, seq_bn) and not a readable JSON file")
+            })?;
+            (path.display().to_string(), v)
+        }
+    };
+    Ok(adapterkit::hub::adapter_config_from_hub(
+        &ctx, &value, hidden, layers,
+    )?)
+}
+
 fn train(a: TrainArgs) -> Result<()> {
     adapterkit::ops::use_fast_ops(!a.reference_ops);
     let home = adapterkit::default_home();
@@ -394,26 +439,40 @@ fn train(a: TrainArgs) -> Result<()> {
         Method::Layernorm => TrainableSet::Layernorm,
     };
     let adapter = if a.method == Method::Adapters {
-        let bottleneck = match a.reduction_factor {
-            Some(rf) => AdapterConfig::bottleneck_from_reduction(d, rf)?,
-            None => a.bottleneck,
-        };
-        let nonlinearity = Activation::parse(&a.nonlinearity).with_context(|| {
-            format!(
-                "--nonlinearity `{}`: expected gelu, relu, swish or tanh",
-                a.nonlinearity
-            )
-        })?;
-        Some(AdapterConfig {
-            placement: match a.placement {
-                PlacementArg::Houlsby => Placement::Houlsby,
-                PlacementArg::Pfeiffer => Placement::Pfeiffer,
-            },
-            bottleneck,
-            nonlinearity,
-            init_std: a.init_std,
-            leave_out: a.leave_out.clone(),
-        })
+        let layers = base.config.num_hidden_layers;
+        match &a.adapter_config {
+            Some(spec) => Some(adapter_config_arg(spec, d, layers)?),
+            None => {
+                let bottleneck = match a.reduction_factor {
+                    Some(rf) => AdapterConfig::bottleneck_from_reduction(d, rf)?,
+                    None => a.bottleneck,
+                };
+                let nonlinearity = Activation::parse(&a.nonlinearity).with_context(|| {
+                    format!(
+                        "--nonlinearity `{}`: expected one of {}",
+                        a.nonlinearity,
+                        Activation::NAMES
+                    )
+                })?;
+                let mut cfg = match a.placement {
+                    PlacementArg::Houlsby => AdapterConfig {
+                        bottleneck,
+                        nonlinearity,
+                        ..AdapterConfig::default()
+                    },
+                    PlacementArg::Pfeiffer => AdapterConfig::pfeiffer(bottleneck, nonlinearity),
+                    PlacementArg::Attention => AdapterConfig {
+                        placement: Placement::Attention,
+                        bottleneck,
+                        nonlinearity,
+                        ..AdapterConfig::default()
+                    },
+                };
+                cfg.init_std = a.init_std;
+                cfg.leave_out = a.leave_out.clone();
+                Some(cfg)
+            }
+        }
     } else {
         None
     };
@@ -434,6 +493,8 @@ fn train(a: TrainArgs) -> Result<()> {
             PoolingArg::Mean => Pooling::Mean,
         },
         layers: a.head_layers,
+        activation: Some(Activation::Tanh),
+        bias: true,
         pair: data.pair,
     };
     let max_len = a.max_len.unwrap_or_else(|| {
@@ -649,17 +710,18 @@ fn predict(a: PredictArgs) -> Result<()> {
     } else {
         texts.iter().map(|t| (t.clone(), None)).collect()
     };
-    let outputs = base.predict(
-        &task,
-        &inputs,
-        task.max_len,
-        a.batch_size,
-        &a.skip_adapter_layers,
-    )?;
+    let max_len = a.max_len.unwrap_or(task.max_len);
+    let encoded = base.tokenizer.encode_all(&inputs, max_len)?;
+    let outputs = base.predict_encoded(&task, &encoded, a.batch_size, &a.skip_adapter_layers)?;
+    let logits = if a.logits {
+        Some(base.logits_encoded(&task, &encoded, a.batch_size, &a.skip_adapter_layers)?)
+    } else {
+        None
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for (text, o) in texts.iter().zip(outputs) {
-        let line = match task.head.kind {
+    for (i, (text, o)) in texts.iter().zip(outputs).enumerate() {
+        let mut line = match task.head.kind {
             HeadKind::Classification => {
                 let best = adapterkit::train::argmax(&o);
                 let probs: serde_json::Map<String, serde_json::Value> = task
@@ -673,6 +735,9 @@ fn predict(a: PredictArgs) -> Result<()> {
             }
             HeadKind::Regression => json!({"text": text, "value": o.first()}),
         };
+        if let Some(l) = &logits {
+            line["logits"] = json!(l[i]);
+        }
         writeln!(out, "{line}")?;
     }
     Ok(())

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::ops::Activation;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Where adapters sit inside each transformer layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +13,8 @@ pub enum Placement {
     Houlsby,
     /// One per layer, after the FFN output projection only.
     Pfeiffer,
+    /// One per layer, after the attention output projection only (AdapterHub `mh_adapter` alone).
+    Attention,
 }
 
 /// One of the two adapter sites of a layer, named by the module AdapterHub attaches it to.
@@ -33,10 +36,117 @@ impl Site {
     }
 }
 
-/// A bottleneck adapter configuration: plain data that round-trips through JSON.
+/// Where the adapter's skip connection starts (AdapterHub's `residual_before_ln`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Residual {
+    /// The sub-layer output, before any original LayerNorm (`residual_before_ln: true`).
+    Sublayer,
+    /// The adapter's own input, after the original LayerNorm if that runs first (`false`).
+    AdapterInput,
+    /// The sub-layer output plus the block input, before the original LayerNorm (`"post_add"`).
+    PostAdd,
+}
+
+/// How the adapter's output is scaled before the skip connection (He et al. 2021).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scaling {
+    /// A fixed factor (1.0 is the plain adapter).
+    Fixed(f64),
+    /// One trained scalar, initialised to 1.
+    Learned,
+    /// One trained factor per hidden channel, initialised to 1.
+    Channel,
+}
+
+impl Serialize for Scaling {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Scaling::Fixed(v) => s.serialize_f64(*v),
+            Scaling::Learned => s.serialize_str("learned"),
+            Scaling::Channel => s.serialize_str("channel"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scaling {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Scaling::from_json(&v).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Scaling {
+    /// Parses AdapterHub's `scaling` value: a number, `"learned"` or `"channel"`.
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        match v {
+            serde_json::Value::Number(n) => match n.as_f64() {
+                Some(f) if f.is_finite() => Ok(Scaling::Fixed(f)),
+                _ => Err(format!("`{n}` is not a finite number")),
+            },
+            serde_json::Value::String(s) if s == "learned" => Ok(Scaling::Learned),
+            serde_json::Value::String(s) if s == "channel" => Ok(Scaling::Channel),
+            other => Err(format!(
+                "`{other}`: expected a number, \"learned\" or \"channel\""
+            )),
+        }
+    }
+}
+
+/// How a new adapter's projections are initialised (biases always start at zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// Truncated normal (±2 std) with [`AdapterConfig::init_std`] on both projections (the paper's
+    /// near-identity init; our default).
+    TruncatedNormal,
+    /// AdapterHub `"bert"`: normal with std 0.02 on both projections.
+    Bert,
+    /// AdapterHub `"houlsby"`: truncated normal, std 1e-2, cut at ±2e-2, on both projections.
+    Houlsby,
+    /// AdapterHub `"mam_adapter"`: Kaiming-uniform down projection, zero up projection.
+    MamAdapter,
+}
+
+impl Init {
+    /// The name AdapterHub writes in `init_weights`.
+    pub fn hub_name(self) -> &'static str {
+        match self {
+            Init::TruncatedNormal | Init::Houlsby => "houlsby",
+            Init::Bert => "bert",
+            Init::MamAdapter => "mam_adapter",
+        }
+    }
+}
+
+/// One tensor of an adapter at one site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Down projection weight [m, d].
+    DownWeight,
+    /// Down projection bias [m].
+    DownBias,
+    /// Up projection weight [d, m].
+    UpWeight,
+    /// Up projection bias [d].
+    UpBias,
+    /// Scale of the LayerNorm before the bottleneck (`ln_before`) [d].
+    LnBeforeWeight,
+    /// Shift of the LayerNorm before the bottleneck [d].
+    LnBeforeBias,
+    /// Scale of the LayerNorm after the bottleneck (`ln_after`) [d].
+    LnAfterWeight,
+    /// Shift of the LayerNorm after the bottleneck [d].
+    LnAfterBias,
+    /// Trained output scaling ([1] for `learned`, [d] for `channel`).
+    Scaling,
+}
+
+/// A bottleneck adapter configuration: plain data that round-trips through JSON. The fields after
+/// `leave_out` are AdapterHub's `BnConfig` options; their defaults are the Houlsby arrangement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
-    /// Houlsby (two per layer) or Pfeiffer (one per layer).
+    /// Houlsby (two per layer), Pfeiffer (after the FFN) or attention-only.
     #[serde(default = "default_placement")]
     pub placement: Placement,
     /// Bottleneck size m (the down-projection's output width).
@@ -50,6 +160,36 @@ pub struct AdapterConfig {
     /// Layers that get no adapter.
     #[serde(default)]
     pub leave_out: Vec<usize>,
+    /// Per-layer bottleneck sizes that replace `bottleneck` (from a per-layer `reduction_factor`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub layer_bottleneck: BTreeMap<usize, usize>,
+    /// Apply the original residual + LayerNorm before the adapter (`original_ln_before`).
+    #[serde(default)]
+    pub original_ln_before: bool,
+    /// Apply the original residual + LayerNorm after the adapter (`original_ln_after`).
+    #[serde(default = "default_true")]
+    pub original_ln_after: bool,
+    /// Where the adapter's skip connection starts (`residual_before_ln`).
+    #[serde(default = "default_residual")]
+    pub residual: Residual,
+    /// A new LayerNorm on the adapter's input (`ln_before`).
+    #[serde(default)]
+    pub ln_before: bool,
+    /// A new LayerNorm on the adapter's output (`ln_after`).
+    #[serde(default)]
+    pub ln_after: bool,
+    /// Add the skip connection before `ln_after` rather than after it (`adapter_residual_before_ln`).
+    #[serde(default)]
+    pub adapter_residual_before_ln: bool,
+    /// Output scaling (`scaling`).
+    #[serde(default = "default_scaling")]
+    pub scaling: Scaling,
+    /// Initialisation scheme of new adapters (`init_weights`).
+    #[serde(default = "default_init")]
+    pub init: Init,
+    /// Dropout on the adapter's output in training (`dropout`).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 fn default_placement() -> Placement {
@@ -61,6 +201,18 @@ fn default_activation() -> Activation {
 fn default_init_std() -> f64 {
     1e-3
 }
+fn default_true() -> bool {
+    true
+}
+fn default_residual() -> Residual {
+    Residual::Sublayer
+}
+fn default_scaling() -> Scaling {
+    Scaling::Fixed(1.0)
+}
+fn default_init() -> Init {
+    Init::TruncatedNormal
+}
 
 impl Default for AdapterConfig {
     fn default() -> Self {
@@ -70,39 +222,81 @@ impl Default for AdapterConfig {
             nonlinearity: Activation::Gelu,
             init_std: 1e-3,
             leave_out: Vec::new(),
+            layer_bottleneck: BTreeMap::new(),
+            original_ln_before: false,
+            original_ln_after: true,
+            residual: Residual::Sublayer,
+            ln_before: false,
+            ln_after: false,
+            adapter_residual_before_ln: false,
+            scaling: Scaling::Fixed(1.0),
+            init: Init::TruncatedNormal,
+            dropout: 0.0,
         }
     }
 }
 
 impl AdapterConfig {
+    /// AdapterHub's `seq_bn` arrangement (Pfeiffer et al. 2020): one adapter after the FFN, fed by the
+    /// output of the original residual + LayerNorm, which runs again after the adapter.
+    pub fn pfeiffer(bottleneck: usize, nonlinearity: Activation) -> Self {
+        AdapterConfig {
+            placement: Placement::Pfeiffer,
+            bottleneck,
+            nonlinearity,
+            original_ln_before: true,
+            ..AdapterConfig::default()
+        }
+    }
+
     /// Checks the configuration against a base model of `hidden` width and `layers` layers.
     pub fn validate(&self, hidden: usize, layers: usize) -> Result<()> {
-        if self.bottleneck == 0 {
-            return Err(Error::config("adapter", "bottleneck", "must be at least 1"));
+        let bad = |field: &str, msg: String| Err(Error::config("adapter", field, msg));
+        for (l, m) in std::iter::once((None, self.bottleneck))
+            .chain(self.layer_bottleneck.iter().map(|(&l, &m)| (Some(l), m)))
+        {
+            let field = match l {
+                Some(l) => format!("layer_bottleneck.{l}"),
+                None => "bottleneck".to_string(),
+            };
+            if m == 0 {
+                return bad(&field, "must be at least 1".into());
+            }
+            if m > hidden * 4 {
+                return bad(
+                    &field,
+                    format!("{m} is larger than 4× the hidden size {hidden}"),
+                );
+            }
+            if let Some(l) = l.filter(|&l| l >= layers) {
+                return bad(
+                    &field,
+                    format!("layer {l} does not exist (the base has layers 0..{layers})"),
+                );
+            }
         }
         if !(self.init_std.is_finite() && self.init_std >= 0.0) {
-            return Err(Error::config(
-                "adapter",
-                "init_std",
-                "must be a finite number ≥ 0",
-            ));
+            return bad("init_std", "must be a finite number ≥ 0".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout", format!("{} is not in [0, 1)", self.dropout));
+        }
+        if let Scaling::Fixed(f) = self.scaling {
+            if !f.is_finite() {
+                return bad("scaling", "must be a finite number".into());
+            }
+        }
+        if self.residual == Residual::PostAdd && !self.original_ln_before {
+            return bad(
+                "residual_before_ln",
+                "\"post_add\" needs original_ln_before = true (there is no addition before the adapter otherwise)".into(),
+            );
         }
         if let Some(&l) = self.leave_out.iter().find(|&&l| l >= layers) {
-            return Err(Error::config(
-                "adapter",
+            return bad(
                 "leave_out",
                 format!("layer {l} does not exist (the base has layers 0..{layers})"),
-            ));
-        }
-        if self.bottleneck > hidden * 4 {
-            return Err(Error::config(
-                "adapter",
-                "bottleneck",
-                format!(
-                    "{} is larger than 4× the hidden size {hidden}",
-                    self.bottleneck
-                ),
-            ));
+            );
         }
         Ok(())
     }
@@ -124,6 +318,7 @@ impl AdapterConfig {
         match self.placement {
             Placement::Houlsby => &[Site::Attention, Site::Ffn],
             Placement::Pfeiffer => &[Site::Ffn],
+            Placement::Attention => &[Site::Attention],
         }
     }
 
@@ -132,25 +327,114 @@ impl AdapterConfig {
         !self.leave_out.contains(&layer)
     }
 
-    /// Trainable parameters of all adapters: (2md + d + m) per site.
+    /// Bottleneck size m of layer `layer`.
+    pub fn bottleneck_at(&self, layer: usize) -> usize {
+        self.layer_bottleneck
+            .get(&layer)
+            .copied()
+            .unwrap_or(self.bottleneck)
+    }
+
+    /// Whether this is the plain adapter `x + up(f(down(x)))` followed by the original residual +
+    /// LayerNorm, which the fused kernel computes.
+    pub fn is_plain(&self) -> bool {
+        !self.original_ln_before
+            && self.original_ln_after
+            && self.residual == Residual::Sublayer
+            && !self.ln_before
+            && !self.ln_after
+            && self.scaling == Scaling::Fixed(1.0)
+            && self.dropout == 0.0
+    }
+
+    /// Trainable parameters of all adapters.
     pub fn num_params(&self, hidden: usize, layers: usize) -> usize {
-        let per_site = 2 * self.bottleneck * hidden + hidden + self.bottleneck;
-        let active_layers = (0..layers).filter(|&l| self.has_layer(l)).count();
-        per_site * self.sites().len() * active_layers
+        (0..layers)
+            .filter(|&l| self.has_layer(l))
+            .map(|l| {
+                self.param_shapes_at(l, hidden)
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum::<usize>()
+                    * self.sites().len()
+            })
+            .sum()
+    }
+
+    /// The tensors of one site of layer `layer` with their shapes.
+    pub fn param_shapes_at(&self, layer: usize, hidden: usize) -> Vec<(Part, Vec<usize>)> {
+        let (m, d) = (self.bottleneck_at(layer), hidden);
+        let mut v = vec![
+            (Part::DownWeight, vec![m, d]),
+            (Part::DownBias, vec![m]),
+            (Part::UpWeight, vec![d, m]),
+            (Part::UpBias, vec![d]),
+        ];
+        if self.ln_before {
+            v.push((Part::LnBeforeWeight, vec![d]));
+            v.push((Part::LnBeforeBias, vec![d]));
+        }
+        if self.ln_after {
+            v.push((Part::LnAfterWeight, vec![d]));
+            v.push((Part::LnAfterBias, vec![d]));
+        }
+        match self.scaling {
+            Scaling::Learned => v.push((Part::Scaling, vec![1])),
+            Scaling::Channel => v.push((Part::Scaling, vec![d])),
+            Scaling::Fixed(_) => {}
+        }
+        v
+    }
+
+    /// Every adapter tensor of the configuration: checkpoint name (without `bert.`) and shape.
+    pub fn param_shapes(
+        &self,
+        name: &str,
+        hidden: usize,
+        layers: usize,
+    ) -> Vec<(String, Vec<usize>)> {
+        let mut v = Vec::new();
+        for l in (0..layers).filter(|&l| self.has_layer(l)) {
+            for &site in self.sites() {
+                for (part, shape) in self.param_shapes_at(l, hidden) {
+                    v.push((self.param_name(l, site, name, part), shape));
+                }
+            }
+        }
+        v
+    }
+
+    /// The checkpoint name of one adapter tensor, as AdapterHub names it (without the `bert.` prefix).
+    /// With `ln_before` the down projection is the second module of `adapter_down`.
+    pub fn param_name(&self, layer: usize, site: Site, adapter: &str, part: Part) -> String {
+        let leaf = match part {
+            Part::DownWeight if self.ln_before => "adapter_down.1.weight",
+            Part::DownBias if self.ln_before => "adapter_down.1.bias",
+            Part::DownWeight => "adapter_down.0.weight",
+            Part::DownBias => "adapter_down.0.bias",
+            Part::UpWeight => "adapter_up.weight",
+            Part::UpBias => "adapter_up.bias",
+            Part::LnBeforeWeight => "adapter_norm_before.weight",
+            Part::LnBeforeBias => "adapter_norm_before.bias",
+            Part::LnAfterWeight => "adapter_norm_after.weight",
+            Part::LnAfterBias => "adapter_norm_after.bias",
+            Part::Scaling => "scaling",
+        };
+        format!(
+            "encoder.layer.{layer}.{}.adapters.{adapter}.{leaf}",
+            site.module()
+        )
     }
 }
 
-/// The checkpoint name of one adapter tensor, as AdapterHub names it (without the `bert.` prefix).
-/// `part` is one of `down.weight`, `down.bias`, `up.weight`, `up.bias`.
+/// The checkpoint name of one tensor of a plain adapter (no `ln_before`), as AdapterHub names it
+/// (without the `bert.` prefix). `part` is one of `down.weight`, `down.bias`, `up.weight`, `up.bias`.
 pub fn param_name(layer: usize, site: Site, adapter: &str, part: &str) -> String {
-    let (proj, leaf) = match part {
-        "down.weight" => ("adapter_down.0", "weight"),
-        "down.bias" => ("adapter_down.0", "bias"),
-        "up.weight" => ("adapter_up", "weight"),
-        _ => ("adapter_up", "bias"),
+    let part = match part {
+        "down.weight" => Part::DownWeight,
+        "down.bias" => Part::DownBias,
+        "up.weight" => Part::UpWeight,
+        _ => Part::UpBias,
     };
-    format!(
-        "encoder.layer.{layer}.{}.adapters.{adapter}.{proj}.{leaf}",
-        site.module()
-    )
+    AdapterConfig::default().param_name(layer, site, adapter, part)
 }

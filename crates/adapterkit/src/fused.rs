@@ -1038,8 +1038,24 @@ fn act_fwd(act: Activation, z: f32) -> f32 {
         Activation::Relu => z.max(0.0),
         Activation::Swish => z / (1.0 + fast_exp(-z)),
         Activation::Tanh => z.tanh(),
+        Activation::GeluNew => {
+            let u = GELU_NEW_C * (z + 0.044715 * z * z * z);
+            0.5 * z * (1.0 + u.tanh())
+        }
+        Activation::Sigmoid => 1.0 / (1.0 + fast_exp(-z)),
+        Activation::LeakyRelu => {
+            if z > 0.0 {
+                z
+            } else {
+                0.01 * z
+            }
+        }
+        Activation::Linear => z,
     }
 }
+
+/// sqrt(2 / pi), the constant of the tanh approximation of GELU.
+const GELU_NEW_C: f32 = 0.797_884_6;
 
 #[inline(always)]
 fn act_grad(act: Activation, z: f32) -> f32 {
@@ -1060,6 +1076,23 @@ fn act_grad(act: Activation, z: f32) -> f32 {
             sig * (1.0 + z * (1.0 - sig))
         }
         Activation::Tanh => 1.0 - z.tanh() * z.tanh(),
+        Activation::GeluNew => {
+            let u = GELU_NEW_C * (z + 0.044715 * z * z * z);
+            let t = u.tanh();
+            0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * GELU_NEW_C * (1.0 + 3.0 * 0.044715 * z * z)
+        }
+        Activation::Sigmoid => {
+            let sig = 1.0 / (1.0 + fast_exp(-z));
+            sig * (1.0 - sig)
+        }
+        Activation::LeakyRelu => {
+            if z > 0.0 {
+                1.0
+            } else {
+                0.01
+            }
+        }
+        Activation::Linear => 1.0,
     }
 }
 
@@ -1078,6 +1111,10 @@ fn activate(act: Activation, z: &[f32]) -> Vec<f32> {
         Activation::Relu => run(z, |v| act_fwd(Activation::Relu, v)),
         Activation::Swish => run(z, |v| act_fwd(Activation::Swish, v)),
         Activation::Tanh => run(z, |v| act_fwd(Activation::Tanh, v)),
+        Activation::GeluNew => run(z, |v| act_fwd(Activation::GeluNew, v)),
+        Activation::Sigmoid => run(z, |v| act_fwd(Activation::Sigmoid, v)),
+        Activation::LeakyRelu => run(z, |v| act_fwd(Activation::LeakyRelu, v)),
+        Activation::Linear => run(z, |v| act_fwd(Activation::Linear, v)),
     }
 }
 
@@ -1093,6 +1130,10 @@ fn scale_by_act_grad(act: Activation, g: &mut [f32], z: &[f32]) {
         Activation::Relu => run(g, z, |v| act_grad(Activation::Relu, v)),
         Activation::Swish => run(g, z, |v| act_grad(Activation::Swish, v)),
         Activation::Tanh => run(g, z, |v| act_grad(Activation::Tanh, v)),
+        Activation::GeluNew => run(g, z, |v| act_grad(Activation::GeluNew, v)),
+        Activation::Sigmoid => run(g, z, |v| act_grad(Activation::Sigmoid, v)),
+        Activation::LeakyRelu => run(g, z, |v| act_grad(Activation::LeakyRelu, v)),
+        Activation::Linear => run(g, z, |v| act_grad(Activation::Linear, v)),
     }
 }
 
@@ -1589,6 +1630,10 @@ mod tests {
             Activation::Relu,
             Activation::Swish,
             Activation::Tanh,
+            Activation::GeluNew,
+            Activation::Sigmoid,
+            Activation::LeakyRelu,
+            Activation::Linear,
         ] {
             let inputs = [
                 randn(&[rows, d], 70, 1.0),
@@ -1608,6 +1653,7 @@ mod tests {
                     Activation::Relu => z.relu().unwrap(),
                     Activation::Swish => z.silu().unwrap(),
                     Activation::Tanh => z.tanh().unwrap(),
+                    other => other.apply(&z).unwrap(),
                 };
                 let up = a
                     .matmul(&t[3].t().unwrap())

@@ -1,6 +1,7 @@
 //! Task heads: classification (single sentence or pair) and regression on a pooled representation.
 
 use crate::error::{Error, Result};
+use crate::ops::Activation;
 use serde::{Deserialize, Serialize};
 
 /// What the head predicts.
@@ -36,9 +37,16 @@ pub struct HeadConfig {
     /// Pooling of the encoder output.
     #[serde(default = "default_pooling")]
     pub pooling: Pooling,
-    /// 1 = a linear layer; 2 = dense + tanh + linear (AdapterHub's default classification head).
+    /// 1 = a linear layer; 2 = dense + activation + linear (AdapterHub's default classification
+    /// head); n = n − 1 hidden dense layers of the hidden width.
     #[serde(default = "default_layers")]
     pub layers: usize,
+    /// Activation after each hidden dense layer (`None`: none, AdapterHub's `null`).
+    #[serde(default = "default_head_activation")]
+    pub activation: Option<Activation>,
+    /// Whether the output layer has a bias (AdapterHub's `bias`).
+    #[serde(default = "default_true")]
+    pub bias: bool,
     /// Whether inputs are sentence pairs.
     #[serde(default)]
     pub pair: bool,
@@ -50,6 +58,28 @@ fn default_pooling() -> Pooling {
 fn default_layers() -> usize {
     2
 }
+fn default_head_activation() -> Option<Activation> {
+    Some(Activation::Tanh)
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Most layers a head may have.
+pub const MAX_HEAD_LAYERS: usize = 8;
+
+/// One dense layer of a head: its checkpoint prefix (`heads.{name}.{index}`), output width, bias.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadLayer {
+    /// Tensor name prefix.
+    pub prefix: String,
+    /// Output width.
+    pub out: usize,
+    /// Whether it has a bias.
+    pub bias: bool,
+    /// Whether the head's activation follows it.
+    pub activation: bool,
+}
 
 impl HeadConfig {
     /// A classification head over the given class names.
@@ -59,6 +89,8 @@ impl HeadConfig {
             labels,
             pooling: Pooling::Cls,
             layers: 2,
+            activation: Some(Activation::Tanh),
+            bias: true,
             pair: false,
         }
     }
@@ -73,8 +105,12 @@ impl HeadConfig {
 
     /// Checks the configuration.
     pub fn validate(&self) -> Result<()> {
-        if !(1..=2).contains(&self.layers) {
-            return Err(Error::config("head", "layers", "must be 1 or 2"));
+        if !(1..=MAX_HEAD_LAYERS).contains(&self.layers) {
+            return Err(Error::config(
+                "head",
+                "layers",
+                format!("{} is not in 1..={MAX_HEAD_LAYERS}", self.layers),
+            ));
         }
         if self.kind == HeadKind::Classification && self.labels.len() < 2 {
             return Err(Error::config(
@@ -89,18 +125,36 @@ impl HeadConfig {
         Ok(())
     }
 
+    /// The dense layers in order, named as AdapterHub's `nn.Sequential` numbers its modules
+    /// (dropout, linear, activation, dropout, linear, …).
+    pub fn dense_layers(&self, name: &str, hidden: usize) -> Vec<HeadLayer> {
+        let mut v = Vec::new();
+        let mut index = 0;
+        for l in 0..self.layers {
+            index += 1; // the dropout module
+            let last = l + 1 == self.layers;
+            v.push(HeadLayer {
+                prefix: format!("heads.{name}.{index}"),
+                out: if last { self.num_outputs() } else { hidden },
+                bias: !last || self.bias,
+                activation: !last && self.activation.is_some(),
+            });
+            index += 1;
+            if !last && self.activation.is_some() {
+                index += 1;
+            }
+        }
+        v
+    }
+
     /// Names and shapes of the head's tensors (AdapterHub's `heads.{name}.{i}` layout).
     pub fn param_shapes(&self, name: &str, hidden: usize) -> Vec<(String, Vec<usize>)> {
-        let out = self.num_outputs();
         let mut v = Vec::new();
-        if self.layers == 2 {
-            v.push((format!("heads.{name}.1.weight"), vec![hidden, hidden]));
-            v.push((format!("heads.{name}.1.bias"), vec![hidden]));
-            v.push((format!("heads.{name}.4.weight"), vec![out, hidden]));
-            v.push((format!("heads.{name}.4.bias"), vec![out]));
-        } else {
-            v.push((format!("heads.{name}.1.weight"), vec![out, hidden]));
-            v.push((format!("heads.{name}.1.bias"), vec![out]));
+        for layer in self.dense_layers(name, hidden) {
+            v.push((format!("{}.weight", layer.prefix), vec![layer.out, hidden]));
+            if layer.bias {
+                v.push((format!("{}.bias", layer.prefix), vec![layer.out]));
+            }
         }
         v
     }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod flops;
 pub mod fused;
 pub mod head;
+pub mod hub;
 pub mod io;
 pub mod metrics;
 pub mod model;

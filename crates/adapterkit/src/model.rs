@@ -1,6 +1,9 @@
 //! The frozen BERT encoder, with adapter sites, and its forward pass.
 
-use crate::adapter::{param_name, Site};
+use crate::adapter::{Part, Residual, Scaling, Site};
+
+/// Epsilon of the LayerNorms inside an adapter (`ln_before` / `ln_after`): PyTorch's default.
+const ADAPTER_LN_EPS: f64 = 1e-5;
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
 use crate::head::{HeadKind, Pooling};
@@ -341,49 +344,99 @@ impl BaseModel {
         )
     }
 
-    fn adapter(
+    /// One sub-layer's exit: its output `sub` passes the task's adapter at this site (if any) and the
+    /// original residual (`input`) + LayerNorm (`ln_prefix`), in the order the adapter's
+    /// configuration gives (AdapterHub's `pre_forward` / `forward` / `post_forward`).
+    #[allow(clippy::too_many_arguments)]
+    fn site_exit(
         &self,
         task: Option<&TaskModel>,
         layer: usize,
         site: Site,
-        x: &Tensor,
-        skip: &[usize],
+        sub: &Tensor,
+        input: &Tensor,
+        ln_prefix: &str,
+        opts: &mut ForwardOptions<'_>,
     ) -> Result<Tensor> {
-        let Some(task) = task else {
-            return Ok(x.clone());
+        let active = task.and_then(|t| t.adapter.as_ref().map(|c| (t, c)));
+        let active = active.filter(|(_, c)| {
+            c.has_layer(layer)
+                && c.sites().contains(&site)
+                && !opts.skip_adapter_layers.contains(&layer)
+        });
+        let Some((task, cfg)) = active else {
+            return self.ln(task, ln_prefix, &sub.add(input)?);
         };
-        let Some(cfg) = task.adapter.as_ref() else {
-            return Ok(x.clone());
-        };
-        if !cfg.has_layer(layer) || !cfg.sites().contains(&site) || skip.contains(&layer) {
-            return Ok(x.clone());
-        }
-        let p = |part: &str| self.param(Some(task), &param_name(layer, site, &task.name, part));
+        let p = |part: Part| self.param(Some(task), &cfg.param_name(layer, site, &task.name, part));
         let (wd, bd, wu, bu) = (
-            p("down.weight")?,
-            p("down.bias")?,
-            p("up.weight")?,
-            p("up.bias")?,
+            p(Part::DownWeight)?,
+            p(Part::DownBias)?,
+            p(Part::UpWeight)?,
+            p(Part::UpBias)?,
         );
-        if crate::ops::fast_ops()
-            && [x, wd, bd, wu, bu]
-                .iter()
-                .all(|t| crate::fused::supported(t))
-        {
-            return Ok(crate::fused::adapter(
-                x,
-                (wd, bd),
-                (wu, bu),
-                cfg.nonlinearity,
-            )?);
+        if cfg.is_plain() {
+            let adapted = if crate::ops::fast_ops()
+                && [sub, wd, bd, wu, bu]
+                    .iter()
+                    .all(|t| crate::fused::supported(t))
+            {
+                crate::fused::adapter(sub, (wd, bd), (wu, bu), cfg.nonlinearity)?
+            } else {
+                let down = cfg.nonlinearity.apply(&linear(sub, wd, Some(bd))?)?;
+                sub.add(&linear(&down, wu, Some(bu))?)?
+            };
+            return self.ln(Some(task), ln_prefix, &adapted.add(input)?);
         }
-        let down = linear(x, p("down.weight")?, Some(p("down.bias")?))?;
-        let up = linear(
-            &cfg.nonlinearity.apply(&down)?,
-            p("up.weight")?,
-            Some(p("up.bias")?),
-        )?;
-        Ok(x.add(&up)?)
+        // The general arrangement, composed from ops (AdapterHub's `Adapter` module step by step).
+        let mut h = sub.clone();
+        let mut residual = (cfg.residual == Residual::Sublayer).then(|| h.clone());
+        if cfg.original_ln_before {
+            h = h.add(input)?;
+            if cfg.residual == Residual::PostAdd {
+                residual = Some(h.clone());
+            }
+            h = self.ln(Some(task), ln_prefix, &h)?;
+        }
+        let residual = match residual {
+            Some(r) => r,
+            None => h.clone(),
+        };
+        let x = if cfg.ln_before {
+            layer_norm(
+                &h,
+                p(Part::LnBeforeWeight)?,
+                p(Part::LnBeforeBias)?,
+                ADAPTER_LN_EPS,
+            )?
+        } else {
+            h
+        };
+        let down = cfg.nonlinearity.apply(&linear(&x, wd, Some(bd))?)?;
+        let mut up = linear(&down, wu, Some(bu))?;
+        up = match cfg.scaling {
+            Scaling::Fixed(f) if f == 1.0 => up,
+            Scaling::Fixed(f) => (up * f)?,
+            Scaling::Learned | Scaling::Channel => up.broadcast_mul(p(Part::Scaling)?)?,
+        };
+        let mut out = maybe_dropout(&up, cfg.dropout, opts)?;
+        if cfg.adapter_residual_before_ln {
+            out = out.add(&residual)?;
+        }
+        if cfg.ln_after {
+            out = layer_norm(
+                &out,
+                p(Part::LnAfterWeight)?,
+                p(Part::LnAfterBias)?,
+                ADAPTER_LN_EPS,
+            )?;
+        }
+        if !cfg.adapter_residual_before_ln {
+            out = out.add(&residual)?;
+        }
+        if cfg.original_ln_after {
+            out = self.ln(Some(task), ln_prefix, &out.add(input)?)?;
+        }
+        Ok(out)
     }
 
     /// Runs the encoder and returns the last hidden state [batch, seq, hidden]. With a task, its
@@ -467,8 +520,15 @@ impl BaseModel {
                 }
             };
             let attn = maybe_dropout(&attn, p_hidden, opts)?;
-            let attn = self.adapter(task, l, Site::Attention, &attn, opts.skip_adapter_layers)?;
-            h = self.ln(task, &format!("{pre}.attention.output"), &attn.add(&h)?)?;
+            h = self.site_exit(
+                task,
+                l,
+                Site::Attention,
+                &attn,
+                &h,
+                &format!("{pre}.attention.output"),
+                opts,
+            )?;
 
             let (ffn_in, ffn_out) = (
                 format!("{pre}.intermediate.dense"),
@@ -485,8 +545,7 @@ impl BaseModel {
                 }
             };
             let out = maybe_dropout(&out, p_hidden, opts)?;
-            let out = self.adapter(task, l, Site::Ffn, &out, opts.skip_adapter_layers)?;
-            h = self.ln(task, &format!("{pre}.output"), &out.add(&h)?)?;
+            h = self.site_exit(task, l, Site::Ffn, &out, &h, &format!("{pre}.output"), opts)?;
         }
         Ok(h)
     }
@@ -521,15 +580,19 @@ impl BaseModel {
         let pooled = self.pool(task, &hidden, batch)?;
         let p = self.config.hidden_dropout_prob;
         let name = &task.name;
-        let mut x = maybe_dropout(&pooled, p, opts)?;
-        if task.head.layers == 2 {
-            x = self
-                .dense(Some(task), &format!("heads.{name}.1"), &x)?
-                .tanh()?;
+        let mut x = pooled;
+        for layer in task.head.dense_layers(name, self.config.hidden_size) {
             x = maybe_dropout(&x, p, opts)?;
-            x = self.dense(Some(task), &format!("heads.{name}.4"), &x)?;
-        } else {
-            x = self.dense(Some(task), &format!("heads.{name}.1"), &x)?;
+            let w = self.param(Some(task), &format!("{}.weight", layer.prefix))?;
+            let b = if layer.bias {
+                Some(self.param(Some(task), &format!("{}.bias", layer.prefix))?)
+            } else {
+                None
+            };
+            x = linear(&x, w, b)?;
+            if let (true, Some(act)) = (layer.activation, task.head.activation) {
+                x = act.apply(&x)?;
+            }
         }
         Ok(x)
     }
@@ -556,6 +619,28 @@ impl BaseModel {
         batch_size: usize,
         skip_adapter_layers: &[usize],
     ) -> Result<Vec<Vec<f32>>> {
+        self.run_encoded(task, encoded, batch_size, skip_adapter_layers, true)
+    }
+
+    /// The head's raw outputs (logits before softmax) on already tokenized inputs, in input order.
+    pub fn logits_encoded(
+        &self,
+        task: &TaskModel,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run_encoded(task, encoded, batch_size, skip_adapter_layers, false)
+    }
+
+    fn run_encoded(
+        &self,
+        task: &TaskModel,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+        probabilities: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let frozen = task.detached();
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| encoded[i].0.len());
@@ -572,8 +657,8 @@ impl BaseModel {
             };
             let logits = self.logits(&frozen, &batch, &mut opts)?;
             let rows_out = match task.head.kind {
-                HeadKind::Classification => softmax_last_dim(&logits)?,
-                HeadKind::Regression => logits,
+                HeadKind::Classification if probabilities => softmax_last_dim(&logits)?,
+                _ => logits,
             }
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;

@@ -188,6 +188,16 @@ pub enum Activation {
     Swish,
     /// Hyperbolic tangent.
     Tanh,
+    /// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    #[serde(rename = "gelu_new")]
+    GeluNew,
+    /// Logistic sigmoid.
+    Sigmoid,
+    /// max(x, 0.01 x) (AdapterHub's `leakyrelu`).
+    #[serde(rename = "leakyrelu")]
+    LeakyRelu,
+    /// The identity (`linear`).
+    Linear,
 }
 
 impl Activation {
@@ -198,19 +208,31 @@ impl Activation {
             Activation::Relu => x.relu()?,
             Activation::Swish => x.silu()?,
             Activation::Tanh => x.tanh()?,
+            Activation::GeluNew => x.gelu()?,
+            Activation::Sigmoid => (x.neg()?.exp()? + 1.0)?.recip()?,
+            Activation::LeakyRelu => x.maximum(&(x * 0.01)?)?,
+            Activation::Linear => x.clone(),
         })
     }
 
     /// Parses AdapterHub's `non_linearity` strings.
     pub fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().as_str() {
-            "gelu" | "gelu_new" | "gelu_orig" => Some(Activation::Gelu),
+            "gelu" | "gelu_python" => Some(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluNew),
             "relu" => Some(Activation::Relu),
             "swish" | "silu" => Some(Activation::Swish),
             "tanh" => Some(Activation::Tanh),
+            "sigmoid" => Some(Activation::Sigmoid),
+            "leakyrelu" | "leaky_relu" => Some(Activation::LeakyRelu),
+            "linear" => Some(Activation::Linear),
             _ => None,
         }
     }
+
+    /// The names [`Activation::parse`] accepts, for error messages.
+    pub const NAMES: &'static str =
+        "gelu, gelu_new (gelu_pytorch_tanh, gelu_fast), relu, swish (silu), tanh, sigmoid, leakyrelu, linear";
 
     /// The name AdapterHub writes in `non_linearity`.
     pub fn name(self) -> &'static str {
@@ -219,6 +241,10 @@ impl Activation {
             Activation::Relu => "relu",
             Activation::Swish => "swish",
             Activation::Tanh => "tanh",
+            Activation::GeluNew => "gelu_new",
+            Activation::Sigmoid => "sigmoid",
+            Activation::LeakyRelu => "leakyrelu",
+            Activation::Linear => "linear",
         }
     }
 }

@@ -4,7 +4,7 @@
 //! trains (LayerNorms for Houlsby adapters, whole layers for top-k or full fine-tuning), and the
 //! encoder prefers the task's copy. The base is never written, so tasks cannot disturb each other.
 
-use crate::adapter::{param_name, AdapterConfig};
+use crate::adapter::{AdapterConfig, Init, Part};
 use crate::error::{Error, Result};
 use crate::head::HeadConfig;
 use crate::model::{is_layer_norm, BaseModel};
@@ -12,7 +12,7 @@ use crate::rng::Rng;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which parameters a run trains; every baseline is a choice here, not a separate program.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,25 +205,12 @@ impl TaskModel {
         let mut rng = Rng::derive(seed, "init");
         if let Some(a) = &adapter {
             a.validate(d, layers)?;
-            let m = a.bottleneck;
             for l in (0..layers).filter(|&l| a.has_layer(l)) {
                 for &site in a.sites() {
-                    let mut draw = |rows: usize, cols: usize| -> Result<Tensor> {
-                        let v: Vec<f32> = (0..rows * cols)
-                            .map(|_| rng.truncated_normal(a.init_std) as f32)
-                            .collect();
-                        Ok(Tensor::from_vec(v, (rows, cols), dev)?)
-                    };
-                    params.insert(param_name(l, site, name, "down.weight"), draw(m, d)?);
-                    params.insert(param_name(l, site, name, "up.weight"), draw(d, m)?);
-                    params.insert(
-                        param_name(l, site, name, "down.bias"),
-                        Tensor::zeros(m, candle_core::DType::F32, dev)?,
-                    );
-                    params.insert(
-                        param_name(l, site, name, "up.bias"),
-                        Tensor::zeros(d, candle_core::DType::F32, dev)?,
-                    );
+                    for (part, shape) in a.param_shapes_at(l, d) {
+                        let t = init_adapter_tensor(a, part, &shape, &mut rng, dev)?;
+                        params.insert(a.param_name(l, site, name, part), t);
+                    }
                 }
             }
         }
@@ -307,67 +294,30 @@ impl TaskModel {
     pub fn save(&self, dir: &Path, base_name: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let [adapters, head, base] = self.split_params();
-        let version = "adapters.1.2.0";
-        if let Some(a) = &self.adapter {
-            let cfg = serde_json::json!({
-                "config": {
-                    "adapter_residual_before_ln": false,
-                    "architecture": "bottleneck",
-                    "cross_adapter": false,
-                    "dropout": 0.0,
-                    "init_weights": "bert",
-                    "inv_adapter": null,
-                    "inv_adapter_reduction_factor": null,
-                    "is_parallel": false,
-                    "leave_out": a.leave_out,
-                    "ln_after": false,
-                    "ln_before": false,
-                    "mh_adapter": a.placement == crate::adapter::Placement::Houlsby,
-                    "non_linearity": a.nonlinearity.name(),
-                    "original_ln_after": true,
-                    "original_ln_before": false,
-                    "output_adapter": true,
-                    "phm_layer": false,
-                    "reduction_factor": self.base.hidden_size as f64 / a.bottleneck as f64,
-                    "residual_before_ln": true,
-                    "scaling": 1.0,
-                    "use_gating": false
-                },
+        let version = crate::hub::HUB_VERSION;
+        let envelope = |config: serde_json::Value| {
+            serde_json::json!({
+                "config": config,
                 "hidden_size": self.base.hidden_size,
                 "model_class": "BertAdapterModel",
                 "model_name": base_name,
                 "model_type": self.base.model_type,
                 "name": self.name,
                 "version": version
-            });
+            })
+        };
+        if let Some(a) = &self.adapter {
+            let cfg = envelope(crate::hub::adapter_config_to_hub(a, self.base.hidden_size));
             crate::io::write_json(&dir.join(files::ADAPTER_CONFIG), &cfg)?;
+            let mut adapters = adapters;
+            let aliases: Vec<(String, Tensor)> = adapters
+                .iter()
+                .filter_map(|(k, v)| crate::hub::ln_before_alias(k).map(|a| (a, v.clone())))
+                .collect();
+            adapters.extend(aliases);
             crate::io::save_safetensors(&dir.join(files::ADAPTER_WEIGHTS), &adapters)?;
         }
-        let mut label2id = serde_json::Map::new();
-        for (i, l) in self.head.labels.iter().enumerate() {
-            label2id.insert(l.clone(), serde_json::json!(i));
-        }
-        let head_cfg = serde_json::json!({
-            "config": {
-                "activation_function": "tanh",
-                "bias": true,
-                "dropout_prob": null,
-                "head_type": match self.head.kind {
-                    crate::head::HeadKind::Classification => "classification",
-                    crate::head::HeadKind::Regression => "regression",
-                },
-                "label2id": label2id,
-                "layers": self.head.layers,
-                "num_labels": self.head.num_outputs(),
-                "use_pooler": self.head.pooling == crate::head::Pooling::Pooler
-            },
-            "hidden_size": self.base.hidden_size,
-            "model_class": "BertAdapterModel",
-            "model_name": base_name,
-            "model_type": self.base.model_type,
-            "name": self.name,
-            "version": version
-        });
+        let head_cfg = envelope(crate::hub::head_config_to_hub(&self.head));
         crate::io::write_json(&dir.join(files::HEAD_CONFIG), &head_cfg)?;
         crate::io::save_safetensors(&dir.join(files::HEAD_WEIGHTS), &head)?;
         if !base.is_empty() {
@@ -387,7 +337,17 @@ impl TaskModel {
     }
 
     /// Loads an adapter directory written by [`TaskModel::save`] onto `base`, checking that it fits.
+    /// A directory without our `adapterkit.json` is read as one saved by AdapterHub (see
+    /// [`TaskModel::load_adapterhub`]).
     pub fn load(dir: &Path, base: &BaseModel) -> Result<Self> {
+        // AdapterHub never writes our parameter file: with it and without the metadata (written
+        // last), this is an interrupted save of ours and must not load as something else.
+        if !dir.join(files::META).exists()
+            && dir.join(files::HEAD_CONFIG).exists()
+            && !dir.join(files::BASE_PARAMS).exists()
+        {
+            return Self::load_adapterhub(dir, base);
+        }
         let meta: TaskMeta = crate::io::read_json(&dir.join(files::META))?;
         let incompatible = |message: String| Error::Incompatible {
             path: dir.to_path_buf(),
@@ -413,22 +373,8 @@ impl TaskModel {
         let mut expected: Vec<(String, Vec<usize>, &str)> = Vec::new();
         if let Some(a) = &meta.adapter {
             a.validate(d, layers)?;
-            let m = a.bottleneck;
-            for l in (0..layers).filter(|&l| a.has_layer(l)) {
-                for &site in a.sites() {
-                    for (part, shape) in [
-                        ("down.weight", vec![m, d]),
-                        ("down.bias", vec![m]),
-                        ("up.weight", vec![d, m]),
-                        ("up.bias", vec![d]),
-                    ] {
-                        expected.push((
-                            param_name(l, site, &meta.name, part),
-                            shape,
-                            files::ADAPTER_WEIGHTS,
-                        ));
-                    }
-                }
+            for (n, shape) in a.param_shapes(&meta.name, d, layers) {
+                expected.push((n, shape, files::ADAPTER_WEIGHTS));
             }
         }
         for (n, s) in meta.head.param_shapes(&meta.name, d) {
@@ -491,6 +437,162 @@ impl TaskModel {
         })
     }
 
+    /// Loads an adapter directory saved by the Python `adapters` library (`save_adapter` with its
+    /// head): `adapter_config.json` + `adapter.safetensors` or `pytorch_adapter.bin`, and
+    /// `head_config.json` + `model_head.safetensors` or `pytorch_model_head.bin`. A directory with
+    /// only a head loads as a head-only task. Every tensor in the weight files must be used.
+    pub fn load_adapterhub(dir: &Path, base: &BaseModel) -> Result<Self> {
+        let here = BaseFingerprint::of(base);
+        let (d, layers) = (here.hidden_size, here.num_hidden_layers);
+        let incompatible = |message: String| Error::Incompatible {
+            path: dir.to_path_buf(),
+            message,
+        };
+        let check_envelope = |path: &Path, v: &serde_json::Value| -> Result<()> {
+            if let Some(h) = v.get("hidden_size").and_then(serde_json::Value::as_u64) {
+                if h as usize != d {
+                    return Err(incompatible(format!(
+                        "{} was made for hidden size {h}; this base has {d}",
+                        path.display()
+                    )));
+                }
+            }
+            if let Some(t) = v.get("model_type").and_then(serde_json::Value::as_str) {
+                if t != here.model_type {
+                    return Err(incompatible(format!(
+                        "{} was made for model type `{t}`; this base is `{}`",
+                        path.display(),
+                        here.model_type
+                    )));
+                }
+            }
+            Ok(())
+        };
+        let pick = |safe: &str, bin: &str| -> Result<PathBuf> {
+            let (s, b) = (dir.join(safe), dir.join(bin));
+            if s.exists() {
+                Ok(s)
+            } else if b.exists() {
+                Ok(b)
+            } else {
+                Err(Error::NotFound(format!(
+                    "{}: neither {safe} nor {bin} is there",
+                    dir.display()
+                )))
+            }
+        };
+        let strip = |m: std::collections::HashMap<String, Tensor>| -> BTreeMap<String, Tensor> {
+            m.into_iter()
+                .map(|(k, v)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), v))
+                .collect()
+        };
+        let mut params = BTreeMap::new();
+        let mut take = |file: &Path,
+                        tensors: &mut BTreeMap<String, Tensor>,
+                        from: &str,
+                        to: String,
+                        shape: Vec<usize>|
+         -> Result<()> {
+            let t = tensors.remove(from).ok_or_else(|| Error::MissingTensor {
+                path: file.to_path_buf(),
+                name: from.to_string(),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::TensorShape {
+                    path: file.to_path_buf(),
+                    name: from.to_string(),
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                });
+            }
+            params.insert(
+                to,
+                t.to_dtype(candle_core::DType::F32)?
+                    .to_device(&base.device)?,
+            );
+            Ok(())
+        };
+        let leftovers = |file: &Path, tensors: &BTreeMap<String, Tensor>| -> Result<()> {
+            match tensors.keys().next() {
+                Some(k) => Err(Error::Config {
+                    context: file.display().to_string(),
+                    field: k.clone(),
+                    message: "tensor the configuration does not account for".into(),
+                }),
+                None => Ok(()),
+            }
+        };
+
+        let head_path = dir.join(files::HEAD_CONFIG);
+        let head_json = crate::hub::read_value(&head_path)?;
+        check_envelope(&head_path, &head_json)?;
+        let (head, head_name) =
+            crate::hub::head_config_from_hub(&head_path.display().to_string(), &head_json)?;
+
+        let adapter_path = dir.join(files::ADAPTER_CONFIG);
+        let (adapter, name) = if adapter_path.exists() {
+            let v = crate::hub::read_value(&adapter_path)?;
+            check_envelope(&adapter_path, &v)?;
+            let ctx = adapter_path.display().to_string();
+            let name = v
+                .get("name")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| Error::config(&ctx, "name", "missing: expected the adapter's name"))?
+                .to_string();
+            (
+                Some(crate::hub::adapter_config_from_hub(&ctx, &v, d, layers)?),
+                name,
+            )
+        } else {
+            (None, head_name.clone())
+        };
+        validate_name(&name)?;
+
+        if let Some(a) = &adapter {
+            let file = pick(files::ADAPTER_WEIGHTS, "pytorch_adapter.bin")?;
+            let mut tensors = strip(crate::io::load_tensors(&file)?);
+            for (n, shape) in a.param_shapes(&name, d, layers) {
+                let alias = crate::hub::ln_before_alias(&n);
+                let from = match &alias {
+                    Some(al) if !tensors.contains_key(&n) => al.clone(),
+                    _ => n.clone(),
+                };
+                take(&file, &mut tensors, &from, n.clone(), shape)?;
+                if let Some(al) = alias {
+                    tensors.remove(&al);
+                }
+            }
+            leftovers(&file, &tensors)?;
+        }
+        let file = pick(files::HEAD_WEIGHTS, "pytorch_model_head.bin")?;
+        let mut tensors = strip(crate::io::load_tensors(&file)?);
+        let theirs = head.param_shapes(&head_name, d);
+        for ((from, shape), (to, _)) in theirs.into_iter().zip(head.param_shapes(&name, d)) {
+            take(&file, &mut tensors, &from, to, shape)?;
+        }
+        leftovers(&file, &tensors)?;
+        if head.pooling == crate::head::Pooling::Pooler
+            && base.weight("pooler.dense.weight").is_none()
+        {
+            return Err(incompatible(
+                "the head uses the pooler (use_pooler) but the base checkpoint has no pooler weights".into(),
+            ));
+        }
+        Ok(TaskModel {
+            name,
+            trainable: if adapter.is_some() {
+                TrainableSet::Adapters { layernorms: false }
+            } else {
+                TrainableSet::Head
+            },
+            adapter,
+            head,
+            params,
+            base: here,
+            max_len: base.config.max_position_embeddings.min(512),
+        })
+    }
+
     /// Bytes the saved directory takes on disk.
     pub fn dir_size(dir: &Path) -> Result<u64> {
         let mut total = 0;
@@ -500,4 +602,37 @@ impl TaskModel {
         }
         Ok(total)
     }
+}
+
+/// A new adapter tensor: projections by the configured scheme, biases zero, norms and scales one.
+fn init_adapter_tensor(
+    a: &AdapterConfig,
+    part: Part,
+    shape: &[usize],
+    rng: &mut Rng,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = match part {
+        Part::DownWeight | Part::UpWeight => {
+            let fan_in = shape[1] as f64;
+            (0..n)
+                .map(|_| {
+                    (match (a.init, part) {
+                        (Init::TruncatedNormal, _) => rng.truncated_normal(a.init_std),
+                        (Init::Bert, _) => rng.normal() * 0.02,
+                        (Init::Houlsby, _) => rng.truncated_normal(1e-2),
+                        // Kaiming-uniform with a = sqrt(5), as torch.nn.Linear: bound 1/sqrt(fan_in).
+                        (Init::MamAdapter, Part::DownWeight) => {
+                            (2.0 * rng.uniform() - 1.0) / fan_in.sqrt()
+                        }
+                        (Init::MamAdapter, _) => 0.0,
+                    }) as f32
+                })
+                .collect()
+        }
+        Part::LnBeforeWeight | Part::LnAfterWeight | Part::Scaling => vec![1.0; n],
+        Part::DownBias | Part::UpBias | Part::LnBeforeBias | Part::LnAfterBias => vec![0.0; n],
+    };
+    Ok(Tensor::from_vec(values, shape, dev)?)
 }

@@ -242,7 +242,10 @@ impl AdamW {
 }
 
 fn no_decay(name: &str) -> bool {
-    name.ends_with(".bias") || name.contains("LayerNorm")
+    name.ends_with(".bias")
+        || name.contains("LayerNorm")
+        || name.contains(".adapter_norm_")
+        || name.ends_with(".scaling")
 }
 
 /// Linear warm-up then linear decay to zero, as a multiplier of the peak rate.
