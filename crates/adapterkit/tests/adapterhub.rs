@@ -1,0 +1,259 @@
+//! AdapterHub interoperability against golden fixtures from the Python `adapters` library
+//! (tools/fixtures/make_adapterhub_fixtures.py): its saved directories load here and give its logits.
+
+mod common;
+
+use adapterkit::adapter::{Placement, Residual, Scaling};
+use adapterkit::task::files;
+use adapterkit::{BaseModel, Batch, Error, ForwardOptions, HeadKind, TaskModel};
+use candle_core::Tensor;
+use common::{fixtures, max_abs_diff, tiny_base};
+use std::path::{Path, PathBuf};
+
+const CASES: &[&str] = &[
+    "houlsby_safetensors",
+    "houlsby_bin",
+    "pfeiffer_regression",
+    "pfeiffer_regression_bin",
+    "lns_learned_scaling",
+    "post_add_attention_only",
+    "channel_scaling",
+];
+
+fn case_dir(name: &str) -> PathBuf {
+    fixtures().join("adapterhub").join(name)
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("adapterkit-hub-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// The fixture's inputs as a batch, and the Python logits.
+fn expected(dir: &Path, base: &BaseModel) -> (Batch, Tensor) {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let rows: Vec<Vec<u32>> = v["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(v["attention_mask"].as_array().unwrap())
+        .map(|(ids, mask)| {
+            ids.as_array()
+                .unwrap()
+                .iter()
+                .zip(mask.as_array().unwrap())
+                .filter(|(_, m)| m.as_u64() == Some(1))
+                .map(|(t, _)| t.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let types: Vec<Vec<u32>> = rows.iter().map(|r| vec![0; r.len()]).collect();
+    let pairs: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .zip(&types)
+        .map(|(a, b)| (a.as_slice(), b.as_slice()))
+        .collect();
+    let batch = Batch::new(&pairs, 0, &base.device).unwrap();
+    let logits: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    (batch, Tensor::new(logits, &base.device).unwrap())
+}
+
+fn logits(base: &BaseModel, task: &TaskModel, batch: &Batch, skip: &[usize]) -> Tensor {
+    let mut opts = ForwardOptions {
+        dropout_rng: None,
+        skip_adapter_layers: skip,
+    };
+    base.logits(task, batch, &mut opts).unwrap()
+}
+
+#[test]
+fn adapterhub_directories_give_pythons_logits() {
+    let base = tiny_base();
+    for &case in CASES {
+        let dir = case_dir(case);
+        let task = TaskModel::load(&dir, &base).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let (batch, want) = expected(&dir, &base);
+        let got = logits(&base, &task, &batch, &[]);
+        let diff = max_abs_diff(&got, &want);
+        println!("{case}: max abs diff {diff:.2e}");
+        assert!(diff < 1e-5, "{case}: max abs diff {diff}");
+        // The adapters matter: without them the logits move well beyond the tolerance.
+        let bare = logits(&base, &task, &batch, &[0, 1]);
+        assert!(max_abs_diff(&bare, &want) > 1e-3, "{case}: adapters had no effect");
+    }
+}
+
+#[test]
+fn adapterhub_configs_are_read_as_written() {
+    let base = tiny_base();
+    let load = |c: &str| TaskModel::load(&case_dir(c), &base).unwrap();
+    let h = load("houlsby_safetensors");
+    let a = h.adapter.as_ref().unwrap();
+    assert_eq!(a.placement, Placement::Houlsby);
+    assert_eq!(a.bottleneck, 8);
+    assert_eq!(a.nonlinearity.name(), "swish");
+    assert_eq!(h.head.labels, ["neg", "neu", "pos"]);
+    assert_eq!(h.name, "houlsby_safetensors");
+
+    let p = load("pfeiffer_regression");
+    let a = p.adapter.as_ref().unwrap();
+    assert_eq!(a.placement, Placement::Pfeiffer);
+    assert!(a.original_ln_before && a.original_ln_after);
+    assert_eq!((a.bottleneck_at(0), a.bottleneck_at(1)), (8, 4));
+    assert_eq!(p.head.kind, HeadKind::Regression);
+    assert_eq!(p.head.pooling, adapterkit::Pooling::Pooler);
+
+    let l = load("lns_learned_scaling");
+    let a = l.adapter.as_ref().unwrap();
+    assert!(a.ln_before && a.ln_after && a.adapter_residual_before_ln);
+    assert_eq!(a.residual, Residual::AdapterInput);
+    assert_eq!(a.scaling, Scaling::Learned);
+    assert_eq!(a.leave_out, [0]);
+    assert_eq!(l.head.layers, 3);
+
+    let q = load("post_add_attention_only");
+    let a = q.adapter.as_ref().unwrap();
+    assert_eq!(a.placement, Placement::Attention);
+    assert_eq!(a.residual, Residual::PostAdd);
+    assert_eq!(a.scaling, Scaling::Fixed(0.5));
+    assert!(q.head.activation.is_none());
+
+    let c = load("channel_scaling");
+    let a = c.adapter.as_ref().unwrap();
+    assert_eq!(a.scaling, Scaling::Channel);
+    assert_eq!(a.bottleneck, 12); // int(32 // 2.5)
+    assert!(!c.head.bias);
+}
+
+#[test]
+fn adapterhub_tasks_round_trip_through_our_format() {
+    let base = tiny_base();
+    for &case in CASES {
+        let task = TaskModel::load(&case_dir(case), &base).unwrap();
+        let (batch, _) = expected(&case_dir(case), &base);
+        let before = logits(&base, &task, &batch, &[]);
+        let dir = tmpdir(case);
+        task.save(&dir, "tiny-bert").unwrap();
+        // Ours: through adapterkit.json.
+        let again = TaskModel::load(&dir, &base).unwrap();
+        assert_eq!(again.adapter, task.adapter, "{case}");
+        assert_eq!(max_abs_diff(&logits(&base, &again, &batch, &[]), &before), 0.0);
+        // What the Python library would read: only its own files, as it writes them.
+        std::fs::remove_file(dir.join(files::META)).unwrap();
+        let hub = TaskModel::load(&dir, &base).unwrap();
+        assert_eq!(hub.adapter, task.adapter, "{case}");
+        assert_eq!(hub.head, task.head, "{case}");
+        assert_eq!(max_abs_diff(&logits(&base, &hub, &batch, &[]), &before), 0.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Loads `case` after `edit` changed its adapter_config.json; returns the error text.
+fn edited_error(case: &str, tag: &str, edit: impl Fn(&mut serde_json::Value)) -> String {
+    let base = tiny_base();
+    let dir = tmpdir(tag);
+    copy_dir(&case_dir(case), &dir);
+    let path = dir.join(files::ADAPTER_CONFIG);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = TaskModel::load(&dir, &base).expect_err(tag);
+    std::fs::remove_dir_all(&dir).unwrap();
+    e.to_string()
+}
+
+#[test]
+fn unsupported_adapterhub_options_are_named() {
+    let cases: &[(&str, serde_json::Value, &str)] = &[
+        ("is_parallel", serde_json::json!(true), "true"),
+        ("use_gating", serde_json::json!(true), "true"),
+        ("phm_layer", serde_json::json!(true), "true"),
+        ("inv_adapter", serde_json::json!("nice"), "nice"),
+        ("architecture", serde_json::json!("lora"), "lora"),
+        ("non_linearity", serde_json::json!("softplus"), "softplus"),
+        ("residual_before_ln", serde_json::json!("sideways"), "sideways"),
+        ("scaling", serde_json::json!("wild"), "wild"),
+        ("init_weights", serde_json::json!("xavier"), "xavier"),
+        ("stochastic_depth", serde_json::json!(0.1), "0.1"),
+        ("reduction_factor", serde_json::json!({"7": 2}), "7"),
+        ("frobnicate", serde_json::json!(1), "frobnicate"),
+    ];
+    for (key, value, shown) in cases {
+        let msg = edited_error("houlsby_safetensors", key, |v| {
+            v["config"][*key] = value.clone();
+        });
+        assert!(
+            msg.contains(key) && msg.contains(shown) && msg.contains("adapter_config.json"),
+            "{key}: {msg}"
+        );
+    }
+    // A required key that is missing.
+    let msg = edited_error("houlsby_safetensors", "missing", |v| {
+        v["config"].as_object_mut().unwrap().remove("reduction_factor");
+    });
+    assert!(msg.contains("reduction_factor") && msg.contains("missing"), "{msg}");
+    // post_add without the original LayerNorm before the adapter is meaningless.
+    let msg = edited_error("post_add_attention_only", "post_add", |v| {
+        v["config"]["original_ln_before"] = serde_json::json!(false);
+    });
+    assert!(msg.contains("post_add") && msg.contains("original_ln_before"), "{msg}");
+}
+
+#[test]
+fn adapterhub_adapter_for_another_base_is_refused() {
+    let msg = edited_error("houlsby_safetensors", "hidden", |v| {
+        v["hidden_size"] = serde_json::json!(768);
+    });
+    assert!(msg.contains("does not fit") && msg.contains("768"), "{msg}");
+    let msg = edited_error("houlsby_safetensors", "type", |v| {
+        v["model_type"] = serde_json::json!("roberta");
+    });
+    assert!(msg.contains("does not fit") && msg.contains("roberta"), "{msg}");
+}
+
+#[test]
+fn adapterhub_weight_problems_are_named() {
+    let base = tiny_base();
+    // A config that claims a bigger bottleneck than the weights have: tensor and both shapes named.
+    let msg = edited_error("houlsby_safetensors", "shape", |v| {
+        v["config"]["reduction_factor"] = serde_json::json!(2);
+    });
+    assert!(
+        msg.contains("adapter_down.0.weight") && msg.contains("[16, 32]") && msg.contains("[8, 32]"),
+        "{msg}"
+    );
+    // Tensors the configuration does not account for are not silently dropped.
+    let msg = edited_error("houlsby_safetensors", "extra", |v| {
+        v["config"]["mh_adapter"] = serde_json::json!(false);
+    });
+    assert!(msg.contains("attention.output.adapters") && msg.contains("does not account"), "{msg}");
+    // No weight file at all.
+    let dir = tmpdir("noweights");
+    copy_dir(&case_dir("houlsby_safetensors"), &dir);
+    std::fs::remove_file(dir.join("adapter.safetensors")).unwrap();
+    let e = TaskModel::load(&dir, &base).unwrap_err();
+    assert!(matches!(e, Error::NotFound(_)), "{e}");
+    assert!(e.to_string().contains("pytorch_adapter.bin"), "{e}");
+    // A head type we do not implement.
+    copy_dir(&case_dir("houlsby_safetensors"), &dir);
+    let path = dir.join(files::HEAD_CONFIG);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["config"]["head_type"] = serde_json::json!("tagging");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let msg = TaskModel::load(&dir, &base).unwrap_err().to_string();
+    assert!(msg.contains("head_type") && msg.contains("tagging"), "{msg}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
