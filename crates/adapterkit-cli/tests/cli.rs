@@ -168,3 +168,113 @@ fn train_predict_info_on_a_user_csv() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn adapterhub_configs_and_directories_through_the_cli() {
+    let dir = std::env::temp_dir().join(format!("ak-cli-hub-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("toy.csv");
+    let mut rows = String::from("text,label\n");
+    for i in 0..40 {
+        let (w, l) = if i % 2 == 0 {
+            ("good", "pos")
+        } else {
+            ("awful", "neg")
+        };
+        rows.push_str(&format!("\"the film was {w}\",{l}\n"));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let model = tiny();
+    // A user's AdapterHub config file with options beyond the plain adapter.
+    let cfg = dir.join("my_config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"config": {"mh_adapter": true, "output_adapter": true, "reduction_factor": {"0": 8, "default": 4},
+            "non_linearity": "gelu", "ln_before": true, "scaling": "learned", "residual_before_ln": false,
+            "original_ln_before": true, "init_weights": "mam_adapter"}}"#,
+    )
+    .unwrap();
+    for (tag, spec) in [
+        ("preset", "seq_bn".to_string()),
+        ("file", cfg.to_str().unwrap().to_string()),
+    ] {
+        let out = dir.join(tag);
+        let o = ak(
+            &[
+                "train",
+                "--model",
+                model.to_str().unwrap(),
+                "--train-file",
+                csv.to_str().unwrap(),
+                "--header",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--adapter-config",
+                &spec,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{tag}: {}", text(&o.stderr));
+        let written: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        if tag == "file" {
+            assert_eq!(written["config"]["ln_before"], true);
+            assert_eq!(written["config"]["scaling"], "learned");
+            assert_eq!(written["config"]["residual_before_ln"], false);
+            assert_eq!(written["config"]["init_weights"], "mam_adapter");
+        } else {
+            assert_eq!(written["config"]["original_ln_before"], true);
+            assert_eq!(written["config"]["non_linearity"], "relu");
+        }
+    }
+    // A bad key in the user's config is named with its value.
+    std::fs::write(
+        &cfg,
+        r#"{"mh_adapter": true, "output_adapter": true, "reduction_factor": 4, "non_linearity": "relu", "is_parallel": true}"#,
+    )
+    .unwrap();
+    let o = ak(
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--train-file",
+            csv.to_str().unwrap(),
+            "--header",
+            "--adapter-config",
+            cfg.to_str().unwrap(),
+        ],
+        None,
+    );
+    let err = text(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is_parallel") && err.contains("true"),
+        "{err}"
+    );
+    // A directory saved by the Python library predicts, with its label names and raw logits.
+    let hub = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../adapterkit/tests/fixtures/adapterhub/houlsby_safetensors");
+    let o = ak(
+        &[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            hub.to_str().unwrap(),
+            "--logits",
+            "the movie was good",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let line: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert!(["neg", "neu", "pos"].contains(&line["label"].as_str().unwrap()));
+    assert_eq!(line["logits"].as_array().unwrap().len(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -90,7 +90,10 @@ fn adapterhub_directories_give_pythons_logits() {
         assert!(diff < 1e-5, "{case}: max abs diff {diff}");
         // The adapters matter: without them the logits move well beyond the tolerance.
         let bare = logits(&base, &task, &batch, &[0, 1]);
-        assert!(max_abs_diff(&bare, &want) > 1e-3, "{case}: adapters had no effect");
+        assert!(
+            max_abs_diff(&bare, &want) > 1e-3,
+            "{case}: adapters had no effect"
+        );
     }
 }
 
@@ -148,13 +151,19 @@ fn adapterhub_tasks_round_trip_through_our_format() {
         // Ours: through adapterkit.json.
         let again = TaskModel::load(&dir, &base).unwrap();
         assert_eq!(again.adapter, task.adapter, "{case}");
-        assert_eq!(max_abs_diff(&logits(&base, &again, &batch, &[]), &before), 0.0);
+        assert_eq!(
+            max_abs_diff(&logits(&base, &again, &batch, &[]), &before),
+            0.0
+        );
         // What the Python library would read: only its own files, as it writes them.
         std::fs::remove_file(dir.join(files::META)).unwrap();
         let hub = TaskModel::load(&dir, &base).unwrap();
         assert_eq!(hub.adapter, task.adapter, "{case}");
         assert_eq!(hub.head, task.head, "{case}");
-        assert_eq!(max_abs_diff(&logits(&base, &hub, &batch, &[]), &before), 0.0);
+        assert_eq!(
+            max_abs_diff(&logits(&base, &hub, &batch, &[]), &before),
+            0.0
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -183,7 +192,11 @@ fn unsupported_adapterhub_options_are_named() {
         ("inv_adapter", serde_json::json!("nice"), "nice"),
         ("architecture", serde_json::json!("lora"), "lora"),
         ("non_linearity", serde_json::json!("softplus"), "softplus"),
-        ("residual_before_ln", serde_json::json!("sideways"), "sideways"),
+        (
+            "residual_before_ln",
+            serde_json::json!("sideways"),
+            "sideways",
+        ),
         ("scaling", serde_json::json!("wild"), "wild"),
         ("init_weights", serde_json::json!("xavier"), "xavier"),
         ("stochastic_depth", serde_json::json!(0.1), "0.1"),
@@ -201,14 +214,23 @@ fn unsupported_adapterhub_options_are_named() {
     }
     // A required key that is missing.
     let msg = edited_error("houlsby_safetensors", "missing", |v| {
-        v["config"].as_object_mut().unwrap().remove("reduction_factor");
+        v["config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("reduction_factor");
     });
-    assert!(msg.contains("reduction_factor") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("reduction_factor") && msg.contains("missing"),
+        "{msg}"
+    );
     // post_add without the original LayerNorm before the adapter is meaningless.
     let msg = edited_error("post_add_attention_only", "post_add", |v| {
         v["config"]["original_ln_before"] = serde_json::json!(false);
     });
-    assert!(msg.contains("post_add") && msg.contains("original_ln_before"), "{msg}");
+    assert!(
+        msg.contains("post_add") && msg.contains("original_ln_before"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -220,7 +242,10 @@ fn adapterhub_adapter_for_another_base_is_refused() {
     let msg = edited_error("houlsby_safetensors", "type", |v| {
         v["model_type"] = serde_json::json!("roberta");
     });
-    assert!(msg.contains("does not fit") && msg.contains("roberta"), "{msg}");
+    assert!(
+        msg.contains("does not fit") && msg.contains("roberta"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -231,14 +256,19 @@ fn adapterhub_weight_problems_are_named() {
         v["config"]["reduction_factor"] = serde_json::json!(2);
     });
     assert!(
-        msg.contains("adapter_down.0.weight") && msg.contains("[16, 32]") && msg.contains("[8, 32]"),
+        msg.contains("adapter_down.0.weight")
+            && msg.contains("[16, 32]")
+            && msg.contains("[8, 32]"),
         "{msg}"
     );
     // Tensors the configuration does not account for are not silently dropped.
     let msg = edited_error("houlsby_safetensors", "extra", |v| {
         v["config"]["mh_adapter"] = serde_json::json!(false);
     });
-    assert!(msg.contains("attention.output.adapters") && msg.contains("does not account"), "{msg}");
+    assert!(
+        msg.contains("attention.output.adapters") && msg.contains("does not account"),
+        "{msg}"
+    );
     // No weight file at all.
     let dir = tmpdir("noweights");
     copy_dir(&case_dir("houlsby_safetensors"), &dir);
@@ -254,6 +284,9 @@ fn adapterhub_weight_problems_are_named() {
     v["config"]["head_type"] = serde_json::json!("tagging");
     std::fs::write(&path, v.to_string()).unwrap();
     let msg = TaskModel::load(&dir, &base).unwrap_err().to_string();
-    assert!(msg.contains("head_type") && msg.contains("tagging"), "{msg}");
+    assert!(
+        msg.contains("head_type") && msg.contains("tagging"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

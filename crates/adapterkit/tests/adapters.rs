@@ -235,6 +235,59 @@ fn every_trainable_tensor_gets_a_gradient_matching_finite_differences() {
     let task = adapter_task(&base, "g", 5e-2, 3)
         .to_dtype(DType::F64)
         .unwrap();
+    // 2 layers × 2 sites × 4 tensors + 5 LayerNorms × 2 tensors, 3 entries each.
+    assert_eq!(gradient_check(&base, &task), (16 + 10) * 3);
+}
+
+#[test]
+fn adapterhub_arrangements_get_gradients_matching_finite_differences() {
+    use adapterkit::adapter::{Residual, Scaling};
+    let base = tiny_base().to_dtype(DType::F64).unwrap();
+    let general = [
+        AdapterConfig {
+            ln_before: true,
+            ln_after: true,
+            adapter_residual_before_ln: true,
+            original_ln_before: true,
+            residual: Residual::PostAdd,
+            scaling: Scaling::Channel,
+            ..adapters(5e-2)
+        },
+        AdapterConfig {
+            placement: Placement::Attention,
+            original_ln_before: true,
+            original_ln_after: false,
+            residual: Residual::AdapterInput,
+            ln_after: true,
+            scaling: Scaling::Learned,
+            nonlinearity: adapterkit::ops::Activation::GeluNew,
+            ..adapters(5e-2)
+        },
+    ];
+    for (cfg, tensors_per_site) in general.into_iter().zip([9, 7]) {
+        let sites = cfg.sites().len();
+        let task = TaskModel::new(
+            &base,
+            "g",
+            TrainableSet::Adapters { layernorms: true },
+            Some(cfg),
+            head(),
+            32,
+            3,
+        )
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+        assert_eq!(
+            gradient_check(&base, &task),
+            (2 * sites * tensors_per_site + 10) * 3
+        );
+    }
+}
+
+/// Checks every trainable tensor's gradient is finite and non-zero, and three entries of each
+/// adapter and LayerNorm tensor against central finite differences; returns the entries checked.
+fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
     let data = toy_data();
     let enc = base.tokenizer.encode_all(&data.train.inputs, 32).unwrap();
     let rows: Vec<usize> = (0..6).collect();
@@ -246,10 +299,10 @@ fn every_trainable_tensor_gets_a_gradient_matching_finite_differences() {
         *t = v.as_tensor().clone();
         vars.push((name.clone(), v));
     }
-    let loss = batch_loss(&base, &var_task, &enc, &data.train, &rows, None).unwrap();
+    let loss = batch_loss(base, &var_task, &enc, &data.train, &rows, None).unwrap();
     let grads = loss.backward().unwrap();
     let loss_at = |t: &TaskModel| -> f64 {
-        batch_loss(&base, t, &enc, &data.train, &rows, None)
+        batch_loss(base, t, &enc, &data.train, &rows, None)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
@@ -298,8 +351,7 @@ fn every_trainable_tensor_gets_a_gradient_matching_finite_differences() {
             checked += 1;
         }
     }
-    // 2 layers × 2 sites × 4 tensors + 5 LayerNorms × 2 tensors, 3 entries each.
-    assert_eq!(checked, (16 + 10) * 3);
+    checked
 }
 
 #[test]
