@@ -316,7 +316,7 @@ pub fn adapter_config_from_hub(
 
 /// A reduction factor whose `int(d // factor)` is exactly `m` in floating point.
 fn reduction_for(hidden: usize, m: usize) -> Value {
-    if hidden % m == 0 {
+    if hidden.is_multiple_of(m) {
         json!((hidden / m) as f64)
     } else {
         json!(hidden as f64 / (m as f64 + 0.5))

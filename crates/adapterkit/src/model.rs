@@ -414,7 +414,7 @@ impl BaseModel {
         let down = cfg.nonlinearity.apply(&linear(&x, wd, Some(bd))?)?;
         let mut up = linear(&down, wu, Some(bu))?;
         up = match cfg.scaling {
-            Scaling::Fixed(f) if f == 1.0 => up,
+            Scaling::Fixed(1.0) => up,
             Scaling::Fixed(f) => (up * f)?,
             Scaling::Learned | Scaling::Channel => up.broadcast_mul(p(Part::Scaling)?)?,
         };
