@@ -52,7 +52,7 @@ enum Command {
     /// ($ADAPTERKIT_HOME, default ~/.cache/adapterkit), verify their sha256, extract them. Idempotent.
     Fetch,
     /// Train a task (adapters by default) and save it as an adapter directory.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a saved adapter directory on a data set split.
     Eval(EvalArgs),
     /// Predict labels for texts given as arguments, in a file (one per line) or on stdin; JSONL out.
@@ -350,7 +350,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fetch => fetch(),
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::Predict(a) => predict(a),
         Command::Info(a) => info(a),
