@@ -52,10 +52,13 @@ def main():
                 out.append(model(**enc).logits)
         return torch.cat(out)
 
+    def agreement(t):
+        return (t.argmax(-1) == ours.argmax(-1)).float().mean().item()
+
     theirs = run()
     plain = (theirs - ours).abs().max().item()
     print(f"adapter `{name}`, {len(texts)} inputs")
-    print(f"max abs logit diff, hub files only:        {plain:.3e}")
+    print(f"hub files only: max abs logit diff {plain:.3e}, argmax agreement {agreement(theirs):.4f}")
 
     extra = os.path.join(a.adapter, "adapterkit_params.safetensors")
     if os.path.exists(extra):
@@ -72,11 +75,9 @@ def main():
         if missing:
             sys.exit(f"tensors of adapterkit_params.safetensors not in the model: {missing[:5]}")
         theirs = run()
-        print(f"max abs logit diff, with adapterkit_params ({len(params)} tensors): "
-              f"{(theirs - ours).abs().max().item():.3e}")
+        print(f"with adapterkit_params ({len(params)} tensors): max abs logit diff "
+              f"{(theirs - ours).abs().max().item():.3e}, argmax agreement {agreement(theirs):.4f}")
     full = (theirs - ours).abs().max().item()
-    agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    print(f"argmax agreement: {agree:.4f}")
     return 0 if full <= a.tol else 1
 
 
