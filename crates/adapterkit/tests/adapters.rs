@@ -615,3 +615,57 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
         }
     }
 }
+
+#[test]
+fn init_schemes_draw_what_adapterhub_draws() {
+    use adapterkit::adapter::{Init, Part};
+    let base = random_base(2, 256);
+    let stats = |init: Init, part: Part| -> (f64, f64, f64) {
+        let cfg = AdapterConfig {
+            bottleneck: 64,
+            init,
+            ..AdapterConfig::default()
+        };
+        let name = cfg.param_name(1, Site::Ffn, "i", part);
+        let task = TaskModel::new(
+            &base,
+            "i",
+            TrainableSet::Adapters { layernorms: false },
+            Some(cfg),
+            head(),
+            32,
+            5,
+        )
+        .unwrap();
+        let v = task.params[&name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let max = v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+        (mean, std, max)
+    };
+    // bert: normal, std 0.02, untruncated (16384 draws reach beyond 2 std).
+    let (_, std, max) = stats(Init::Bert, Part::DownWeight);
+    assert!((std - 0.02).abs() < 0.001 && max > 0.04, "{std} {max}");
+    // houlsby: truncated at ±2e-2 (std of a ±2σ-truncated normal is 0.88σ).
+    let (_, std, max) = stats(Init::Houlsby, Part::UpWeight);
+    assert!(max <= 0.02 && (std - 0.0088).abs() < 0.0005, "{std} {max}");
+    // mam_adapter: Kaiming-uniform down (bound 1/sqrt(256)), zero up: an exact identity at start.
+    let (_, std, max) = stats(Init::MamAdapter, Part::DownWeight);
+    let bound = 1.0 / 16.0;
+    assert!(
+        max <= bound && (std - bound / 3f64.sqrt()).abs() < 0.002,
+        "{std} {max}"
+    );
+    assert_eq!(stats(Init::MamAdapter, Part::UpWeight), (0.0, 0.0, 0.0));
+    // Ours: truncated normal with init_std (1e-3).
+    let (_, std, max) = stats(Init::TruncatedNormal, Part::DownWeight);
+    assert!(
+        max <= 2e-3 && (std - 0.00088).abs() < 0.00005,
+        "{std} {max}"
+    );
+}
