@@ -61,6 +61,9 @@ enum Command {
     Info(InfoArgs),
     /// List the built-in data sets.
     Tasks,
+    /// Write a data set's fixed train/dev/test split as JSONL files (`{"text", "pair", "label"}`),
+    /// so other tools (the PyTorch reference) train and test on exactly the same examples.
+    Split(SplitArgs),
     /// Time fixed-shape training or inference steps; prints JSON with achieved GFLOP/s next to the
     /// same run's measured GEMM peak and the peak RSS.
     Bench(bench::BenchArgs),
@@ -319,6 +322,18 @@ struct PredictArgs {
 }
 
 #[derive(Args)]
+struct SplitArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Numeric labels (regression).
+    #[arg(long)]
+    regression: bool,
+    /// Output directory (gets train.jsonl, dev.jsonl, test.jsonl).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     /// Adapter directory to describe.
     #[arg(long)]
@@ -351,6 +366,7 @@ fn main() {
     let result = match cli.command {
         Command::Fetch => fetch(),
         Command::Train(a) => train(*a),
+        Command::Split(a) => split(a),
         Command::Eval(a) => eval(a),
         Command::Predict(a) => predict(a),
         Command::Info(a) => info(a),
@@ -639,6 +655,35 @@ fn train(a: TrainArgs) -> Result<()> {
         report.seconds
     );
     println!("metrics: {}", metrics_path.display());
+    Ok(())
+}
+
+fn split(a: SplitArgs) -> Result<()> {
+    let data = a.data.load(&adapterkit::default_home(), a.regression)?;
+    for (name, set) in [("train", &data.train), ("dev", &data.dev), ("test", &data.test)] {
+        let mut text = String::new();
+        for (i, (t, p)) in set.inputs.iter().enumerate() {
+            let label = if a.regression {
+                json!(set.targets[i])
+            } else {
+                json!(data.labels[set.labels[i]])
+            };
+            text.push_str(&json!({"text": t, "pair": p, "label": label}).to_string());
+            text.push('\n');
+        }
+        let path = a.out.join(format!("{name}.jsonl"));
+        adapterkit::io::write_atomic(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "{}: {} train / {} dev / {} test written to {} (split fingerprint {})",
+        data.name,
+        data.train.len(),
+        data.dev.len(),
+        data.test.len(),
+        a.out.display(),
+        data.split.as_ref().map(|s| s.fingerprint()).unwrap_or_else(|| "given files".into())
+    );
     Ok(())
 }
 

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Runs the end-to-end case interleaved (ours, theirs, ours, theirs …) in fresh processes and prints
+the medians: process wall time (start to exit, model loading included), training + evaluation time,
+best dev and test accuracy, peak RSS. Writes all runs to --out as JSON."""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import time
+
+
+def timed(cmd, env):
+    t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed:\n{p.stderr[-3000:]}")
+    return wall, p.stdout, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    for k in ("ours", "python", "model", "task", "split", "work", "out"):
+        ap.add_argument("--" + k, required=True)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
+    runs = []
+    for r in range(a.rounds):
+        out = os.path.join(a.work, f"ours-{r}")
+        wall, _, _ = timed([a.ours, "train", "--model", a.model, "--task", a.task, "--method", "adapters",
+                            "--bottleneck", "64", "--epochs", str(a.epochs), "--seed", "42",
+                            "--out", out], env)
+        m = json.load(open(os.path.join(out, "metrics.json")))
+        runs.append({"tool": "adapterkit", "round": r, "process_seconds": wall,
+                     "train_eval_seconds": m["seconds"], "dev": m["dev"]["accuracy"],
+                     "test": m["test"]["accuracy"], "best_epoch": m["best_epoch"],
+                     "trainable_params": m["trainable_params"],
+                     "epochs": [{"epoch": e["epoch"], "dev": e["dev"]["accuracy"],
+                                 "train_seconds": e["train_seconds"]} for e in m["epochs"]]})
+        print(json.dumps(runs[-1]), flush=True)
+        wall, stdout, _ = timed([a.python, os.path.join(os.path.dirname(__file__), "e2e_train.py"),
+                                 "--model", a.model, "--split", a.split, "--epochs", str(a.epochs),
+                                 "--threads", str(a.threads)], env)
+        theirs = json.loads(stdout.strip().splitlines()[-1])
+        theirs.update({"round": r, "process_seconds": wall})
+        runs.append(theirs)
+        print(json.dumps(theirs), flush=True)
+    def med(tool, key):
+        return statistics.median(x[key] for x in runs if x["tool"].startswith(tool))
+    summary = {k: {"adapterkit": med("adapterkit", k), "pytorch": med("pytorch", k)}
+               for k in ("process_seconds", "train_eval_seconds", "dev", "test")}
+    speed = summary["process_seconds"]["pytorch"] / summary["process_seconds"]["adapterkit"]
+    pairs = [runs[i + 1]["process_seconds"] / runs[i]["process_seconds"] for i in range(0, len(runs), 2)]
+    print(f"\n{a.task}, {a.epochs} epochs, {a.threads} threads, {a.rounds} rounds (medians)")
+    for k, v in summary.items():
+        print(f"  {k:<20} adapterkit {v['adapterkit']:.4g}   pytorch {v['pytorch']:.4g}")
+    print(f"  speed-up (process wall, theirs/ours): {speed:.2f}x; per pair: "
+          + ", ".join(f"{p:.2f}" for p in pairs))
+    json.dump({"task": a.task, "epochs": a.epochs, "threads": a.threads, "runs": runs,
+               "summary": summary, "speedup": speed, "pair_speedups": pairs,
+               "date": time.strftime("%Y-%m-%d")}, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
