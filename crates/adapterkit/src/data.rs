@@ -306,6 +306,16 @@ fn csv_label_text() -> Columns {
     }
 }
 
+fn jsonl_text_label() -> Columns {
+    Columns {
+        text: "text".into(),
+        pair: None,
+        label: "label".into(),
+        header: false,
+        drop_empty: false,
+    }
+}
+
 fn uci_columns() -> Columns {
     Columns {
         text: "text".into(),
@@ -362,6 +372,44 @@ pub const REGISTRY: &[TaskSpec] = &[
         columns: uci_columns,
         labels: &[("0", "negative"), ("1", "positive")],
         max_len: 64,
+    },
+    TaskSpec {
+        name: "tweets",
+        description:
+            "CrowdFlower tweets, 3-class sentiment, confidence-1 subset, deduplicated, 17,824",
+        file: "data/tweets/tweets.jsonl",
+        format: Format::Jsonl,
+        columns: jsonl_text_label,
+        labels: &[
+            ("negative", "negative"),
+            ("neutral", "neutral"),
+            ("positive", "positive"),
+        ],
+        max_len: 64,
+    },
+    TaskSpec {
+        name: "sms",
+        description: "SMS spam collection, 4,862 messages (642 spam)",
+        file: "data/sms/sms.jsonl",
+        format: Format::Jsonl,
+        columns: jsonl_text_label,
+        labels: &[("ham", "ham"), ("spam", "spam")],
+        max_len: 64,
+    },
+    TaskSpec {
+        name: "bbc",
+        description: "BBC News topics, 5 classes, 2,225 documents (truncated to 128 word pieces)",
+        file: "data/bbc/bbc.jsonl",
+        format: Format::Jsonl,
+        columns: jsonl_text_label,
+        labels: &[
+            ("business", "business"),
+            ("entertainment", "entertainment"),
+            ("politics", "politics"),
+            ("sports", "sports"),
+            ("tech", "tech"),
+        ],
+        max_len: 128,
     },
 ];
 
