@@ -120,7 +120,7 @@ enum FormatArg {
 
 #[derive(Args, Clone)]
 struct DataArgs {
-    /// Built-in data set (see `adapterkit tasks`): mr, hedge, amazon, imdb, yelp.
+    /// Built-in data set (see `adapterkit tasks`): mr, hedge, amazon, imdb, yelp, tweets, sms, bbc.
     #[arg(long, conflicts_with = "train_file")]
     task: Option<String>,
     /// Your own training file (CSV, TSV, JSON array or JSONL). Without --dev-file/--test-file it is

@@ -57,3 +57,35 @@ fn houlsby_adapter_learns_mr_and_reloads() {
     assert!((a.metrics.primary() - dev).abs() < 1e-12);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn every_registry_task_loads_with_its_documented_size_and_classes() {
+    let home = common::assets_home();
+    let expect: &[(&str, usize, &[usize])] = &[
+        ("mr", 4000, &[2000, 2000]),
+        ("hedge", 3000, &[1500, 1500]),
+        ("amazon", 1000, &[500, 500]),
+        ("imdb", 1000, &[500, 500]),
+        ("yelp", 1000, &[500, 500]),
+        ("tweets", 17824, &[10099, 5612, 2113]),
+        ("sms", 4862, &[4220, 642]),
+        ("bbc", 2225, &[510, 386, 417, 511, 401]),
+    ];
+    for &(name, n, per_class) in expect {
+        let d = load_registry_task(&home, name, 0).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let all: Vec<usize> = [&d.train, &d.dev, &d.test]
+            .iter()
+            .flat_map(|s| s.labels.iter().copied())
+            .collect();
+        assert_eq!(all.len(), n, "{name}");
+        let counts: Vec<usize> = (0..d.labels.len())
+            .map(|c| all.iter().filter(|&&l| l == c).count())
+            .collect();
+        assert_eq!(counts, per_class, "{name}: {:?}", d.labels);
+        // Stratified 80/10/10: every class appears in dev and test.
+        for c in 0..d.labels.len() {
+            assert!(d.test.labels.contains(&c) && d.dev.labels.contains(&c), "{name}");
+        }
+        assert!(d.train.inputs.iter().all(|(t, _)| !t.trim().is_empty()), "{name}");
+    }
+}
