@@ -595,8 +595,60 @@ pub(crate) fn hand_over(
     }
 }
 
+/// `x · Wᵀ + b` for [rows, k] inputs and frozen W [n, k]: the bias is the product's starting value
+/// (no separate broadcast pass), and few-row inputs take the packing-free path of [`gemm_into`].
 fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if [x, w, b].iter().all(|t| supported(t)) {
+        return x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Affine);
+    }
     x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// The forward-only product of [`affine_2d`].
+struct Affine;
+
+impl CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "affine")?;
+        let w = f32_slice(s2, l2, "affine")?;
+        let b = f32_slice(s3, l3, "affine")?;
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || b.len() != n {
+            return Err(candle_core::Error::Msg(format!(
+                "affine: shapes {:?}, {:?}, {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )));
+        }
+        let mut out = vec![0f32; m * n];
+        out.par_chunks_mut(n.max(1))
+            .for_each(|r| r.copy_from_slice(b));
+        gemm_into(
+            &mut out,
+            m,
+            n,
+            k,
+            (x, k as isize, 1),
+            (w, 1, k as isize),
+            true,
+            true,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
 }
 
 /// Batched product of small matrices `op(a[i]) · op(b[i])` for [batch, rows, cols] operands, with
@@ -803,6 +855,8 @@ pub struct AttentionWeights<'a> {
     pub v: (&'a Tensor, &'a Tensor),
     /// Output projection weight and bias.
     pub o: (&'a Tensor, &'a Tensor),
+    /// q, k, v weights and biases already concatenated ([3d, d], [3d]), when the caller has them.
+    pub qkv: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 struct AttentionSaved {
@@ -881,8 +935,13 @@ pub fn frozen_attention(
         h: heads,
         dh: d / heads,
     };
-    let wqkv = Tensor::cat(&[w.q.0, w.k.0, w.v.0], 0)?;
-    let bqkv = Tensor::cat(&[w.q.1, w.k.1, w.v.1], 0)?;
+    let (wqkv, bqkv) = match w.qkv {
+        Some((wt, bt)) => (wt.clone(), bt.clone()),
+        None => (
+            Tensor::cat(&[w.q.0, w.k.0, w.v.0], 0)?,
+            Tensor::cat(&[w.q.1, w.k.1, w.v.1], 0)?,
+        ),
+    };
     let x = h.detach().reshape((b * s, d))?;
     let qkv = affine_2d(&x, &wqkv, &bqkv)?.contiguous()?;
     let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
@@ -980,6 +1039,128 @@ pub fn frozen_ffn(
     })
 }
 
+/// Rows at or below which `x · Wᵀ` skips `gemm` (whose packing of W costs more than the product
+/// when only a few rows use it: batch-1 inference is bound by reading the weights once).
+const SKINNY_ROWS: usize = 16;
+
+/// Output columns (rows of W) per parallel task of the skinny product.
+const SKINNY_COLS_PER_TASK: usize = 48;
+
+/// Dot products of two rows `a`, `b` with one weight row `w`, with 4 × 8 independent partial sums
+/// per row so the loop is throughput-bound, not latency-bound.
+#[inline(always)]
+fn dot2(a: &[f32], b: &[f32], w: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> (f32, f32) {
+    const L: usize = 32;
+    let k = w.len();
+    let (a, b) = (&a[..k], &b[..k]);
+    let mut sa = [0f32; L];
+    let mut sb = [0f32; L];
+    for ((ac, bc), wc) in a
+        .chunks_exact(L)
+        .zip(b.chunks_exact(L))
+        .zip(w.chunks_exact(L))
+    {
+        for l in 0..L {
+            sa[l] = fma(ac[l], wc[l], sa[l]);
+            sb[l] = fma(bc[l], wc[l], sb[l]);
+        }
+    }
+    let tail = k - k % L;
+    let (mut ra, mut rb) = (0f32, 0f32);
+    for o in tail..k {
+        ra = fma(a[o], w[o], ra);
+        rb = fma(b[o], w[o], rb);
+    }
+    (ra + sa.iter().sum::<f32>(), rb + sb.iter().sum::<f32>())
+}
+
+/// `out[j][i] = x_i · w_j` for `rows` weight rows starting every `ws` elements of `w` (the first k
+/// of each are used) and all m rows of `x`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn skinny_block(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    ws: usize,
+    rows: usize,
+    out: &mut [f32],
+    fma: impl Fn(f32, f32, f32) -> f32 + Copy,
+) {
+    for j in 0..rows {
+        let w = &w[j * ws..j * ws + k];
+        let mut i = 0;
+        while i + 1 < m {
+            let (p, q) = dot2(&x[i * k..], &x[(i + 1) * k..], w, fma);
+            out[j * m + i] = p;
+            out[j * m + i + 1] = q;
+            i += 2;
+        }
+        if i < m {
+            out[j * m + i] = dot2(&x[i * k..], &x[i * k..], w, fma).0;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn skinny_block_avx2(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    ws: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    skinny_block(x, m, k, w, ws, rows, out, |a, b, c| a.mul_add(b, c))
+}
+
+/// `dst (m×n) = [dst +] x (m×k, row-major) · Wᵀ` for W with n rows of k used elements every `ws`
+/// elements (row-major, possibly padded), without packing.
+#[allow(clippy::too_many_arguments)]
+fn skinny_xwt(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    (w, ws): (&[f32], usize),
+    accumulate: bool,
+    parallel: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    let block = |first: usize, rows: usize, out: &mut [f32]| {
+        let w = &w[first * ws..];
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            unsafe { skinny_block_avx2(x, m, k, w, ws, rows, out) };
+            return;
+        }
+        skinny_block(x, m, k, w, ws, rows, out, |a, b, c| a * b + c);
+    };
+    // Column-major partial results: task t owns columns t·C.. of every row.
+    let mut cols = vec![0f32; n * m];
+    let c = SKINNY_COLS_PER_TASK;
+    if parallel && n > c {
+        cols.par_chunks_mut(c * m)
+            .enumerate()
+            .for_each(|(t, out)| block(t * c, out.len() / m, out));
+    } else {
+        block(0, n, &mut cols);
+    }
+    for (i, row) in dst.chunks_exact_mut(n).take(m).enumerate() {
+        for (j, d) in row.iter_mut().enumerate() {
+            let v = cols[j * m + i];
+            *d = if accumulate { *d + v } else { v };
+        }
+    }
+}
+
 /// `dst (m×n, row-major) = [dst +] lhs · rhs` through `gemm`, operands given by pointer-free
 /// slices and (row stride, column stride).
 #[allow(clippy::too_many_arguments)]
@@ -999,6 +1180,27 @@ fn gemm_into(
     assert!(dst.len() >= m * n);
     assert!(lhs.0.len() as isize >= span(lhs.1, lhs.2, m, k));
     assert!(rhs.0.len() as isize >= span(rhs.1, rhs.2, k, n));
+    let ki = k as isize;
+    if (1..=SKINNY_ROWS).contains(&m)
+        && k > 0
+        && n > 0
+        && lhs.1 == ki
+        && lhs.2 == 1
+        && rhs.1 == 1
+        && rhs.2 >= ki
+    {
+        skinny_xwt(
+            dst,
+            m,
+            n,
+            k,
+            lhs.0,
+            (rhs.0, rhs.2 as usize),
+            accumulate,
+            parallel,
+        );
+        return;
+    }
     let par = if parallel {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -1517,6 +1719,7 @@ mod tests {
             k: (&w[1], &bias[1]),
             v: (&w[2], &bias[2]),
             o: (&w[3], &bias[3]),
+            qkv: None,
         };
         let composed = |h: &Tensor| {
             let lin = |x: &Tensor, i: usize| {
@@ -1669,6 +1872,63 @@ mod tests {
                 2e-5,
             );
         }
+    }
+
+    #[test]
+    fn skinny_product_matches_gemm_and_the_affine_op_matches_matmul() {
+        for &(m, n, k, pad) in &[
+            (1, 7, 5, 0),
+            (2, 100, 67, 1),
+            (13, 1536, 384, 0),
+            (16, 97, 33, 3),
+            (17, 50, 40, 0),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let ws = k + pad;
+            let w: Vec<f32> = (0..n * ws)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                .collect();
+            let mut want = vec![0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] = (0..k)
+                        .map(|t| x[i * k + t] as f64 * w[j * ws + t] as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+            for parallel in [false, true] {
+                let mut got = vec![1f32; m * n];
+                gemm_into(
+                    &mut got,
+                    m,
+                    n,
+                    k,
+                    (&x, k as isize, 1),
+                    (&w, 1, ws as isize),
+                    true,
+                    parallel,
+                );
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - 1.0 - w).abs() < 1e-4,
+                        "{m}x{n}x{k}: {g} vs {}",
+                        w + 1.0
+                    );
+                }
+            }
+        }
+        let x = randn(&[3, 40], 90, 1.0);
+        let w = randn(&[24, 40], 91, 0.5);
+        let b = randn(&[24], 92, 0.5);
+        let got = affine_2d(&x, &w, &b).unwrap();
+        let want = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(rel(&got, &want) < 1e-5);
     }
 
     #[test]

@@ -27,6 +27,39 @@ pub struct BaseModel {
     pub dir: PathBuf,
     /// Compute device.
     pub device: Device,
+    /// Per layer, the query, key and value weights [3d, d] and biases [3d] in one tensor each; the
+    /// separate q/k/v weights are views into them, so the fused attention needs no copy per call.
+    qkv: Vec<(Tensor, Tensor)>,
+}
+
+/// Concatenates each layer's q, k, v weights and biases and replaces the separate entries by views.
+fn fuse_qkv(weights: &mut HashMap<String, Tensor>, layers: usize) -> Result<Vec<(Tensor, Tensor)>> {
+    let mut out = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let name = |p: &str, leaf: &str| format!("encoder.layer.{l}.attention.self.{p}.{leaf}");
+        let mut fused = Vec::new();
+        for leaf in ["weight", "bias"] {
+            let parts: Vec<Tensor> = ["query", "key", "value"]
+                .iter()
+                .map(|p| {
+                    weights
+                        .get(&name(p, leaf))
+                        .cloned()
+                        .ok_or_else(|| Error::NotFound(format!("no `{}`", name(p, leaf))))
+                })
+                .collect::<Result<_>>()?;
+            let rows = parts[0].dim(0)?;
+            let cat = Tensor::cat(&parts, 0)?;
+            for (i, p) in ["query", "key", "value"].iter().enumerate() {
+                weights.insert(name(p, leaf), cat.narrow(0, i * rows, rows)?);
+            }
+            fused.push(cat);
+        }
+        let b = fused.pop().ok_or_else(|| Error::NotFound("qkv bias".into()))?;
+        let w = fused.pop().ok_or_else(|| Error::NotFound("qkv weight".into()))?;
+        out.push((w, b));
+    }
+    Ok(out)
 }
 
 /// A padded batch of token ids ready for the encoder.
@@ -169,6 +202,7 @@ impl BaseModel {
             for t in model.weights.values_mut() {
                 *t = t.to_device(device)?;
             }
+            model.qkv = fuse_qkv(&mut model.weights, model.config.num_hidden_layers)?;
             model.device = device.clone();
         }
         tracing::info!(
@@ -215,12 +249,14 @@ impl BaseModel {
             }
             weights.insert(name, t.to_dtype(DType::F32)?);
         }
+        let qkv = fuse_qkv(&mut weights, config.num_hidden_layers)?;
         Ok(BaseModel {
             config,
             weights,
             tokenizer,
             dir: dir.to_path_buf(),
             device: Device::Cpu,
+            qkv,
         })
     }
 
@@ -269,17 +305,19 @@ impl BaseModel {
 
     /// The same model with weights in `dtype` (f64 for gradient checks).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let weights = self
+        let mut weights = self
             .weights
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?)))
             .collect::<Result<HashMap<_, _>>>()?;
+        let qkv = fuse_qkv(&mut weights, self.config.num_hidden_layers)?;
         Ok(BaseModel {
             config: self.config.clone(),
             weights,
             tokenizer: self.tokenizer.clone(),
             dir: self.dir.clone(),
             device: self.device.clone(),
+            qkv,
         })
     }
 
@@ -337,7 +375,20 @@ impl BaseModel {
                 get("attention.output.dense")?,
             ) {
                 (Some(q), Some(k), Some(v), Some(o)) => {
-                    Some(crate::fused::AttentionWeights { q, k, v, o })
+                    let layer: Option<usize> = pre
+                        .strip_prefix("encoder.layer.")
+                        .and_then(|l| l.parse().ok());
+                    let owned = task.is_some_and(|t| {
+                        ["query", "key", "value"].iter().any(|p| {
+                            t.params.contains_key(&format!("{pre}.attention.self.{p}.weight"))
+                                || t.params.contains_key(&format!("{pre}.attention.self.{p}.bias"))
+                        })
+                    });
+                    let qkv = match layer {
+                        Some(l) if !owned => self.qkv.get(l).map(|(w, b)| (w, b)),
+                        _ => None,
+                    };
+                    Some(crate::fused::AttentionWeights { q, k, v, o, qkv })
                 }
                 _ => None,
             },

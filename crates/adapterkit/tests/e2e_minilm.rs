@@ -84,8 +84,14 @@ fn every_registry_task_loads_with_its_documented_size_and_classes() {
         assert_eq!(counts, per_class, "{name}: {:?}", d.labels);
         // Stratified 80/10/10: every class appears in dev and test.
         for c in 0..d.labels.len() {
-            assert!(d.test.labels.contains(&c) && d.dev.labels.contains(&c), "{name}");
+            assert!(
+                d.test.labels.contains(&c) && d.dev.labels.contains(&c),
+                "{name}"
+            );
         }
-        assert!(d.train.inputs.iter().all(|(t, _)| !t.trim().is_empty()), "{name}");
+        assert!(
+            d.train.inputs.iter().all(|(t, _)| !t.trim().is_empty()),
+            "{name}"
+        );
     }
 }
