@@ -369,7 +369,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let run = move || match cli.command {
         Command::Fetch => fetch(),
         Command::Train(a) => train(*a),
         Command::Split(a) => split(a),
@@ -384,6 +384,12 @@ fn main() {
             }
             Ok(())
         }
+    };
+    // The command runs on a worker of the pool that does its parallel work, so the main thread
+    // waits asleep instead of competing with idle workers for the cores between parallel regions.
+    let result = match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(run),
+        Err(_) => run(),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1999,3 +1999,32 @@ mod tests {
         );
     }
 }
+#[cfg(test)]
+mod skinny_timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn time_skinny_vs_gemm() {
+        let (m, n, k) = (13usize, 1536usize, 384usize);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32).collect();
+        let mut dst = vec![0f32; m * n];
+        for (name, skinny) in [("skinny", true), ("gemm", false)] {
+            for par in [false, true] {
+                let t = std::time::Instant::now();
+                for _ in 0..200 {
+                    if skinny {
+                        skinny_xwt(&mut dst, m, n, k, &x, (&w, k), false, par);
+                    } else {
+                        let p = if par { gemm::Parallelism::Rayon(2) } else { gemm::Parallelism::None };
+                        unsafe {
+                            gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, p);
+                        }
+                    }
+                }
+                let us = t.elapsed().as_secs_f64() / 200.0 * 1e6;
+                println!("{name} par={par}: {us:.1} us, {:.1} GFLOP/s", 2.0 * (m * n * k) as f64 / us / 1e3);
+            }
+        }
+    }
+}
