@@ -604,6 +604,7 @@ fn cached(p: &Plan) -> Result<Vec<RunRecord>> {
 /// One table cell: the best dev setting's test accuracy over seeds.
 #[derive(Debug, Clone, Serialize)]
 struct Cell {
+    swept: usize,
     lr: f64,
     dev: f64,
     test_mean: f64,
@@ -654,9 +655,11 @@ fn cells(p: &Plan, runs: &[RunRecord]) -> BTreeMap<(String, String), Cell> {
                 })
                 .sum::<f64>()
                 / at_best.len() as f64;
+            let swept = mine.iter().filter(|r| r.seed == 0).count();
             out.insert(
                 (t.clone(), m.name.to_string()),
                 Cell {
+                    swept,
                     lr: best.lr,
                     dev: best.dev,
                     test_mean: mean,
@@ -713,7 +716,10 @@ fn report(p: &Plan) -> Result<()> {
         for t in &p.tasks {
             match cells.get(&(t.clone(), m.name.to_string())) {
                 Some(c) => {
-                    let seeds = if c.seeds < p.seeds as usize {
+                    let want_lrs = lrs(p, m).len();
+                    let seeds = if c.swept < want_lrs {
+                        format!(" (lr sweep {}/{want_lrs})", c.swept)
+                    } else if c.seeds < p.seeds as usize {
                         format!(" ({}/{} seeds)", c.seeds, p.seeds)
                     } else {
                         String::new()
