@@ -1039,74 +1039,106 @@ pub fn frozen_ffn(
     })
 }
 
-/// Rows at or below which `x · Wᵀ` skips `gemm` (whose packing of W costs more than the product
-/// when only a few rows use it: batch-1 inference is bound by reading the weights once).
-const SKINNY_ROWS: usize = 16;
+/// Rows at or below which `x · Wᵀ` skips `gemm`, whose packing of W costs more than the product
+/// when few rows use it (measured on MiniLM shapes with 2 threads: faster up to 32 rows, slower
+/// from 48; the timing test `time_skinny_vs_gemm` is `#[ignore]`d, run it with `--ignored`).
+const SKINNY_ROWS: usize = 32;
 
 /// Output columns (rows of W) per parallel task of the skinny product.
 const SKINNY_COLS_PER_TASK: usize = 48;
 
-/// Dot products of two rows `a`, `b` with one weight row `w`, with 4 × 8 independent partial sums
-/// per row so the loop is throughput-bound, not latency-bound.
-#[inline(always)]
-fn dot2(a: &[f32], b: &[f32], w: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> (f32, f32) {
-    const L: usize = 32;
-    let k = w.len();
-    let (a, b) = (&a[..k], &b[..k]);
-    let mut sa = [0f32; L];
-    let mut sb = [0f32; L];
-    for ((ac, bc), wc) in a
-        .chunks_exact(L)
-        .zip(b.chunks_exact(L))
-        .zip(w.chunks_exact(L))
-    {
-        for l in 0..L {
-            sa[l] = fma(ac[l], wc[l], sa[l]);
-            sb[l] = fma(bc[l], wc[l], sb[l]);
-        }
-    }
-    let tail = k - k % L;
-    let (mut ra, mut rb) = (0f32, 0f32);
-    for o in tail..k {
-        ra = fma(a[o], w[o], ra);
-        rb = fma(b[o], w[o], rb);
-    }
-    (ra + sa.iter().sum::<f32>(), rb + sb.iter().sum::<f32>())
+/// Computes `R` input rows against two weight rows of equal length k: `out[i] = [x_i·w0, x_i·w1]`.
+/// Per chunk of k, R + 2 loads feed 2R multiply-adds into 2R independent partial sums, so the loop
+/// is bound by the FMA units rather than by loads or by add latency.
+trait Tiler: Copy + Sync {
+    fn tile<const R: usize>(self, x: [&[f32]; R], w0: &[f32], w1: &[f32]) -> [[f32; 2]; R];
 }
 
-/// `out[j][i] = x_i · w_j` for `rows` weight rows starting every `ws` elements of `w` (the first k
-/// of each are used) and all m rows of `x`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn skinny_block(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    ws: usize,
-    rows: usize,
-    out: &mut [f32],
-    fma: impl Fn(f32, f32, f32) -> f32 + Copy,
-) {
-    for j in 0..rows {
-        let w = &w[j * ws..j * ws + k];
-        let mut i = 0;
-        while i + 1 < m {
-            let (p, q) = dot2(&x[i * k..], &x[(i + 1) * k..], w, fma);
-            out[j * m + i] = p;
-            out[j * m + i + 1] = q;
-            i += 2;
+/// Portable tiles (what the compiler makes of plain loops for the baseline target).
+#[derive(Clone, Copy)]
+struct Portable;
+
+impl Tiler for Portable {
+    fn tile<const R: usize>(self, x: [&[f32]; R], w0: &[f32], w1: &[f32]) -> [[f32; 2]; R] {
+        let mut out = [[0f32; 2]; R];
+        for (o, xi) in out.iter_mut().zip(x) {
+            let (mut s0, mut s1) = (0f32, 0f32);
+            for ((&a, &b), &c) in xi.iter().zip(w0).zip(w1) {
+                s0 += a * b;
+                s1 += a * c;
+            }
+            *o = [s0, s1];
         }
-        if i < m {
-            out[j * m + i] = dot2(&x[i * k..], &x[i * k..], w, fma).0;
-        }
+        out
+    }
+}
+
+/// AVX2 + FMA tiles; only constructed after the CPU was checked for both.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    fn detect() -> Option<Self> {
+        (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+            .then_some(Avx2(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiler for Avx2 {
+    fn tile<const R: usize>(self, x: [&[f32]; R], w0: &[f32], w1: &[f32]) -> [[f32; 2]; R] {
+        // SAFETY: an `Avx2` value exists only when the CPU has AVX2 and FMA (see `detect`).
+        unsafe { tile_avx2(x, w0, w1) }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const R: usize>(x: [&[f32]; R], w0: &[f32], w1: &[f32]) -> [[f32; 2]; R] {
+    use std::arch::x86_64::*;
+    let k = w0.len().min(w1.len());
+    assert!(x.iter().all(|xi| xi.len() >= k));
+    let full = k - k % 8;
+    let mut a0 = [_mm256_setzero_ps(); R];
+    let mut a1 = [_mm256_setzero_ps(); R];
+    let mut o = 0;
+    while o < full {
+        // SAFETY: o + 8 <= full <= k, and every operand holds at least k elements (asserted).
+        let (wa, wb) = (
+            _mm256_loadu_ps(w0.as_ptr().add(o)),
+            _mm256_loadu_ps(w1.as_ptr().add(o)),
+        );
+        for i in 0..R {
+            let xi = _mm256_loadu_ps(x[i].as_ptr().add(o));
+            a0[i] = _mm256_fmadd_ps(xi, wa, a0[i]);
+            a1[i] = _mm256_fmadd_ps(xi, wb, a1[i]);
+        }
+        o += 8;
+    }
+    let hsum = |v: __m256| {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        lanes.iter().sum::<f32>()
+    };
+    let mut out = [[0f32; 2]; R];
+    for i in 0..R {
+        let (mut s0, mut s1) = (hsum(a0[i]), hsum(a1[i]));
+        for t in full..k {
+            s0 += x[i][t] * w0[t];
+            s1 += x[i][t] * w1[t];
+        }
+        out[i] = [s0, s1];
+    }
+    out
+}
+
+/// `out[j][i] = x_i · w_j` for `rows` weight rows starting every `ws` elements of `w` (the first k
+/// of each are used) and all m rows of `x`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn skinny_block_avx2(
+fn skinny_block<T: Tiler>(
+    t: T,
     x: &[f32],
     m: usize,
     k: usize,
@@ -1115,7 +1147,44 @@ unsafe fn skinny_block_avx2(
     rows: usize,
     out: &mut [f32],
 ) {
-    skinny_block(x, m, k, w, ws, rows, out, |a, b, c| a.mul_add(b, c))
+    let xr = |i: usize| &x[i * k..(i + 1) * k];
+    let mut j = 0;
+    while j < rows {
+        // Two weight rows at a time; an odd last row is paired with itself.
+        let j1 = if j + 1 < rows { j + 1 } else { j };
+        let (w0, w1) = (&w[j * ws..j * ws + k], &w[j1 * ws..j1 * ws + k]);
+        let mut put = |i: usize, v: [f32; 2]| {
+            out[j * m + i] = v[0];
+            if j1 != j {
+                out[j1 * m + i] = v[1];
+            }
+        };
+        let mut i = 0;
+        while i + 4 <= m {
+            let r = t.tile([xr(i), xr(i + 1), xr(i + 2), xr(i + 3)], w0, w1);
+            for (d, v) in r.into_iter().enumerate() {
+                put(i + d, v);
+            }
+            i += 4;
+        }
+        match m - i {
+            3 => {
+                let r = t.tile([xr(i), xr(i + 1), xr(i + 2)], w0, w1);
+                for (d, v) in r.into_iter().enumerate() {
+                    put(i + d, v);
+                }
+            }
+            2 => {
+                let r = t.tile([xr(i), xr(i + 1)], w0, w1);
+                for (d, v) in r.into_iter().enumerate() {
+                    put(i + d, v);
+                }
+            }
+            1 => put(i, t.tile([xr(i)], w0, w1)[0]),
+            _ => {}
+        }
+        j = j1 + 1;
+    }
 }
 
 /// `dst (m×n) = [dst +] x (m×k, row-major) · Wᵀ` for W with n rows of k used elements every `ws`
@@ -1132,16 +1201,15 @@ fn skinny_xwt(
     parallel: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    let avx2 = Avx2::detect();
     let block = |first: usize, rows: usize, out: &mut [f32]| {
         let w = &w[first * ws..];
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            unsafe { skinny_block_avx2(x, m, k, w, ws, rows, out) };
+        if let Some(t) = avx2 {
+            skinny_block(t, x, m, k, w, ws, rows, out);
             return;
         }
-        skinny_block(x, m, k, w, ws, rows, out, |a, b, c| a * b + c);
+        skinny_block(Portable, x, m, k, w, ws, rows, out);
     };
     // Column-major partial results: task t owns columns t·C.. of every row.
     let mut cols = vec![0f32; n * m];
@@ -2005,25 +2073,54 @@ mod skinny_timing {
     #[test]
     #[ignore]
     fn time_skinny_vs_gemm() {
-        let (m, n, k) = (13usize, 1536usize, 384usize);
-        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32).collect();
-        let mut dst = vec![0f32; m * n];
-        for (name, skinny) in [("skinny", true), ("gemm", false)] {
-            for par in [false, true] {
-                let t = std::time::Instant::now();
-                for _ in 0..200 {
-                    if skinny {
-                        skinny_xwt(&mut dst, m, n, k, &x, (&w, k), false, par);
-                    } else {
-                        let p = if par { gemm::Parallelism::Rayon(2) } else { gemm::Parallelism::None };
-                        unsafe {
-                            gemm::gemm(m, n, k, dst.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, p);
+        for m in [13usize, 24, 32, 48, 64] {
+            let (n, k) = (1536usize, 384usize);
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32).collect();
+            let mut dst = vec![0f32; m * n];
+            for (name, skinny) in [("skinny", true), ("gemm", false)] {
+                for par in [false, true] {
+                    let t = std::time::Instant::now();
+                    for _ in 0..200 {
+                        if skinny {
+                            skinny_xwt(&mut dst, m, n, k, &x, (&w, k), false, par);
+                        } else {
+                            let p = if par {
+                                gemm::Parallelism::Rayon(2)
+                            } else {
+                                gemm::Parallelism::None
+                            };
+                            unsafe {
+                                gemm::gemm(
+                                    m,
+                                    n,
+                                    k,
+                                    dst.as_mut_ptr(),
+                                    1,
+                                    n as isize,
+                                    false,
+                                    x.as_ptr(),
+                                    1,
+                                    k as isize,
+                                    w.as_ptr(),
+                                    k as isize,
+                                    1,
+                                    1.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    p,
+                                );
+                            }
                         }
                     }
+                    let us = t.elapsed().as_secs_f64() / 200.0 * 1e6;
+                    println!(
+                        "m={m} {name} par={par}: {us:.1} us, {:.1} GFLOP/s",
+                        2.0 * (m * n * k) as f64 / us / 1e3
+                    );
                 }
-                let us = t.elapsed().as_secs_f64() / 200.0 * 1e6;
-                println!("{name} par={par}: {us:.1} us, {:.1} GFLOP/s", 2.0 * (m * n * k) as f64 / us / 1e3);
             }
         }
     }

@@ -55,8 +55,12 @@ fn fuse_qkv(weights: &mut HashMap<String, Tensor>, layers: usize) -> Result<Vec<
             }
             fused.push(cat);
         }
-        let b = fused.pop().ok_or_else(|| Error::NotFound("qkv bias".into()))?;
-        let w = fused.pop().ok_or_else(|| Error::NotFound("qkv weight".into()))?;
+        let b = fused
+            .pop()
+            .ok_or_else(|| Error::NotFound("qkv bias".into()))?;
+        let w = fused
+            .pop()
+            .ok_or_else(|| Error::NotFound("qkv weight".into()))?;
         out.push((w, b));
     }
     Ok(out)
@@ -380,8 +384,10 @@ impl BaseModel {
                         .and_then(|l| l.parse().ok());
                     let owned = task.is_some_and(|t| {
                         ["query", "key", "value"].iter().any(|p| {
-                            t.params.contains_key(&format!("{pre}.attention.self.{p}.weight"))
-                                || t.params.contains_key(&format!("{pre}.attention.self.{p}.bias"))
+                            t.params
+                                .contains_key(&format!("{pre}.attention.self.{p}.weight"))
+                                || t.params
+                                    .contains_key(&format!("{pre}.attention.self.{p}.bias"))
                         })
                     });
                     let qkv = match layer {
