@@ -202,7 +202,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Case::AdapterTrain | Case::FullTrain => {
                 let mut opts = ForwardOptions {
                     dropout_rng: Some(&mut dropout_rng),
-                    skip_adapter_layers: &[],
+                    ..ForwardOptions::default()
                 };
                 let logits = base.logits(&task, &batch, &mut opts)?;
                 let loss = cross_entropy(&logits, &labels)?;

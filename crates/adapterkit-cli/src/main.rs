@@ -267,6 +267,11 @@ struct TrainArgs {
     /// Stop after this many steps (smoke tests).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// When the lowest layers hold nothing trainable (e.g. `--leave-out 0,1,2 --freeze-layernorms`,
+    /// or `--method head`), compute their output once per training example and start every step
+    /// above them. Those layers then run without dropout.
+    #[arg(long)]
+    cache_frozen_prefix: bool,
     /// Name of the adapter (appears in tensor names) [default: the task's name].
     #[arg(long)]
     name: Option<String>,
@@ -557,6 +562,7 @@ fn train(a: TrainArgs) -> Result<()> {
         warmup_frac: a.warmup,
         seed: a.seed,
         max_steps: a.max_steps,
+        cache_frozen_prefix: a.cache_frozen_prefix,
         ..TrainConfig::default()
     };
     let out = a.out.clone().unwrap_or_else(|| {

@@ -117,6 +117,11 @@ pub struct ForwardOptions<'a> {
     pub dropout_rng: Option<&'a mut Rng>,
     /// Layers whose adapters are skipped (AdapterDrop-style ablation / faster inference).
     pub skip_adapter_layers: &'a [usize],
+    /// `(k, h)`: the hidden states after the first k layers, computed earlier (the frozen-prefix
+    /// cache); the encoder starts at layer k instead of the embeddings.
+    pub prefix: Option<(usize, Tensor)>,
+    /// Stop after this many layers and return their output (to build the frozen-prefix cache).
+    pub stop_after: Option<usize>,
 }
 
 /// Every tensor name and shape a BERT checkpoint must provide for `cfg` (without `bert.` prefix).
@@ -496,6 +501,48 @@ impl BaseModel {
         Ok(out)
     }
 
+    /// The embedding layer's output [batch, seq, hidden] (word + position + segment, LayerNorm,
+    /// dropout in training).
+    fn embed(
+        &self,
+        task: Option<&TaskModel>,
+        batch: &Batch,
+        opts: &mut ForwardOptions<'_>,
+    ) -> Result<Tensor> {
+        let (b, s) = batch.ids.dims2()?;
+        let d = self.config.hidden_size;
+        let words = self
+            .param(task, "embeddings.word_embeddings.weight")?
+            .index_select(&batch.ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        let types = self
+            .param(task, "embeddings.token_type_embeddings.weight")?
+            .index_select(&batch.type_ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        let pos = self
+            .param(task, "embeddings.position_embeddings.weight")?
+            .narrow(0, 0, s)?;
+        let emb = words.add(&types)?.broadcast_add(&pos)?;
+        let h = self.ln(task, "embeddings", &emb)?;
+        maybe_dropout(&h, self.config.hidden_dropout_prob, opts)
+    }
+
+    /// The hidden states after the first `k` layers, per row without padding ([len, hidden] each),
+    /// in inference mode (no dropout): what the frozen-prefix cache stores.
+    pub fn encode_prefix(&self, task: &TaskModel, batch: &Batch, k: usize) -> Result<Vec<Tensor>> {
+        let mut opts = ForwardOptions {
+            stop_after: Some(k),
+            ..ForwardOptions::default()
+        };
+        let h = self.encode(Some(task), batch, &mut opts)?;
+        batch
+            .lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Ok(h.get(i)?.narrow(0, 0, len)?.detach().contiguous()?))
+            .collect()
+    }
+
     /// Runs the encoder and returns the last hidden state [batch, seq, hidden]. With a task, its
     /// adapters run at their sites and its own copies of any base parameter replace the base's.
     pub fn encode(
@@ -520,28 +567,21 @@ impl BaseModel {
         let p_hidden = cfg.hidden_dropout_prob;
         let p_attn = cfg.attention_probs_dropout_prob;
 
-        let words = self
-            .param(task, "embeddings.word_embeddings.weight")?
-            .index_select(&batch.ids.flatten_all()?, 0)?
-            .reshape((b, s, d))?;
-        let types = self
-            .param(task, "embeddings.token_type_embeddings.weight")?
-            .index_select(&batch.type_ids.flatten_all()?, 0)?
-            .reshape((b, s, d))?;
-        let pos = self
-            .param(task, "embeddings.position_embeddings.weight")?
-            .narrow(0, 0, s)?;
-        let emb = words.add(&types)?.broadcast_add(&pos)?;
-        let mut h = self.ln(task, "embeddings", &emb)?;
-        h = maybe_dropout(&h, p_hidden, opts)?;
-
+        let (first, mut h) = match opts.prefix.take() {
+            Some((k, h)) => (k, h),
+            None => (0, self.embed(task, batch, opts)?),
+        };
         // Additive mask: large negative (not -inf, whose gradient arithmetic would give NaN).
         let dtype = h.dtype();
         let mask = ((batch.mask.to_dtype(dtype)? - 1.0)? * 1e9)?;
         let heads = cfg.num_attention_heads;
         let dh = cfg.head_dim();
         let scale = 1.0 / (dh as f64).sqrt();
-        for l in 0..cfg.num_hidden_layers {
+        let last = opts
+            .stop_after
+            .unwrap_or(cfg.num_hidden_layers)
+            .min(cfg.num_hidden_layers);
+        for l in first..last {
             let pre = format!("encoder.layer.{l}");
             let attn = match self.frozen_attention(task, &pre, &h)? {
                 Some(w) => {
@@ -711,6 +751,7 @@ impl BaseModel {
             let mut opts = ForwardOptions {
                 dropout_rng: None,
                 skip_adapter_layers,
+                ..ForwardOptions::default()
             };
             let logits = self.logits(&frozen, &batch, &mut opts)?;
             let rows_out = match task.head.kind {

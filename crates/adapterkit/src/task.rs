@@ -250,6 +250,26 @@ impl TaskModel {
         })
     }
 
+    /// How many of the lowest encoder layers hold nothing this task trains (no adapter, no own copy
+    /// of a base parameter): 0 when it owns embedding parameters, all layers for a head-only task.
+    pub fn frozen_prefix_layers(&self, layers: usize) -> usize {
+        let mut lowest = layers;
+        for name in self.params.keys() {
+            if name.starts_with("heads.") || name.starts_with("pooler.") {
+                continue;
+            }
+            let layer = name
+                .strip_prefix("encoder.layer.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok());
+            match layer {
+                Some(l) => lowest = lowest.min(l),
+                None => return 0,
+            }
+        }
+        lowest
+    }
+
     /// Number of parameters the task trains and stores.
     pub fn num_params(&self) -> usize {
         self.params.values().map(|t| t.elem_count()).sum()

@@ -42,6 +42,11 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     /// Batch size for evaluation.
     pub eval_batch_size: usize,
+    /// When the lowest k layers hold nothing the task trains (no adapters there, LayerNorms
+    /// frozen), compute their output once per training example and start every step at layer k.
+    /// Those layers then run without dropout.
+    #[serde(default)]
+    pub cache_frozen_prefix: bool,
 }
 
 impl Default for TrainConfig {
@@ -59,6 +64,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_steps: None,
             eval_batch_size: 64,
+            cache_frozen_prefix: false,
         }
     }
 }
@@ -351,14 +357,94 @@ pub fn batch_loss(
     rows: &[usize],
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
+    batch_loss_from(base, task, encoded, set, rows, rng, None)
+}
+
+/// The cached outputs of the frozen lowest layers, one [len, hidden] tensor per training example.
+pub struct PrefixCache {
+    /// Layers the cache covers (the step starts at this layer).
+    pub layers: usize,
+    /// Per example, in training-set order.
+    pub rows: Vec<Tensor>,
+}
+
+impl PrefixCache {
+    /// Runs the frozen lowest `layers` layers once over `encoded` (inference mode).
+    pub fn build(
+        base: &BaseModel,
+        task: &TaskModel,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+        layers: usize,
+        batch_size: usize,
+    ) -> Result<Self> {
+        let frozen = task.detached();
+        let mut rows: Vec<Option<Tensor>> = vec![None; encoded.len()];
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| encoded[i].0.len());
+        for chunk in order.chunks(batch_size.max(1)) {
+            let pieces: Vec<(&[u32], &[u32])> = chunk
+                .iter()
+                .map(|&i| (encoded[i].0.as_slice(), encoded[i].1.as_slice()))
+                .collect();
+            let batch = Batch::new(&pieces, base.config.pad_token_id, &base.device)?;
+            for (&i, t) in chunk
+                .iter()
+                .zip(base.encode_prefix(&frozen, &batch, layers)?)
+            {
+                rows[i] = Some(t);
+            }
+        }
+        let rows = rows
+            .into_iter()
+            .map(|r| r.ok_or_else(|| Error::NotFound("prefix cache row".into())))
+            .collect::<Result<_>>()?;
+        Ok(PrefixCache { layers, rows })
+    }
+
+    /// The padded [batch, seq, hidden] start state of `rows`.
+    fn batch(&self, rows: &[usize], seq: usize) -> Result<Tensor> {
+        let padded = rows
+            .iter()
+            .map(|&i| {
+                let t = &self.rows[i];
+                let (len, d) = t.dims2()?;
+                Ok(if len < seq {
+                    Tensor::cat(
+                        &[t, &Tensor::zeros((seq - len, d), t.dtype(), t.device())?],
+                        0,
+                    )?
+                } else {
+                    t.clone()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&padded, 0)?)
+    }
+}
+
+/// [`batch_loss`], starting from the frozen-prefix cache when one is given.
+pub fn batch_loss_from(
+    base: &BaseModel,
+    task: &TaskModel,
+    encoded: &[(Vec<u32>, Vec<u32>)],
+    set: &LabelledSet,
+    rows: &[usize],
+    rng: Option<&mut Rng>,
+    cache: Option<&PrefixCache>,
+) -> Result<Tensor> {
     let pieces: Vec<(&[u32], &[u32])> = rows
         .iter()
         .map(|&i| (encoded[i].0.as_slice(), encoded[i].1.as_slice()))
         .collect();
     let batch = Batch::new(&pieces, base.config.pad_token_id, &base.device)?;
+    let prefix = match cache {
+        Some(c) => Some((c.layers, c.batch(rows, batch.ids.dim(1)?)?)),
+        None => None,
+    };
     let mut opts = ForwardOptions {
         dropout_rng: rng,
-        skip_adapter_layers: &[],
+        prefix,
+        ..ForwardOptions::default()
     };
     let logits = base.logits(task, &batch, &mut opts)?;
     match task.head.kind {
@@ -405,6 +491,17 @@ pub fn train(
     let lengths: Vec<usize> = train_enc.iter().map(|e| e.0.len()).collect();
 
     let mut opt = AdamW::new(task, cfg)?;
+    let layers = base.config.num_hidden_layers;
+    let cache = match (cfg.cache_frozen_prefix, task.frozen_prefix_layers(layers)) {
+        (true, k) if k > 0 => Some(PrefixCache::build(
+            base,
+            task,
+            &train_enc,
+            k,
+            cfg.eval_batch_size,
+        )?),
+        _ => None,
+    };
 
     let steps_per_epoch = lengths.len().div_ceil(cfg.batch_size);
     let mut total = steps_per_epoch * cfg.epochs;
@@ -427,13 +524,14 @@ pub fn train(
             if step >= total {
                 break;
             }
-            let loss = batch_loss(
+            let loss = batch_loss_from(
                 base,
                 task,
                 &train_enc,
                 &data.train,
                 &rows,
                 Some(&mut dropout_rng),
+                cache.as_ref(),
             )?;
             let loss_v = f64::from(loss.to_scalar::<f32>()?);
             if !loss_v.is_finite() {

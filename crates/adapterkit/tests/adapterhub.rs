@@ -71,8 +71,8 @@ fn expected(dir: &Path, base: &BaseModel) -> (Batch, Tensor) {
 
 fn logits(base: &BaseModel, task: &TaskModel, batch: &Batch, skip: &[usize]) -> Tensor {
     let mut opts = ForwardOptions {
-        dropout_rng: None,
         skip_adapter_layers: skip,
+        ..ForwardOptions::default()
     };
     base.logits(task, batch, &mut opts).unwrap()
 }
