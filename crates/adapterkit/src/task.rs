@@ -343,6 +343,22 @@ impl TaskModel {
         if !base.is_empty() {
             crate::io::save_safetensors(&dir.join(files::BASE_PARAMS), &base)?;
         }
+        // Files of an earlier task saved here that this one does not have must go: the Python
+        // library would otherwise load a stale adapter next to this head.
+        // We never write the pickle formats, so any found here are stale too.
+        let mut stale = vec!["pytorch_adapter.bin", "pytorch_model_head.bin"];
+        if self.adapter.is_none() {
+            stale.extend([files::ADAPTER_CONFIG, files::ADAPTER_WEIGHTS]);
+        }
+        if base.is_empty() {
+            stale.push(files::BASE_PARAMS);
+        }
+        for f in stale {
+            let p = dir.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
         let meta = TaskMeta {
             format: FORMAT_VERSION,
             name: self.name.clone(),

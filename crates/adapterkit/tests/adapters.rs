@@ -760,3 +760,27 @@ fn frozen_prefix_cache_gives_the_same_loss_and_gradients() {
     let report = adapterkit::train(&base, &mut task, &data, &cfg, &mut |_| {}).unwrap();
     assert!(report.best_dev.primary() >= 0.0);
 }
+
+#[test]
+fn saving_over_another_task_leaves_none_of_its_files() {
+    let base = tiny_base();
+    let dir = tmpdir("overwrite");
+    adapter_task(&base, "x", 1e-3, 1)
+        .save(&dir, "tiny")
+        .unwrap();
+    std::fs::write(dir.join("pytorch_adapter.bin"), b"stale").unwrap();
+    assert!(dir.join(files::ADAPTER_CONFIG).exists() && dir.join(files::BASE_PARAMS).exists());
+    let head_only = TaskModel::new(&base, "x", TrainableSet::Head, None, head(), 32, 2).unwrap();
+    head_only.save(&dir, "tiny").unwrap();
+    for f in [
+        files::ADAPTER_CONFIG,
+        files::ADAPTER_WEIGHTS,
+        files::BASE_PARAMS,
+        "pytorch_adapter.bin",
+    ] {
+        assert!(!dir.join(f).exists(), "{f} survived");
+    }
+    let back = TaskModel::load(&dir, &base).unwrap();
+    assert!(back.adapter.is_none() && back.trainable == TrainableSet::Head);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
