@@ -62,7 +62,25 @@ pub fn fast_exp(x_in: f32) -> f32 {
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7); returns (erf(z), exp(-z²)).
-#[inline]
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them: the element-wise loops inside are then
+/// vectorised 8 wide with fused multiply-adds instead of the 4-wide SSE2 of the baseline target.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { wide(f) };
+        }
+    }
+    f()
+}
+
+#[inline(always)]
 fn erf_and_gauss(z: f32) -> (f32, f32) {
     let a = z.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
@@ -91,10 +109,12 @@ impl CustomOp1 for Gelu {
         y.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(x.par_chunks(MIN_TASK_ELEMS))
             .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let (e, _) = erf_and_gauss(x * FRAC_1_SQRT_2);
-                    *y = 0.5 * x * (1.0 + e);
-                }
+                simd(|| {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        let (e, _) = erf_and_gauss(x * FRAC_1_SQRT_2);
+                        *y = 0.5 * x * (1.0 + e);
+                    }
+                })
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -129,10 +149,12 @@ impl CustomOp2 for GeluBackward {
                     .zip(g.par_chunks(MIN_TASK_ELEMS)),
             )
             .for_each(|(dx, (x, g))| {
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    let (e, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
-                    *dx = g * (0.5 * (1.0 + e) + x * INV_SQRT_2PI * gauss);
-                }
+                simd(|| {
+                    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                        let (e, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
+                        *dx = g * (0.5 * (1.0 + e) + x * INV_SQRT_2PI * gauss);
+                    }
+                })
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -170,12 +192,14 @@ impl CustomOp3 for LayerNorm {
         y.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(y, x)| {
-                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    let (mean, rstd) = moments(x, self.eps);
-                    for i in 0..d {
-                        y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+                simd(|| {
+                    for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                        let (mean, rstd) = moments(x, self.eps);
+                        for i in 0..d {
+                            y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -201,7 +225,7 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = x.iter().sum::<f32>() / d;
@@ -240,30 +264,32 @@ impl CustomOp3 for LayerNormBackward {
             .par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
             .map(|(dx, (x, dy))| {
-                let mut dg = vec![0f32; d];
-                let mut db = vec![0f32; d];
-                let mut xhat = vec![0f32; d];
-                for ((dx, x), dy) in dx
-                    .chunks_exact_mut(d)
-                    .zip(x.chunks_exact(d))
-                    .zip(dy.chunks_exact(d))
-                {
-                    let (mean, rstd) = moments(x, self.eps);
-                    let (mut s1, mut s2) = (0f32, 0f32);
-                    for i in 0..d {
-                        xhat[i] = (x[i] - mean) * rstd;
-                        let g = dy[i] * gamma[i];
-                        s1 += g;
-                        s2 += g * xhat[i];
-                        dg[i] += dy[i] * xhat[i];
-                        db[i] += dy[i];
+                simd(|| {
+                    let mut dg = vec![0f32; d];
+                    let mut db = vec![0f32; d];
+                    let mut xhat = vec![0f32; d];
+                    for ((dx, x), dy) in dx
+                        .chunks_exact_mut(d)
+                        .zip(x.chunks_exact(d))
+                        .zip(dy.chunks_exact(d))
+                    {
+                        let (mean, rstd) = moments(x, self.eps);
+                        let (mut s1, mut s2) = (0f32, 0f32);
+                        for i in 0..d {
+                            xhat[i] = (x[i] - mean) * rstd;
+                            let g = dy[i] * gamma[i];
+                            s1 += g;
+                            s2 += g * xhat[i];
+                            dg[i] += dy[i] * xhat[i];
+                            db[i] += dy[i];
+                        }
+                        let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                        for i in 0..d {
+                            dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
+                        }
                     }
-                    let (m1, m2) = (s1 / d as f32, s2 / d as f32);
-                    for i in 0..d {
-                        dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
-                    }
-                }
-                (dg, db)
+                    (dg, db)
+                })
             })
             .collect();
         let (dgamma, dbeta) = tail.split_at_mut(d);
@@ -324,23 +350,25 @@ impl CustomOp2 for AttentionSoftmax {
             .zip(scores.par_chunks(chunk))
             .enumerate()
             .for_each(|(t, (p, s))| {
-                for (r, (p, s)) in p.chunks_exact_mut(k).zip(s.chunks_exact(k)).enumerate() {
-                    let row = t * rows_task + r;
-                    let b = row / self.heads_q;
-                    let m = &mask[b * k..(b + 1) * k];
-                    let mut max = f32::NEG_INFINITY;
-                    for i in 0..k {
-                        p[i] = s[i] * self.scale + m[i];
-                        max = max.max(p[i]);
+                simd(|| {
+                    for (r, (p, s)) in p.chunks_exact_mut(k).zip(s.chunks_exact(k)).enumerate() {
+                        let row = t * rows_task + r;
+                        let b = row / self.heads_q;
+                        let m = &mask[b * k..(b + 1) * k];
+                        let mut max = f32::NEG_INFINITY;
+                        for i in 0..k {
+                            p[i] = s[i] * self.scale + m[i];
+                            max = max.max(p[i]);
+                        }
+                        let mut sum = 0f32;
+                        for v in p.iter_mut() {
+                            *v = fast_exp(*v - max);
+                            sum += *v;
+                        }
+                        let inv = 1.0 / sum;
+                        p.iter_mut().for_each(|v| *v *= inv);
                     }
-                    let mut sum = 0f32;
-                    for v in p.iter_mut() {
-                        *v = fast_exp(*v - max);
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    p.iter_mut().for_each(|v| *v *= inv);
-                }
+                })
             });
         Ok((CpuStorage::F32(p), l1.shape().clone()))
     }
@@ -383,16 +411,18 @@ impl CustomOp2 for SoftmaxBackward {
         ds.par_chunks_mut(chunk)
             .zip(p.par_chunks(chunk).zip(dp.par_chunks(chunk)))
             .for_each(|(ds, (p, dp))| {
-                for ((ds, p), dp) in ds
-                    .chunks_exact_mut(k)
-                    .zip(p.chunks_exact(k))
-                    .zip(dp.chunks_exact(k))
-                {
-                    let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
-                    for i in 0..k {
-                        ds[i] = self.scale * p[i] * (dp[i] - dot);
+                simd(|| {
+                    for ((ds, p), dp) in ds
+                        .chunks_exact_mut(k)
+                        .zip(p.chunks_exact(k))
+                        .zip(dp.chunks_exact(k))
+                    {
+                        let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+                        for i in 0..k {
+                            ds[i] = self.scale * p[i] * (dp[i] - dot);
+                        }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
     }
@@ -1373,7 +1403,7 @@ fn activate(act: Activation, z: &[f32]) -> Vec<f32> {
         let mut out = vec![0f32; z.len()];
         out.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(z.par_chunks(MIN_TASK_ELEMS))
-            .for_each(|(o, z)| o.iter_mut().zip(z).for_each(|(o, &z)| *o = f(z)));
+            .for_each(|(o, z)| simd(|| o.iter_mut().zip(z).for_each(|(o, &z)| *o = f(z))));
         out
     }
     match act {
@@ -1393,7 +1423,7 @@ fn scale_by_act_grad(act: Activation, g: &mut [f32], z: &[f32]) {
     fn run(g: &mut [f32], z: &[f32], f: impl Fn(f32) -> f32 + Sync) {
         g.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(z.par_chunks(MIN_TASK_ELEMS))
-            .for_each(|(g, z)| g.iter_mut().zip(z).for_each(|(g, &z)| *g *= f(z)));
+            .for_each(|(g, z)| simd(|| g.iter_mut().zip(z).for_each(|(g, &z)| *g *= f(z))));
     }
     match act {
         Activation::Gelu => run(g, z, |v| act_grad(Activation::Gelu, v)),
