@@ -379,7 +379,7 @@ impl TaskModel {
         // AdapterHub never writes our parameter file: with it and without the metadata (written
         // last), this is an interrupted save of ours and must not load as something else.
         if !dir.join(files::META).exists()
-            && dir.join(files::HEAD_CONFIG).exists()
+            && (dir.join(files::HEAD_CONFIG).exists() || dir.join(files::ADAPTER_CONFIG).exists())
             && !dir.join(files::BASE_PARAMS).exists()
         {
             return Self::load_adapterhub(dir, base);
@@ -560,6 +560,15 @@ impl TaskModel {
         };
 
         let head_path = dir.join(files::HEAD_CONFIG);
+        if !head_path.exists() {
+            return Err(Error::NotFound(format!(
+                "{}: an adapter without a prediction head ({} is missing): predicting needs the \
+                 head it was trained with; save both from Python with \
+                 `save_adapter(dir, name, with_head=True)`",
+                dir.display(),
+                files::HEAD_CONFIG,
+            )));
+        }
         let head_json = crate::hub::read_value(&head_path)?;
         check_envelope(&head_path, &head_json)?;
         let (head, head_name) =

@@ -276,6 +276,15 @@ fn adapterhub_weight_problems_are_named() {
     let e = TaskModel::load(&dir, &base).unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
     assert!(e.to_string().contains("pytorch_adapter.bin"), "{e}");
+    // An adapter saved without its head.
+    copy_dir(&case_dir("houlsby_safetensors"), &dir);
+    std::fs::remove_file(dir.join(files::HEAD_CONFIG)).unwrap();
+    let msg = TaskModel::load(&dir, &base).unwrap_err().to_string();
+    assert!(
+        msg.contains("without a prediction head") && msg.contains("with_head=True"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
     // A head type we do not implement.
     copy_dir(&case_dir("houlsby_safetensors"), &dir);
     let path = dir.join(files::HEAD_CONFIG);
