@@ -7,7 +7,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 adapter="$1"
 n="${2:-400}"
-venv="${ADAPTERKIT_BENCH_VENV:-$HOME/.cache/adapterkit-venv}"
+venv="${ADAPTERKIT_BENCH_VENV:-$HOME/.cache/adapterkit/bench-venv}"  # shared with bench/setup.sh
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q torch "transformers>=4.57,<4.58" "adapters==1.3.0" safetensors
