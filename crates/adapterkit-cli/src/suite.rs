@@ -606,6 +606,12 @@ fn cached(p: &Plan) -> Result<Vec<RunRecord>> {
     Ok(v)
 }
 
+/// Orders seed-0 runs by dev accuracy; on a tie the lower learning rate ranks higher, as `run`
+/// picks the first best rate of an ascending grid.
+fn dev_then_lower_lr(a: &RunRecord, b: &RunRecord) -> std::cmp::Ordering {
+    a.dev.total_cmp(&b.dev).then(b.lr.total_cmp(&a.lr))
+}
+
 /// One table cell: the best dev setting's test accuracy over seeds.
 #[derive(Debug, Clone, Serialize)]
 struct Cell {
@@ -643,7 +649,7 @@ fn cells(p: &Plan, runs: &[RunRecord]) -> BTreeMap<(String, String), Cell> {
             let Some(best) = mine
                 .iter()
                 .filter(|r| r.seed == 0)
-                .max_by(|a, b| a.dev.total_cmp(&b.dev))
+                .max_by(|a, b| dev_then_lower_lr(a, b))
             else {
                 continue;
             };
@@ -825,7 +831,7 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
         let lr = runs
             .iter()
             .filter(|r| r.seed == 0)
-            .max_by(|a, b| a.dev.total_cmp(&b.dev))
+            .max_by(|a, b| dev_then_lower_lr(a, b))
             .map(|r| r.lr)
             .unwrap_or(1e-3);
         let dir = p
