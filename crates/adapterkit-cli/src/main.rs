@@ -446,7 +446,7 @@ fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<Adapte
         ),
         path => {
             let path = Path::new(path);
-            let v = adapterkit::hub::read_value(path).with_context(|| {
+            let v = adapterkit::io::read_json::<serde_json::Value>(path).with_context(|| {
                 format!("--adapter-config `{spec}`: not a preset (double_seq_bn, seq_bn) and not a readable JSON file")
             })?;
             (path.display().to_string(), v)

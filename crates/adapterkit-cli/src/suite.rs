@@ -422,6 +422,7 @@ fn chrono_now() -> String {
     format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
 }
 
+#[derive(Clone)]
 struct Plan {
     max_train: usize,
     out: PathBuf,
@@ -826,7 +827,7 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
         let runs = cached(&Plan {
             tasks: vec![task.clone()],
             methods: vec![m],
-            ..clone_plan(p)
+            ..p.clone()
         })?;
         let lr = runs
             .iter()
@@ -909,17 +910,6 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
         p.out.display()
     );
     Ok(())
-}
-
-fn clone_plan(p: &Plan) -> Plan {
-    Plan {
-        max_train: p.max_train,
-        out: p.out.clone(),
-        tasks: p.tasks.clone(),
-        methods: p.methods.clone(),
-        seeds: p.seeds,
-        quick: p.quick,
-    }
 }
 
 fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()> {

@@ -4,13 +4,12 @@
 //! Every `BnConfig` key is either honoured or refused with an error that names the key and value;
 //! none is silently ignored.
 
-use crate::adapter::{AdapterConfig, Init, Part, Placement, Residual, Scaling};
+use crate::adapter::{AdapterConfig, Init, Placement, Residual, Scaling};
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, HeadKind, Pooling, MAX_HEAD_LAYERS};
 use crate::ops::Activation;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// The `version` we write; AdapterHub only compares it for LoRA fixes, so any 1.x works.
 pub const HUB_VERSION: &str = "adapters.1.3.0";
@@ -519,11 +518,6 @@ pub fn head_config_to_hub(head: &HeadConfig) -> Value {
     cfg
 }
 
-/// Reads a JSON file.
-pub fn read_value(path: &Path) -> Result<Value> {
-    crate::io::read_json(path)
-}
-
 /// The AdapterHub name of a parameter alias the Python library also writes: with `ln_before` the
 /// norm is registered twice, as `adapter_norm_before` and as module 0 of `adapter_down`.
 pub fn ln_before_alias(name: &str) -> Option<String> {
@@ -533,9 +527,4 @@ pub fn ln_before_alias(name: &str) -> Option<String> {
             name.strip_suffix("adapter_norm_before.bias")
                 .map(|p| format!("{p}adapter_down.0.bias"))
         })
-}
-
-/// Whether `part` exists under an alias (see [`ln_before_alias`]).
-pub fn has_alias(part: Part) -> bool {
-    matches!(part, Part::LnBeforeWeight | Part::LnBeforeBias)
 }

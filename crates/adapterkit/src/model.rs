@@ -368,13 +368,14 @@ impl BaseModel {
         Ok(ok.then_some((w, b)))
     }
 
-    /// All four frozen weight pairs of layer `pre`'s attention when the fused block applies.
+    /// All four frozen weight pairs of layer `layer`'s attention when the fused block applies.
     fn frozen_attention<'a>(
         &'a self,
         task: Option<&'a TaskModel>,
-        pre: &str,
+        layer: usize,
         h: &Tensor,
     ) -> Result<Option<crate::fused::AttentionWeights<'a>>> {
+        let pre = format!("encoder.layer.{layer}");
         let get = |n: &str| self.frozen_fast(task, &format!("{pre}.{n}"), h);
         Ok(
             match (
@@ -384,9 +385,6 @@ impl BaseModel {
                 get("attention.output.dense")?,
             ) {
                 (Some(q), Some(k), Some(v), Some(o)) => {
-                    let layer: Option<usize> = pre
-                        .strip_prefix("encoder.layer.")
-                        .and_then(|l| l.parse().ok());
                     let owned = task.is_some_and(|t| {
                         ["query", "key", "value"].iter().any(|p| {
                             t.params
@@ -395,9 +393,10 @@ impl BaseModel {
                                     .contains_key(&format!("{pre}.attention.self.{p}.bias"))
                         })
                     });
-                    let qkv = match layer {
-                        Some(l) if !owned => self.qkv.get(l).map(|(w, b)| (w, b)),
-                        _ => None,
+                    let qkv = if owned {
+                        None
+                    } else {
+                        self.qkv.get(layer).map(|(w, b)| (w, b))
                     };
                     Some(crate::fused::AttentionWeights { q, k, v, o, qkv })
                 }
@@ -583,7 +582,7 @@ impl BaseModel {
             .min(cfg.num_hidden_layers);
         for l in first..last {
             let pre = format!("encoder.layer.{l}");
-            let attn = match self.frozen_attention(task, &pre, &h)? {
+            let attn = match self.frozen_attention(task, l, &h)? {
                 Some(w) => {
                     let seed = opts
                         .dropout_rng

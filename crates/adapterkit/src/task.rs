@@ -569,14 +569,14 @@ impl TaskModel {
                 files::HEAD_CONFIG,
             )));
         }
-        let head_json = crate::hub::read_value(&head_path)?;
+        let head_json = crate::io::read_json::<serde_json::Value>(&head_path)?;
         check_envelope(&head_path, &head_json)?;
         let (head, head_name) =
             crate::hub::head_config_from_hub(&head_path.display().to_string(), &head_json)?;
 
         let adapter_path = dir.join(files::ADAPTER_CONFIG);
         let (adapter, name) = if adapter_path.exists() {
-            let v = crate::hub::read_value(&adapter_path)?;
+            let v = crate::io::read_json::<serde_json::Value>(&adapter_path)?;
             check_envelope(&adapter_path, &v)?;
             let ctx = adapter_path.display().to_string();
             let name = v
