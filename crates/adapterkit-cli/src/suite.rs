@@ -252,6 +252,9 @@ pub struct RunRecord {
     pub seconds: f64,
     /// Split fingerprint.
     pub split: String,
+    /// Training examples used (after --max-train); absent in records older than the field.
+    #[serde(default)]
+    pub train_n: Option<usize>,
     /// Git revision of the code that ran.
     pub revision: String,
 }
@@ -382,6 +385,7 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
             .as_ref()
             .map(|s| s.fingerprint())
             .unwrap_or_default(),
+        train_n: Some(data.train.len()),
         revision: git_revision(),
     };
     Ok((record, task))
@@ -391,8 +395,10 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
 fn cached_run(base: &BaseModel, out: &Path, spec: &RunSpec<'_>) -> Result<RunRecord> {
     let path = run_path(out, &spec.data.name, spec.method.name, spec.lr, spec.seed);
     if path.exists() {
-        return adapterkit::io::read_json(&path)
-            .with_context(|| format!("reading cached run {}", path.display()));
+        let r: RunRecord = adapterkit::io::read_json(&path)
+            .with_context(|| format!("reading cached run {}", path.display()))?;
+        check_cached(&r, spec.data, &path)?;
+        return Ok(r);
     }
     eprintln!(
         "[{}] {} {} lr {:e} seed {} ({} epochs) …",
@@ -412,6 +418,35 @@ fn cached_run(base: &BaseModel, out: &Path, spec: &RunSpec<'_>) -> Result<RunRec
     );
     adapterkit::io::write_json(&path, &record)?;
     Ok(record)
+}
+
+/// Refuses a cached run made on another split or training subsample: mixing them would make the
+/// table compare runs that did not see the same data.
+fn check_cached(r: &RunRecord, data: &TaskData, path: &Path) -> Result<()> {
+    let split = data
+        .split
+        .as_ref()
+        .map(|s| s.fingerprint())
+        .unwrap_or_default();
+    if r.split != split {
+        bail!(
+            "{}: cached run used split {} but this run's split is {}; use another --out",
+            path.display(),
+            r.split,
+            split
+        );
+    }
+    if let Some(n) = r.train_n {
+        if n != data.train.len() {
+            bail!(
+                "{}: cached run trained on {n} examples but this plan keeps {} (--max-train); \
+                 use another --out or the same --max-train",
+                path.display(),
+                data.train.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn chrono_now() -> String {
