@@ -634,6 +634,56 @@ fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> 
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
+/// `g · w` for [rows, k] and [k, n] operands, without autograd, through [`gemm_into`] (so an input
+/// gradient through a frozen weight gets the same kernels as the forward products); candle's
+/// matmul for other devices and dtypes.
+pub fn matmul_2d(g: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    if supported(g) && supported(w) && g.rank() == 2 && w.rank() == 2 {
+        return g
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &PlainProduct);
+    }
+    g.matmul(w)
+}
+
+/// The forward-only product of [`matmul_2d`].
+struct PlainProduct;
+
+impl CustomOp2 for PlainProduct {
+    fn name(&self) -> &'static str {
+        "plain-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, self.name())?;
+        let b = f32_slice(s2, l2, self.name())?;
+        let ((m, k), (k2, n)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != k2 {
+            return Err(candle_core::Error::Msg(format!(
+                "plain product: [{m}, {k}] · [{k2}, {n}] do not fit"
+            )));
+        }
+        let mut out = vec![0f32; m * n];
+        gemm_into(
+            &mut out,
+            m,
+            n,
+            k,
+            (a, k as isize, 1),
+            (b, n as isize, 1),
+            false,
+            true,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
 /// The forward-only product of [`affine_2d`].
 struct Affine;
 
@@ -922,7 +972,7 @@ impl CustomOp1 for FrozenAttention {
         let hs = self.heads;
         let AttentionSaved { q, k, v, probs } = &self.saved;
         let g = grad.reshape((hs.b * hs.s, hs.h * hs.dh))?.contiguous()?;
-        let dctx = g.matmul(&self.wo)?.apply_op1_no_bwd(&Relayout {
+        let dctx = matmul_2d(&g, &self.wo)?.apply_op1_no_bwd(&Relayout {
             heads: hs,
             to_split: true,
         })?;
@@ -944,7 +994,7 @@ impl CustomOp1 for FrozenAttention {
             &dv.contiguous()?,
             &MergeQkv { heads: hs },
         )?;
-        Ok(Some(dqkv.matmul(&self.wqkv)?.reshape(arg.shape())?))
+        Ok(Some(matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())?))
     }
 }
 
@@ -1036,9 +1086,9 @@ impl CustomOp1 for FrozenFfn {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let rows = self.pre.dim(0)?;
         let g = grad.reshape((rows, ()))?.contiguous()?;
-        let dact = g.matmul(&self.w2)?;
+        let dact = matmul_2d(&g, &self.w2)?;
         let dpre = self.pre.apply_op2_no_bwd(&dact, &GeluBackward)?;
-        Ok(Some(dpre.matmul(&self.w1)?.reshape(arg.shape())?))
+        Ok(Some(matmul_2d(&dpre, &self.w1)?.reshape(arg.shape())?))
     }
 }
 
@@ -1297,6 +1347,9 @@ fn gemm_into(
             accumulate,
             parallel,
         );
+        return;
+    }
+    if crate::gemm512::gemm(dst, m, n, k, lhs, rhs, accumulate, parallel) {
         return;
     }
     let par = if parallel {

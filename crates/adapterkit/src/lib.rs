@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod flops;
 pub mod fused;
+pub mod gemm512;
 pub mod head;
 pub mod hub;
 pub mod io;

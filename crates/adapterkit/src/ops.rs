@@ -86,7 +86,8 @@ impl candle_core::CustomOp1 for FrozenLinearGrad {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w)?))
+        // The input is 2-D ([`linear_2d`] flattens), so the product takes the fused kernels.
+        Ok(Some(crate::fused::matmul_2d(grad_res, &self.w)?))
     }
 }
 
