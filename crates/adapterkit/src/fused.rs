@@ -786,6 +786,10 @@ impl CustomOp2 for BatchedMatmul {
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
             let lhs = &a[i * ar * ac..(i + 1) * ar * ac];
             let rhs = &b[i * br * bc..(i + 1) * br * bc];
+            if crate::gemm512::gemm(dst, m, n, k, (lhs, a_rs, a_cs), (rhs, b_rs, b_cs), false, false)
+            {
+                return;
+            }
             // SAFETY: `dst` holds m·n elements written with strides (n, 1); `lhs` and `rhs` hold the
             // ar·ac and br·bc elements that the strides above address for m×k and k×n operands.
             unsafe {

@@ -20,9 +20,9 @@ use rayon::prelude::*;
 const MR: usize = 12;
 /// Columns of the register tile (two zmm vectors).
 const NR: usize = 32;
-/// Depth block: a 12×KC A panel (18 KiB) stays in L1.
-const KC: usize = 384;
-/// B panels per column block: KC × 256 floats (384 KiB) stay in L2.
+/// Depth block: a 12×KC A panel (24 KiB) stays in L1.
+const KC: usize = 512;
+/// B panels per column block: KC × 256 floats (512 KiB) stay in L2.
 const NC_PANELS: usize = 8;
 
 /// Whether this process uses the AVX-512 kernel (CPU support, and not switched off).
@@ -150,17 +150,19 @@ fn pack_b(bp: &mut [f32], (src, rs, cs): Operand<'_>, k: usize, n: usize, parall
                 row[w..].fill(0.0);
             }
         } else {
-            // Column j of the panel is read along p; with rs == 1 that is a contiguous run.
+            // Column j of the panel is read along p; with rs == 1 (a transposed weight) that is a
+            // contiguous run, and the zip keeps the copy free of bounds checks.
             for jj in 0..NR {
-                if jj < w {
+                let rows = panel.chunks_exact_mut(NR);
+                if jj >= w {
+                    rows.for_each(|d| d[jj] = 0.0);
+                } else if rs == 1 {
                     let base = (j0 + jj) * cs;
-                    for p in 0..k {
-                        panel[p * NR + jj] = src[base + p * rs];
-                    }
+                    rows.zip(&src[base..base + k]).for_each(|(d, &v)| d[jj] = v);
                 } else {
-                    for p in 0..k {
-                        panel[p * NR + jj] = 0.0;
-                    }
+                    let base = (j0 + jj) * cs;
+                    rows.zip(src[base..].iter().step_by(rs))
+                        .for_each(|(d, &v)| d[jj] = v);
                 }
             }
         }
@@ -180,15 +182,16 @@ fn pack_a(ap: &mut [f32], (src, rs, cs): Operand<'_>, r0: usize, rows: usize, k:
         let i0 = ip * MR;
         let h = MR.min(rows - i0);
         for r in 0..MR {
-            if r < h {
+            let cols = panel.chunks_exact_mut(MR);
+            if r >= h {
+                cols.for_each(|d| d[r] = 0.0);
+            } else if cs == 1 {
                 let base = (r0 + i0 + r) * rs;
-                for p in 0..k {
-                    panel[p * MR + r] = src[base + p * cs];
-                }
+                cols.zip(&src[base..base + k]).for_each(|(d, &v)| d[r] = v);
             } else {
-                for p in 0..k {
-                    panel[p * MR + r] = 0.0;
-                }
+                let base = (r0 + i0 + r) * rs;
+                cols.zip(src[base..].iter().step_by(cs))
+                    .for_each(|(d, &v)| d[r] = v);
             }
         }
     }
