@@ -50,9 +50,9 @@ pub struct BenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 5)]
     steps: usize,
-    /// Worker threads (sets RAYON_NUM_THREADS for the matmuls) [default: all cores].
+    /// Worker threads (sets RAYON_NUM_THREADS before any pool exists) [default: all cores].
     #[arg(long)]
-    threads: Option<usize>,
+    pub threads: Option<usize>,
     /// Calls of the latency case.
     #[arg(long, default_value_t = 200)]
     calls: usize,
@@ -138,10 +138,6 @@ fn bert_base_config() -> Result<BertConfig> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if let Some(t) = a.threads {
-        // Must happen before the first matmul creates the thread pool.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
     adapterkit::ops::use_fast_ops(!a.reference_ops);
     let minilm_dir = a
         .model

@@ -388,6 +388,12 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Bench(a) = &cli.command {
+        if let Some(t) = a.threads {
+            // Before the pool below and candle's pools are built: all of them read it then.
+            std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        }
+    }
     let run = move || match cli.command {
         Command::Fetch => fetch(),
         Command::Train(a) => train(*a),
