@@ -939,11 +939,25 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
             json!({"adapter": dir, "lr": lr, "all_kept": full, "removed_i_to_j": grid}),
         );
     }
-    adapterkit::io::write_json(&p.out.join("ablation.json"), &all)?;
+    merge_json(&p.out.join("ablation.json"), all)?;
     println!(
         "written: {}/ablation.json, ablation_<task>.svg",
         p.out.display()
     );
+    Ok(())
+}
+
+/// Writes `entries` (one per task) into the JSON object at `path`, keeping the other tasks'
+/// entries a run for different `--tasks` wrote earlier.
+fn merge_json(path: &Path, entries: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let mut all: serde_json::Map<String, serde_json::Value> = if path.exists() {
+        adapterkit::io::read_json(path)
+            .with_context(|| format!("{}: expected a JSON object keyed by task", path.display()))?
+    } else {
+        serde_json::Map::new()
+    };
+    all.extend(entries);
+    adapterkit::io::write_json(path, &all)?;
     Ok(())
 }
 
@@ -965,7 +979,9 @@ fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()> {
                     .join(task)
                     .join(format!("std{std:e}-seed{seed}.json"));
                 let r: RunRecord = if path.exists() {
-                    adapterkit::io::read_json(&path)?
+                    let r = adapterkit::io::read_json(&path)?;
+                    check_cached(&r, &data, &path)?;
+                    r
                 } else {
                     eprintln!("[{}] init {task} std {std:e} seed {seed} …", chrono_now());
                     let spec = RunSpec {
@@ -1010,7 +1026,7 @@ fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()> {
     );
     std::fs::create_dir_all(&p.out)?;
     adapterkit::io::write_atomic(&p.out.join("init.svg"), plot.as_bytes())?;
-    adapterkit::io::write_json(&p.out.join("init.json"), &all)?;
+    merge_json(&p.out.join("init.json"), all)?;
     println!("written: {}/init.json, init.svg", p.out.display());
     Ok(())
 }
