@@ -881,7 +881,10 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
         return out;
     }
     let names: Vec<&str> = tasks.iter().map(|t| t.as_str()).collect();
-    out.push_str(&format!(" (tasks with every method: {}):\n\n", names.join(", ")));
+    out.push_str(&format!(
+        " (tasks with every method: {}):\n\n",
+        names.join(", ")
+    ));
     let n = tasks.len() as f64;
     let avg = |m: &str| -> f64 {
         tasks

@@ -786,8 +786,16 @@ impl CustomOp2 for BatchedMatmul {
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
             let lhs = &a[i * ar * ac..(i + 1) * ar * ac];
             let rhs = &b[i * br * bc..(i + 1) * br * bc];
-            if crate::gemm512::gemm(dst, m, n, k, (lhs, a_rs, a_cs), (rhs, b_rs, b_cs), false, false)
-            {
+            if crate::gemm512::gemm(
+                dst,
+                m,
+                n,
+                k,
+                (lhs, a_rs, a_cs),
+                (rhs, b_rs, b_cs),
+                false,
+                false,
+            ) {
                 return;
             }
             // SAFETY: `dst` holds m·n elements written with strides (n, 1); `lhs` and `rhs` hold the
@@ -1356,6 +1364,28 @@ fn gemm_into(
     if crate::gemm512::gemm(dst, m, n, k, lhs, rhs, accumulate, parallel) {
         return;
     }
+    gemm_crate_into(dst, m, n, k, lhs, rhs, accumulate, parallel);
+}
+
+/// [`gemm_into`]'s product through the `gemm` crate (its AVX2 kernels), for CPUs without AVX-512
+/// and as the yardstick of the AVX-512 kernel's timing test.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_crate_into(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+    accumulate: bool,
+    parallel: bool,
+) {
+    let span = |rs: isize, cs: isize, r: usize, c: usize| {
+        (r.max(1) - 1) as isize * rs + (c.max(1) - 1) as isize * cs + 1
+    };
+    assert!(dst.len() >= m * n);
+    assert!(lhs.0.len() as isize >= span(lhs.1, lhs.2, m, k));
+    assert!(rhs.0.len() as isize >= span(rhs.1, rhs.2, k, n));
     let par = if parallel {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {

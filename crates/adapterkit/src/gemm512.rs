@@ -436,30 +436,16 @@ mod tests {
                 gemm(&mut dst, m, n, k, (&a, k as isize, 1), rhs, false, true);
                 ours.push(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
-                // SAFETY: the operands hold m·k and k·n elements addressed with these strides.
-                unsafe {
-                    ::gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        a.as_ptr(),
-                        1,
-                        k as isize,
-                        b.as_ptr(),
-                        rhs.2,
-                        rhs.1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        ::gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                    );
-                }
+                crate::fused::gemm_crate_into(
+                    &mut dst,
+                    m,
+                    n,
+                    k,
+                    (&a, k as isize, 1),
+                    rhs,
+                    false,
+                    true,
+                );
                 theirs.push(t.elapsed().as_secs_f64());
             }
             ours.sort_by(f64::total_cmp);
