@@ -1321,8 +1321,27 @@ fn skinny_xwt(
     }
 }
 
-/// `dst (m×n, row-major) = [dst +] lhs · rhs` through `gemm`, operands given by pointer-free
-/// slices and (row stride, column stride).
+/// Panics unless every element that m×k and k×n operands address through their strides lies
+/// inside their slices and `dst` holds m·n: the products below rely on it for memory safety.
+fn check_operands(
+    dst_len: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+) {
+    let span = |rs: isize, cs: isize, r: usize, c: usize| {
+        (r.max(1) - 1) as isize * rs + (c.max(1) - 1) as isize * cs + 1
+    };
+    assert!(dst_len >= m * n);
+    assert!(lhs.0.len() as isize >= span(lhs.1, lhs.2, m, k));
+    assert!(rhs.0.len() as isize >= span(rhs.1, rhs.2, k, n));
+}
+
+/// `dst (m×n, row-major) = [dst +] lhs · rhs`, operands given by pointer-free slices and (row
+/// stride, column stride): the packing-free path for few rows, the AVX-512 kernel where the CPU
+/// has it, `gemm` otherwise.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     dst: &mut [f32],
@@ -1334,12 +1353,7 @@ fn gemm_into(
     accumulate: bool,
     parallel: bool,
 ) {
-    let span = |rs: isize, cs: isize, r: usize, c: usize| {
-        (r.max(1) - 1) as isize * rs + (c.max(1) - 1) as isize * cs + 1
-    };
-    assert!(dst.len() >= m * n);
-    assert!(lhs.0.len() as isize >= span(lhs.1, lhs.2, m, k));
-    assert!(rhs.0.len() as isize >= span(rhs.1, rhs.2, k, n));
+    check_operands(dst.len(), m, n, k, lhs, rhs);
     let ki = k as isize;
     if (1..=SKINNY_ROWS).contains(&m)
         && k > 0
@@ -1380,12 +1394,7 @@ pub(crate) fn gemm_crate_into(
     accumulate: bool,
     parallel: bool,
 ) {
-    let span = |rs: isize, cs: isize, r: usize, c: usize| {
-        (r.max(1) - 1) as isize * rs + (c.max(1) - 1) as isize * cs + 1
-    };
-    assert!(dst.len() >= m * n);
-    assert!(lhs.0.len() as isize >= span(lhs.1, lhs.2, m, k));
-    assert!(rhs.0.len() as isize >= span(rhs.1, rhs.2, k, n));
+    check_operands(dst.len(), m, n, k, lhs, rhs);
     let par = if parallel {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
