@@ -886,23 +886,11 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
         names.join(", ")
     ));
     let n = tasks.len() as f64;
-    let avg = |m: &str| -> f64 {
-        tasks
-            .iter()
-            .filter_map(|t| get(t, m))
-            .map(|c| c.test_mean)
-            .sum::<f64>()
-            / n
-            * 100.0
+    let mean = |m: &str, f: fn(&Cell) -> f64| -> f64 {
+        tasks.iter().filter_map(|t| get(t, m)).map(f).sum::<f64>() / n
     };
-    let params = |m: &str| -> f64 {
-        tasks
-            .iter()
-            .filter_map(|t| get(t, m))
-            .map(|c| c.percent)
-            .sum::<f64>()
-            / n
-    };
+    let avg = |m: &str| 100.0 * mean(m, |c| c.test_mean);
+    let params = |m: &str| mean(m, |c| c.percent);
     let verdict = |ok: bool| if ok { "met" } else { "not met" };
     let full = avg("full");
     // The bottleneck size per task is picked on dev (seed 0 at its best rate), as the paper picks

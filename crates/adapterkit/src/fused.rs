@@ -786,42 +786,9 @@ impl CustomOp2 for BatchedMatmul {
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
             let lhs = &a[i * ar * ac..(i + 1) * ar * ac];
             let rhs = &b[i * br * bc..(i + 1) * br * bc];
-            if crate::gemm512::gemm(
-                dst,
-                m,
-                n,
-                k,
-                (lhs, a_rs, a_cs),
-                (rhs, b_rs, b_cs),
-                false,
-                false,
-            ) {
-                return;
-            }
-            // SAFETY: `dst` holds m·n elements written with strides (n, 1); `lhs` and `rhs` hold the
-            // ar·ac and br·bc elements that the strides above address for m×k and k×n operands.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    lhs.as_ptr(),
-                    a_cs,
-                    a_rs,
-                    rhs.as_ptr(),
-                    b_cs,
-                    b_rs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            let (lhs, rhs) = ((lhs, a_rs, a_cs), (rhs, b_rs, b_cs));
+            if !crate::gemm512::gemm(dst, m, n, k, lhs, rhs, false, false) {
+                gemm_crate_into(dst, m, n, k, lhs, rhs, false, false);
             }
         });
         let mut shape = da.to_vec();

@@ -139,33 +139,9 @@ pub(crate) fn gemm(
 
 /// Packs `rhs` (k×n) into panels of NR columns, each k×NR row-major, zero-padded past n.
 fn pack_b(bp: &mut [f32], (src, rs, cs): Operand<'_>, k: usize, n: usize, parallel: bool) {
-    let (rs, cs) = (rs as usize, cs as usize);
     let pack = |(jp, panel): (usize, &mut [f32])| {
         let j0 = jp * NR;
-        let w = NR.min(n - j0);
-        if cs == 1 {
-            for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
-                let s = p * rs + j0;
-                row[..w].copy_from_slice(&src[s..s + w]);
-                row[w..].fill(0.0);
-            }
-        } else {
-            // Column j of the panel is read along p; with rs == 1 (a transposed weight) that is a
-            // contiguous run, and the zip keeps the copy free of bounds checks.
-            for jj in 0..NR {
-                let rows = panel.chunks_exact_mut(NR);
-                if jj >= w {
-                    rows.for_each(|d| d[jj] = 0.0);
-                } else if rs == 1 {
-                    let base = (j0 + jj) * cs;
-                    rows.zip(&src[base..base + k]).for_each(|(d, &v)| d[jj] = v);
-                } else {
-                    let base = (j0 + jj) * cs;
-                    rows.zip(src[base..].iter().step_by(rs))
-                        .for_each(|(d, &v)| d[jj] = v);
-                }
-            }
-        }
+        pack_panel::<NR>(panel, src, j0, NR.min(n - j0), cs as usize, rs as usize, k);
     };
     if parallel {
         bp.par_chunks_mut(k * NR).enumerate().for_each(pack);
@@ -177,22 +153,51 @@ fn pack_b(bp: &mut [f32], (src, rs, cs): Operand<'_>, k: usize, n: usize, parall
 /// Packs rows r0..r0+rows of `lhs` into panels of MR rows, each k×MR (row r of the panel at
 /// offset p·MR + r), zero-padded past the last row.
 fn pack_a(ap: &mut [f32], (src, rs, cs): Operand<'_>, r0: usize, rows: usize, k: usize) {
-    let (rs, cs) = (rs as usize, cs as usize);
     for (ip, panel) in ap.chunks_exact_mut(k * MR).enumerate() {
         let i0 = ip * MR;
-        let h = MR.min(rows - i0);
-        for r in 0..MR {
-            let cols = panel.chunks_exact_mut(MR);
-            if r >= h {
-                cols.for_each(|d| d[r] = 0.0);
-            } else if cs == 1 {
-                let base = (r0 + i0 + r) * rs;
-                cols.zip(&src[base..base + k]).for_each(|(d, &v)| d[r] = v);
-            } else {
-                let base = (r0 + i0 + r) * rs;
-                cols.zip(src[base..].iter().step_by(cs))
-                    .for_each(|(d, &v)| d[r] = v);
-            }
+        pack_panel::<MR>(
+            panel,
+            src,
+            r0 + i0,
+            MR.min(rows - i0),
+            rs as usize,
+            cs as usize,
+            k,
+        );
+    }
+}
+
+/// Packs one panel of W lines (rows of A, columns of B) starting at line x0, each read along the
+/// depth: element (x, p) of `src` is at x·sx + p·sp and goes to `panel[p·W + x − x0]`; lines past
+/// `lines` are zero. A unit stride on either side takes a contiguous copy, and the chunked
+/// iterators keep the loops free of bounds checks.
+fn pack_panel<const W: usize>(
+    panel: &mut [f32],
+    src: &[f32],
+    x0: usize,
+    lines: usize,
+    sx: usize,
+    sp: usize,
+    k: usize,
+) {
+    if sx == 1 {
+        for (p, row) in panel.chunks_exact_mut(W).enumerate() {
+            let s = p * sp + x0;
+            row[..lines].copy_from_slice(&src[s..s + lines]);
+            row[lines..].fill(0.0);
+        }
+        return;
+    }
+    for x in 0..W {
+        let rows = panel.chunks_exact_mut(W);
+        let base = (x0 + x) * sx;
+        if x >= lines {
+            rows.for_each(|d| d[x] = 0.0);
+        } else if sp == 1 {
+            rows.zip(&src[base..base + k]).for_each(|(d, &v)| d[x] = v);
+        } else {
+            rows.zip(src[base..].iter().step_by(sp))
+                .for_each(|(d, &v)| d[x] = v);
         }
     }
 }
