@@ -1,8 +1,8 @@
 //! `adapterkit`: train, evaluate, save and use bottleneck adapters on a frozen BERT encoder.
 
 mod bench;
+mod chart;
 mod suite;
-mod svg;
 
 use adapterkit::data::{self, Columns, Format, TaskData};
 use adapterkit::ops::Activation;

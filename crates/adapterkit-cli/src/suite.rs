@@ -4,7 +4,7 @@
 //! Protocol: for each task and method, a learning-rate sweep with seed 0 picks the best rate on dev;
 //! that rate is rerun with the other seeds; test accuracy is reported as mean ± std over seeds.
 
-use crate::svg;
+use crate::chart;
 use adapterkit::adapter::AdapterConfig;
 use adapterkit::data::{self, TaskData};
 use adapterkit::ops::Activation;
@@ -834,9 +834,9 @@ fn report(p: &Plan) -> Result<()> {
     adapterkit::io::write_atomic(&p.out.join("table.md"), md.as_bytes())?;
     adapterkit::io::write_atomic(&p.out.join("table.csv"), csv.as_bytes())?;
     if let Some(full) = points.iter().find(|x| x.1 == "full").map(|x| x.3) {
-        let series: Vec<svg::Series> = ["houlsby", "pfeiffer", "top-k", "layernorm", "head"]
+        let series: Vec<chart::Series> = ["houlsby", "pfeiffer", "top-k", "layernorm", "head"]
             .iter()
-            .map(|fam| svg::Series {
+            .map(|fam| chart::Series {
                 name: fam.to_string(),
                 points: points
                     .iter()
@@ -846,18 +846,18 @@ fn report(p: &Plan) -> Result<()> {
             })
             .filter(|s| !s.points.is_empty())
             .collect();
-        let plot = svg::line_plot(
+        let plot = chart::line_plot(
             "Accuracy vs trained parameters per task (average over tasks)",
             "trained parameters per task (log scale)",
             "accuracy − full fine-tuning (points)",
             &series,
             true,
         );
-        adapterkit::io::write_atomic(&p.out.join("params_vs_accuracy.svg"), plot.as_bytes())?;
+        chart::write(&plot, &p.out, "params_vs_accuracy")?;
     }
     print!("{md}");
     println!(
-        "\nwritten: {}/table.md, table.csv, params_vs_accuracy.svg",
+        "\nwritten: {}/table.md, table.csv, params_vs_accuracy.svg, .png",
         p.out.display()
     );
     Ok(())
@@ -1020,7 +1020,7 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
                 .collect();
             println!("  {i}: {}", cells.join(" "));
         }
-        let heat = svg::heat_map(
+        let heat = chart::heat_map(
             &format!(
                 "{task}: test accuracy with adapters of layers i..j removed (all kept: {:.1})",
                 100.0 * full
@@ -1030,7 +1030,7 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
             &grid,
         );
         std::fs::create_dir_all(&p.out)?;
-        adapterkit::io::write_atomic(&p.out.join(format!("ablation_{task}.svg")), heat.as_bytes())?;
+        chart::write(&heat, &p.out, &format!("ablation_{task}"))?;
         all.insert(
             task.clone(),
             json!({"adapter": dir, "lr": lr, "all_kept": full, "removed_i_to_j": grid}),
@@ -1038,7 +1038,7 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
     }
     merge_json(&p.out.join("ablation.json"), all)?;
     println!(
-        "written: {}/ablation.json, ablation_<task>.svg",
+        "written: {}/ablation.json, ablation_<task>.svg, .png",
         p.out.display()
     );
     Ok(())
@@ -1106,13 +1106,13 @@ fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()> {
             pts.push((std, 100.0 * mean, format!("±{:.1}", 100.0 * sd)));
             rows.push(json!({"std": std, "test_mean": mean, "test_std": sd, "seeds": accs.len()}));
         }
-        series.push(svg::Series {
+        series.push(chart::Series {
             name: task.clone(),
             points: pts,
         });
         all.insert(task.clone(), json!(rows));
     }
-    let plot = svg::line_plot(
+    let plot = chart::line_plot(
         &format!(
             "Adapter init std vs test accuracy (m=64, lr 1e-3, {epochs} epochs, mean of seeds)"
         ),
@@ -1122,9 +1122,9 @@ fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()> {
         true,
     );
     std::fs::create_dir_all(&p.out)?;
-    adapterkit::io::write_atomic(&p.out.join("init.svg"), plot.as_bytes())?;
+    chart::write(&plot, &p.out, "init")?;
     merge_json(&p.out.join("init.json"), all)?;
-    println!("written: {}/init.json, init.svg", p.out.display());
+    println!("written: {}/init.json, init.svg, init.png", p.out.display());
     Ok(())
 }
 
