@@ -55,7 +55,7 @@ fn quiet_candle_pool() {
 /// modules (plus LayerNorms and a head) and is saved as a directory of a few MB with AdapterHub's
 /// file and tensor names. Start with `adapterkit fetch`, then `adapterkit train --task mr`.
 #[derive(Parser)]
-#[command(name = "adapterkit", version, about, long_about)]
+#[command(name = "adapterkit", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ADAPTERKIT_BUILD_REVISION"), ")"), about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -255,7 +255,7 @@ pub struct RunRecord {
     /// Training examples used (after --max-train); absent in records older than the field.
     #[serde(default)]
     pub train_n: Option<usize>,
-    /// Git revision of the code that ran.
+    /// Git revision the binary that ran was built from.
     pub revision: String,
 }
 
@@ -264,14 +264,9 @@ fn command_line() -> String {
     format!("adapterkit {}", args.join(" "))
 }
 
+/// The git revision this binary was built from (`+dirty` when crates/ had uncommitted changes).
 fn git_revision() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    env!("ADAPTERKIT_BUILD_REVISION").to_string()
 }
 
 fn run_path(out: &Path, task: &str, method: &str, lr: f64, seed: u64) -> PathBuf {

@@ -278,3 +278,29 @@ fn adapterhub_configs_and_directories_through_the_cli() {
     assert_eq!(line["logits"].as_array().unwrap().len(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn version_names_the_build_revision() {
+    let o = ak(&["--version"], None);
+    assert!(o.status.success());
+    let v = text(&o.stdout);
+    // "adapterkit 0.1.0 (abc1234)" or "(abc1234+dirty)"; "unknown" only outside a git checkout.
+    let rev = v
+        .trim()
+        .rsplit_once(" (")
+        .and_then(|(_, r)| r.strip_suffix(')'))
+        .unwrap_or("");
+    let hex = rev.trim_end_matches("+dirty");
+    let in_git = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if in_git {
+        assert!(
+            hex.len() >= 7 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+            "{v}"
+        );
+    } else {
+        assert_eq!(hex, "unknown", "{v}");
+    }
+}
