@@ -11,6 +11,8 @@ pub struct Series {
     pub name: String,
     /// Points; drawn in x order and joined by a line.
     pub points: Vec<(f64, f64, String)>,
+    /// Half-heights of error bars, one per point in `points`' order; empty for none.
+    pub errors: Vec<f64>,
 }
 
 /// An RGB colour.
@@ -262,9 +264,15 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
 /// A line plot; `log_x` puts x on a log10 scale with decade ticks.
 pub fn line_plot(title: &str, xlabel: &str, ylabel: &str, series: &[Series], log_x: bool) -> Chart {
     let fx = |x: f64| if log_x { x.max(1e-30).log10() } else { x };
+    let err = |s: &Series, i: usize| s.errors.get(i).copied().unwrap_or(0.0);
     let all: Vec<(f64, f64)> = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| (fx(p.0), p.1)))
+        .flat_map(|s| {
+            s.points
+                .iter()
+                .enumerate()
+                .flat_map(move |(i, p)| [(fx(p.0), p.1 - err(s, i)), (fx(p.0), p.1 + err(s, i))])
+        })
         .collect();
     let (mut x0, mut x1, mut y0, mut y1) = all.iter().fold(
         (
@@ -356,7 +364,12 @@ pub fn line_plot(title: &str, xlabel: &str, ylabel: &str, series: &[Series], log
     };
     for (k, ser) in series.iter().enumerate() {
         let col = COLORS[k % COLORS.len()];
-        let mut pts = ser.points.clone();
+        let mut pts: Vec<(f64, f64, String, f64)> = ser
+            .points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.0, p.1, p.2.clone(), err(ser, i)))
+            .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         c.shapes.push(Shape::Line {
             pts: pts.iter().map(|p| (sx(p.0), sy(p.1))).collect(),
@@ -365,6 +378,20 @@ pub fn line_plot(title: &str, xlabel: &str, ylabel: &str, series: &[Series], log
         });
         for p in &pts {
             let (x, y) = (sx(p.0), sy(p.1));
+            if p.3 > 0.0 {
+                let (lo, hi) = (sy(p.1 - p.3), sy(p.1 + p.3));
+                for pts in [
+                    vec![(x, lo), (x, hi)],
+                    vec![(x - 4.0, lo), (x + 4.0, lo)],
+                    vec![(x - 4.0, hi), (x + 4.0, hi)],
+                ] {
+                    c.shapes.push(Shape::Line {
+                        pts,
+                        color: col,
+                        width: 1.0,
+                    });
+                }
+            }
             c.shapes.push(Shape::Dot {
                 c: (x, y),
                 r: 4.0,
@@ -756,19 +783,26 @@ mod tests {
 
     #[test]
     fn charts_are_well_formed_and_place_points() {
-        let s = line_plot(
-            "t",
-            "x",
-            "y",
-            &[Series {
-                name: "a<b".into(),
-                points: vec![(10.0, 1.0, "p".into()), (1000.0, 2.0, "q".into())],
-            }],
-            true,
-        )
-        .to_svg();
+        let plot = |errors: Vec<f64>| {
+            line_plot(
+                "t",
+                "x",
+                "y",
+                &[Series {
+                    name: "a<b".into(),
+                    points: vec![(10.0, 1.0, "p".into()), (1000.0, 2.0, "q".into())],
+                    errors,
+                }],
+                true,
+            )
+            .to_svg()
+        };
+        let s = plot(vec![0.5, 0.0]);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
         assert!(s.contains("a&lt;b") && s.matches("<circle").count() == 2);
+        // One error bar (a stem and two caps) for the first point only.
+        let bars = |s: &str| s.matches("stroke=\"#1f77b4\" stroke-width=\"1\"").count();
+        assert_eq!((bars(&s), bars(&plot(Vec::new()))), (3, 0));
         let h = heat_map("h", "j", "i", &[vec![0.5, 0.7], vec![f64::NAN, 0.9]]).to_svg();
         // Background plus three cells.
         assert_eq!(h.matches("<rect x=").count(), 4);
@@ -814,6 +848,7 @@ mod tests {
             &[Series {
                 name: "s".into(),
                 points: vec![(10.0, 1.0, "p".into()), (1000.0, 2.0, "q".into())],
+                errors: Vec::new(),
             }],
             true,
         );

@@ -838,6 +838,7 @@ fn report(p: &Plan) -> Result<()> {
                     .filter(|x| x.0 == *fam)
                     .map(|x| (x.2, x.3 - full, x.1.to_string()))
                     .collect(),
+                errors: Vec::new(),
             })
             .filter(|s| !s.points.is_empty())
             .collect();
@@ -1061,6 +1062,7 @@ fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()> {
     for task in &p.tasks {
         let data = load_task_data(task, p.max_train)?;
         let mut pts = Vec::new();
+        let mut errs = Vec::new();
         let mut rows = Vec::new();
         for &std in &stds {
             let mut accs = Vec::new();
@@ -1099,17 +1101,19 @@ fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()> {
                 accs.len()
             );
             pts.push((std, 100.0 * mean, format!("±{:.1}", 100.0 * sd)));
+            errs.push(100.0 * sd);
             rows.push(json!({"std": std, "test_mean": mean, "test_std": sd, "seeds": accs.len()}));
         }
         series.push(chart::Series {
             name: task.clone(),
             points: pts,
+            errors: errs,
         });
         all.insert(task.clone(), json!(rows));
     }
     let plot = chart::line_plot(
         &format!(
-            "Adapter init std vs test accuracy (m=64, lr 1e-3, {epochs} epochs, mean of seeds)"
+            "Adapter init std vs test accuracy (m=64, lr 1e-3, {epochs} epochs, mean ± std of seeds)"
         ),
         "init std (log scale)",
         "test accuracy (%)",
