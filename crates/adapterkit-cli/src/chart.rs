@@ -133,10 +133,19 @@ impl Chart {
         });
     }
 
-    fn vtext(&mut self, at: (f64, f64), text: &str) {
+    /// The x label under the plot area and the y label turned along its left side at `yx`.
+    fn axis_labels(&mut self, xlabel: &str, ylabel: &str, yx: f64) {
+        let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
+        self.text(
+            (LEFT + pw / 2.0, H - 18.0),
+            xlabel,
+            12.0,
+            Anchor::Middle,
+            BLACK,
+        );
         self.shapes.push(Shape::Text {
-            at,
-            text: text.to_string(),
+            at: (yx, TOP + ph / 2.0),
+            text: ylabel.to_string(),
             size: 12.0,
             anchor: Anchor::Middle,
             color: BLACK,
@@ -331,14 +340,7 @@ pub fn line_plot(title: &str, xlabel: &str, ylabel: &str, series: &[Series], log
         fill: None,
         stroke: Some(FRAME),
     });
-    c.text(
-        (LEFT + pw / 2.0, H - 18.0),
-        xlabel,
-        12.0,
-        Anchor::Middle,
-        BLACK,
-    );
-    c.vtext((20.0, TOP + ph / 2.0), ylabel);
+    c.axis_labels(xlabel, ylabel, 20.0);
     // Point labels go to the first of four corners around their point that overlaps no label
     // placed before (boxes estimated at 6.5 units per character of the 10-unit font).
     let mut placed: Vec<[f64; 4]> = Vec::new();
@@ -479,14 +481,7 @@ pub fn heat_map(title: &str, xlabel: &str, ylabel: &str, grid: &[Vec<f64>]) -> C
             BLACK,
         );
     }
-    c.text(
-        (LEFT + pw / 2.0, H - 18.0),
-        xlabel,
-        12.0,
-        Anchor::Middle,
-        BLACK,
-    );
-    c.vtext((24.0, TOP + ph / 2.0), ylabel);
+    c.axis_labels(xlabel, ylabel, 24.0);
     c.text(
         (W - RIGHT + 10.0, TOP + 12.0),
         &format!("scale: {:.1} (white)", 100.0 * lo),
