@@ -32,6 +32,9 @@ pub enum Part {
     Run(RunArgs),
     /// Rebuild the table and figure from the cache without training.
     Report(CommonArgs),
+    /// Progress of `run` from the cache: finished and remaining runs per task, and the time the
+    /// remaining ones should take (from the cached runs' own timings); trains nothing.
+    Status(CommonArgs),
     /// Ablation (paper Figure 6): test accuracy of the saved m=64 adapter with the adapters of
     /// layers i..=j removed at inference, for every span; heat map.
     Ablation(AblationArgs),
@@ -509,6 +512,7 @@ pub fn main(a: SuiteArgs, load_base: impl Fn(&Option<PathBuf>) -> Result<BaseMod
             report(&p)
         }
         Part::Report(c) => report(&plan(&c)?),
+        Part::Status(c) => status(&plan(&c)?),
         Part::Ablation(x) => {
             let base = load_base(&x.common.model)?;
             ablation(&base, &plan(&x.common)?)
@@ -611,6 +615,117 @@ fn run(base: &BaseModel, p: &Plan) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Seconds per (training example × epoch × max length) of each method over its cached runs
+/// (median), the unit `status` scales to a task's size.
+fn method_rates(p: &Plan) -> Result<BTreeMap<String, f64>> {
+    let everywhere = Plan {
+        tasks: data::REGISTRY.iter().map(|t| t.name.to_string()).collect(),
+        ..p.clone()
+    };
+    let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in cached(&everywhere)? {
+        if let Some(n) = r.train_n.filter(|&n| n > 0) {
+            let work = (n * r.epochs * r.max_len) as f64;
+            per.entry(r.method.clone())
+                .or_default()
+                .push(r.seconds / work);
+        }
+    }
+    Ok(per
+        .into_iter()
+        .map(|(m, mut v)| {
+            v.sort_by(f64::total_cmp);
+            (m, v[v.len() / 2])
+        })
+        .collect())
+}
+
+/// `suite status`: per task, the runs `run` would make that are cached and those still to do, with
+/// an estimate of the time left.
+fn status(p: &Plan) -> Result<()> {
+    let rates = method_rates(p)?;
+    let (mut all_done, mut all_left, mut all_secs) = (0, 0, 0.0);
+    let mut unknown = false;
+    println!("| task | finished | to do | next | estimated time left |");
+    println!("|---|---|---|---|---|");
+    for task in &p.tasks {
+        let data = load_task_data(task, p.max_train)?;
+        let max_len = data::task_spec(task)?.max_len;
+        let work = (data.train.len() * epochs(p, task) * max_len) as f64;
+        // Sentence lengths differ by task, so the pace is calibrated on the task's own finished
+        // runs where there are some (median of actual over predicted time).
+        let mut ratios: Vec<f64> = cached(&Plan {
+            tasks: vec![task.clone()],
+            ..p.clone()
+        })?
+        .iter()
+        .filter_map(|r| Some(r.seconds / (rates.get(&r.method)? * work)))
+        .collect();
+        ratios.sort_by(f64::total_cmp);
+        let pace = ratios.get(ratios.len() / 2).copied().unwrap_or(1.0);
+        let (mut done, mut left, mut secs) = (0, 0, 0.0);
+        let mut next: Option<String> = None;
+        for m in &p.methods {
+            let sweep = lrs(p, m);
+            let mut best: Option<(f64, f64)> = None;
+            let mut todo: Vec<(f64, u64)> = Vec::new();
+            for &lr in &sweep {
+                let path = run_path(&p.out, task, m.name, lr, 0);
+                if path.exists() {
+                    let r: RunRecord = adapterkit::io::read_json(&path)
+                        .with_context(|| format!("reading cached run {}", path.display()))?;
+                    done += 1;
+                    if best.is_none_or(|b| r.dev > b.1) {
+                        best = Some((lr, r.dev));
+                    }
+                } else {
+                    todo.push((lr, 0));
+                }
+            }
+            for seed in 1..p.seeds {
+                // Until the sweep is finished the best rate is not known: the extra seeds count as
+                // to do.
+                match best.filter(|_| todo.is_empty()) {
+                    Some((lr, _)) if run_path(&p.out, task, m.name, lr, seed).exists() => done += 1,
+                    Some((lr, _)) => todo.push((lr, seed)),
+                    None => todo.push((f64::NAN, seed)),
+                }
+            }
+            left += todo.len();
+            match rates.get(m.name) {
+                Some(rate) => secs += rate * pace * work * todo.len() as f64,
+                None if !todo.is_empty() => unknown = true,
+                None => {}
+            }
+            if next.is_none() {
+                next = todo.first().map(|(lr, seed)| {
+                    if lr.is_nan() {
+                        format!("{} seed {seed}", m.name)
+                    } else {
+                        format!("{} lr {lr:e} seed {seed}", m.name)
+                    }
+                });
+            }
+        }
+        println!(
+            "| {task} | {done} | {left} | {} | {:.0} min |",
+            next.as_deref().unwrap_or("—"),
+            secs / 60.0
+        );
+        (all_done, all_left, all_secs) = (all_done + done, all_left + left, all_secs + secs);
+    }
+    println!(
+        "\n{all_done} runs finished, {all_left} to do, about {:.0} min left at the cached runs' pace{}.",
+        all_secs / 60.0,
+        if unknown {
+            " (a method with no cached run yet is not counted)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 
@@ -828,29 +943,33 @@ fn report(p: &Plan) -> Result<()> {
     std::fs::create_dir_all(&p.out)?;
     adapterkit::io::write_atomic(&p.out.join("table.md"), md.as_bytes())?;
     adapterkit::io::write_atomic(&p.out.join("table.csv"), csv.as_bytes())?;
-    if let Some(full) = points.iter().find(|x| x.1 == "full").map(|x| x.3) {
-        let series: Vec<chart::Series> = ["houlsby", "pfeiffer", "top-k", "layernorm", "head"]
-            .iter()
-            .map(|fam| chart::Series {
-                name: fam.to_string(),
-                points: points
-                    .iter()
-                    .filter(|x| x.0 == *fam)
-                    .map(|x| (x.2, x.3 - full, x.1.to_string()))
-                    .collect(),
-                errors: Vec::new(),
-            })
-            .filter(|s| !s.points.is_empty())
-            .collect();
-        let plot = chart::line_plot(
-            "Accuracy vs trained parameters per task (average over tasks)",
-            "trained parameters per task (log scale)",
-            "accuracy − full fine-tuning (points)",
-            &series,
-            true,
-        );
-        chart::write(&plot, &p.out, "params_vs_accuracy")?;
-    }
+    // Relative to full fine-tuning when it is in the table (the paper's Figure 3), else absolute.
+    let full = points.iter().find(|x| x.1 == "full").map(|x| x.3);
+    let series: Vec<chart::Series> = ["houlsby", "pfeiffer", "top-k", "layernorm", "head"]
+        .iter()
+        .map(|fam| chart::Series {
+            name: fam.to_string(),
+            points: points
+                .iter()
+                .filter(|x| x.0 == *fam)
+                .map(|x| (x.2, x.3 - full.unwrap_or(0.0), x.1.to_string()))
+                .collect(),
+            errors: Vec::new(),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    let plot = chart::line_plot(
+        "Accuracy vs trained parameters per task (average over tasks)",
+        "trained parameters per task (log scale)",
+        if full.is_some() {
+            "accuracy − full fine-tuning (points)"
+        } else {
+            "accuracy (%)"
+        },
+        &series,
+        true,
+    );
+    chart::write(&plot, &p.out, "params_vs_accuracy")?;
     print!("{md}");
     println!(
         "\nwritten: {}/table.md, table.csv, params_vs_accuracy.svg, .png",

@@ -53,6 +53,26 @@ fn suite_runs_resumes_reports_ablates_and_extends() {
     let (ok, _, stderr) = run(&["--methods", "head,houlsby-m64"]);
     assert!(ok && !stderr.contains("seed 0 ("), "{stderr}");
     assert!(out.join("table.md").exists() && out.join("table.csv").exists());
+    assert!(out.join("params_vs_accuracy.svg").exists());
+    let png = std::fs::read(out.join("params_vs_accuracy.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    // Status counts from the cache: both runs finished, LayerNorm-only (not run) still to do.
+    let (ok, stdout, stderr) = ak(&[
+        "suite",
+        "status",
+        "--out",
+        o,
+        "--tasks",
+        "amazon",
+        "--quick",
+        "--methods",
+        "head,houlsby-m64,layernorm",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("| amazon | 2 | 1 | layernorm lr 3e-3 seed 0 |"),
+        "{stdout}"
+    );
 
     let (ok, stdout, stderr) = ak(&[
         "suite", "ablation", "--out", o, "--tasks", "amazon", "--quick",
@@ -62,7 +82,7 @@ fn suite_runs_resumes_reports_ablates_and_extends() {
         serde_json::from_str(&std::fs::read_to_string(out.join("ablation.json")).unwrap()).unwrap();
     let grid = ab["amazon"]["removed_i_to_j"].as_array().unwrap();
     assert_eq!(grid.len(), 6, "{stdout}");
-    assert!(out.join("ablation_amazon.svg").exists());
+    assert!(out.join("ablation_amazon.svg").exists() && out.join("ablation_amazon.png").exists());
 
     let (ok, stdout, stderr) = ak(&[
         "suite",
