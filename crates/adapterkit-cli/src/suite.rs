@@ -1135,6 +1135,21 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
                 .collect();
             println!("  {i}: {}", cells.join(" "));
         }
+        // The paper's claim: the lower layers' adapters matter less than the upper ones.
+        let half = layers / 2;
+        let halves = (layers >= 2).then(|| (grid[0][half - 1], grid[half][layers - 1]));
+        if let Some((lower, upper)) = halves {
+            println!(
+                "  lower layers 0–{} removed: {:.4} (−{:.1} points); upper layers {half}–{} removed: {:.4} (−{:.1}); lower costs less: {}",
+                half - 1,
+                lower,
+                100.0 * (full - lower),
+                layers - 1,
+                upper,
+                100.0 * (full - upper),
+                if lower > upper { "yes" } else { "no" }
+            );
+        }
         let heat = chart::heat_map(
             &format!(
                 "{task}: test accuracy with adapters of layers i..j removed (all kept: {:.1})",
@@ -1148,7 +1163,9 @@ fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
         chart::write(&heat, &p.out, &format!("ablation_{task}"))?;
         all.insert(
             task.clone(),
-            json!({"adapter": dir, "lr": lr, "all_kept": full, "removed_i_to_j": grid}),
+            json!({"adapter": dir, "lr": lr, "all_kept": full, "removed_i_to_j": grid,
+                "lower_half_removed": halves.map(|h| h.0),
+                "upper_half_removed": halves.map(|h| h.1)}),
         );
     }
     merge_json(&p.out.join("ablation.json"), all)?;

@@ -82,6 +82,12 @@ fn suite_runs_resumes_reports_ablates_and_extends() {
         serde_json::from_str(&std::fs::read_to_string(out.join("ablation.json")).unwrap()).unwrap();
     let grid = ab["amazon"]["removed_i_to_j"].as_array().unwrap();
     assert_eq!(grid.len(), 6, "{stdout}");
+    assert_eq!(
+        ab["amazon"]["lower_half_removed"].as_f64(),
+        grid[0][2].as_f64(),
+        "{stdout}"
+    );
+    assert!(stdout.contains("lower costs less: "), "{stdout}");
     assert!(out.join("ablation_amazon.svg").exists() && out.join("ablation_amazon.png").exists());
 
     let (ok, stdout, stderr) = ak(&[
