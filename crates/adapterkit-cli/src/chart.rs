@@ -60,21 +60,25 @@ pub enum Shape {
         /// Colour.
         color: Rgb,
     },
-    /// A line of text; `vertical` turns it 90° counter-clockwise about its anchor point.
-    Text {
-        /// Anchor point (x per `anchor`, y on the baseline).
-        at: (f64, f64),
-        /// The text.
-        text: String,
-        /// Font size.
-        size: f64,
-        /// Horizontal anchoring.
-        anchor: Anchor,
-        /// Colour.
-        color: Rgb,
-        /// Rotated to run bottom to top.
-        vertical: bool,
-    },
+    /// A line of text.
+    Text(Label),
+}
+
+/// A line of text; `vertical` turns it 90° counter-clockwise about its anchor point.
+#[derive(Debug, Clone)]
+pub struct Label {
+    /// Anchor point (x per `anchor`, y on the baseline).
+    pub at: (f64, f64),
+    /// The text.
+    pub text: String,
+    /// Font size.
+    pub size: f64,
+    /// Horizontal anchoring.
+    pub anchor: Anchor,
+    /// Colour.
+    pub color: Rgb,
+    /// Rotated to run bottom to top.
+    pub vertical: bool,
 }
 
 /// A drawn chart: its size and shapes, rendered by [`Chart::to_svg`] and [`Chart::to_png`].
@@ -123,14 +127,14 @@ impl Chart {
     }
 
     fn text(&mut self, at: (f64, f64), text: &str, size: f64, anchor: Anchor, color: Rgb) {
-        self.shapes.push(Shape::Text {
+        self.shapes.push(Shape::Text(Label {
             at,
             text: text.to_string(),
             size,
             anchor,
             color,
             vertical: false,
-        });
+        }));
     }
 
     /// The x label under the plot area and the y label turned along its left side at `yx`.
@@ -143,14 +147,14 @@ impl Chart {
             Anchor::Middle,
             BLACK,
         );
-        self.shapes.push(Shape::Text {
+        self.shapes.push(Shape::Text(Label {
             at: (yx, TOP + ph / 2.0),
             text: ylabel.to_string(),
             size: 12.0,
             anchor: Anchor::Middle,
             color: BLACK,
             vertical: true,
-        });
+        }));
     }
 
     fn line(&mut self, a: (f64, f64), b: (f64, f64), color: Rgb) {
@@ -198,32 +202,26 @@ impl Chart {
                     c.1,
                     hex(*color)
                 ),
-                Shape::Text {
-                    at,
-                    text,
-                    size,
-                    anchor,
-                    color,
-                    vertical,
-                } => {
-                    let a = match anchor {
+                Shape::Text(l) => {
+                    let a = match l.anchor {
                         Anchor::Start => "start",
                         Anchor::Middle => "middle",
                         Anchor::End => "end",
                     };
-                    let place = if *vertical {
+                    let place = if l.vertical {
                         format!(
                             "transform=\"translate({:.1},{:.1}) rotate(-90)\"",
-                            at.0, at.1
+                            l.at.0, l.at.1
                         )
                     } else {
-                        format!("x=\"{:.1}\" y=\"{:.1}\"", at.0, at.1)
+                        format!("x=\"{:.1}\" y=\"{:.1}\"", l.at.0, l.at.1)
                     };
                     writeln!(
                         s,
-                        "<text {place} text-anchor=\"{a}\" font-size=\"{size}\" fill=\"{}\">{}</text>",
-                        hex(*color),
-                        esc(text)
+                        "<text {place} text-anchor=\"{a}\" font-size=\"{}\" fill=\"{}\">{}</text>",
+                        l.size,
+                        hex(l.color),
+                        esc(&l.text)
                     )
                 }
             };
@@ -616,32 +614,17 @@ impl Raster {
                 }
             }
             Shape::Dot { c, r, color } => self.disc(c.0 * s, c.1 * s, r * s, *color),
-            Shape::Text {
-                at,
-                text,
-                size,
-                anchor,
-                color,
-                vertical,
-            } => self.text(at.0 * s, at.1 * s, text, *size, *anchor, *color, *vertical),
+            Shape::Text(l) => self.text(l),
         }
     }
 
     /// Draws text with font pixels of `size·res/12` device pixels (the 8×8 font's cap height of
     /// 7 rows then comes out near a sans-serif font's), glyphs packed by their inked columns.
-    #[allow(clippy::too_many_arguments)]
-    fn text(
-        &mut self,
-        x: f64,
-        y: f64,
-        text: &str,
-        size: f64,
-        anchor: Anchor,
-        c: Rgb,
-        vertical: bool,
-    ) {
-        let fp = (size * self.res / 12.0).round().max(1.0) as i64;
-        let glyphs: Vec<([u8; 8], (u32, u32))> = text
+    fn text(&mut self, l: &Label) {
+        let (x, y, c, vertical) = (l.at.0 * self.res, l.at.1 * self.res, l.color, l.vertical);
+        let fp = (l.size * self.res / 12.0).round().max(1.0) as i64;
+        let glyphs: Vec<([u8; 8], (u32, u32))> = l
+            .text
             .chars()
             .map(|ch| {
                 let g = glyph(ch);
@@ -650,7 +633,7 @@ impl Raster {
             .collect();
         let cols: i64 = glyphs.iter().map(|(_, (_, w))| *w as i64 + 1).sum::<i64>() - 1;
         let len = cols.max(0) * fp;
-        let start = match anchor {
+        let start = match l.anchor {
             Anchor::Start => 0,
             Anchor::Middle => -len / 2,
             Anchor::End => -len,
