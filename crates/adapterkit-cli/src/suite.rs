@@ -618,35 +618,38 @@ fn run(base: &BaseModel, p: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Seconds per (training example × epoch × max length) of each method over its cached runs
-/// (median), the unit `status` scales to a task's size.
-fn method_rates(p: &Plan) -> Result<BTreeMap<String, f64>> {
-    let everywhere = Plan {
-        tasks: data::REGISTRY.iter().map(|t| t.name.to_string()).collect(),
-        ..p.clone()
-    };
+/// A run's amount of work: training examples × epochs × max length (None if the size was not
+/// recorded), the unit `status` measures pace in.
+fn run_work(r: &RunRecord) -> Option<f64> {
+    r.train_n
+        .filter(|&n| n > 0)
+        .map(|n| (n * r.epochs * r.max_len) as f64)
+}
+
+/// Seconds per unit of [`run_work`] of each method over the given runs (median).
+fn method_rates(runs: &[RunRecord]) -> BTreeMap<String, f64> {
     let mut per: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for r in cached(&everywhere)? {
-        if let Some(n) = r.train_n.filter(|&n| n > 0) {
-            let work = (n * r.epochs * r.max_len) as f64;
-            per.entry(r.method.clone())
-                .or_default()
-                .push(r.seconds / work);
+    for r in runs {
+        if let Some(w) = run_work(r) {
+            per.entry(r.method.clone()).or_default().push(r.seconds / w);
         }
     }
-    Ok(per
-        .into_iter()
+    per.into_iter()
         .map(|(m, mut v)| {
             v.sort_by(f64::total_cmp);
             (m, v[v.len() / 2])
         })
-        .collect())
+        .collect()
 }
 
 /// `suite status`: per task, the runs `run` would make that are cached and those still to do, with
 /// an estimate of the time left.
 fn status(p: &Plan) -> Result<()> {
-    let rates = method_rates(p)?;
+    let runs = cached(&Plan {
+        tasks: data::REGISTRY.iter().map(|t| t.name.to_string()).collect(),
+        ..p.clone()
+    })?;
+    let rates = method_rates(&runs);
     let (mut all_done, mut all_left, mut all_secs) = (0, 0, 0.0);
     let mut unknown = false;
     println!("| task | finished | to do | next | estimated time left |");
@@ -657,13 +660,11 @@ fn status(p: &Plan) -> Result<()> {
         let work = (data.train.len() * epochs(p, task) * max_len) as f64;
         // Sentence lengths differ by task, so the pace is calibrated on the task's own finished
         // runs where there are some (median of actual over predicted time).
-        let mut ratios: Vec<f64> = cached(&Plan {
-            tasks: vec![task.clone()],
-            ..p.clone()
-        })?
-        .iter()
-        .filter_map(|r| Some(r.seconds / (rates.get(&r.method)? * work)))
-        .collect();
+        let mut ratios: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.task == *task)
+            .filter_map(|r| Some(r.seconds / (rates.get(&r.method)? * run_work(r)?)))
+            .collect();
         ratios.sort_by(f64::total_cmp);
         let pace = ratios.get(ratios.len() / 2).copied().unwrap_or(1.0);
         let (mut done, mut left, mut secs) = (0, 0, 0.0);
