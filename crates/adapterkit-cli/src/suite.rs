@@ -706,8 +706,9 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
         b.swap(col, piv);
         for row in col + 1..n {
             let f = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+            let (above, below) = a.split_at_mut(row);
+            for (v, p) in below[0][col..].iter_mut().zip(&above[col][col..]) {
+                *v -= f * p;
             }
             b[row] -= f * b[col];
         }
