@@ -80,8 +80,8 @@ enum Command {
     /// so other tools (the PyTorch reference) train and test on exactly the same examples.
     Split(SplitArgs),
     /// The paper's experiments on the built-in tasks, resumable: `run` (methods × tasks table and
-    /// figure), `report`, `ablation` (Figure 6), `init` (Figure 7), `extend` (tasks added one at a
-    /// time leave earlier tasks bit-identical).
+    /// figure), `report`, `status` (progress and time left), `ablation` (Figure 6), `init`
+    /// (Figure 7), `extend` (tasks added one at a time leave earlier tasks bit-identical).
     Suite(suite::SuiteArgs),
     /// Time fixed-shape training or inference steps; prints JSON with achieved GFLOP/s next to the
     /// same run's measured GEMM peak and the peak RSS.

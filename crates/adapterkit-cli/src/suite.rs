@@ -508,17 +508,14 @@ pub fn main(a: SuiteArgs, load_base: impl Fn(&Option<PathBuf>) -> Result<BaseMod
         Part::Run(r) => {
             let p = plan(&r.common)?;
             let base = load_base(&r.common.model)?;
+            // Where the plan stands and how long the rest should take, before hours of training.
+            let model = model_dir(&r.common);
+            status(&p, &model, &mut std::io::stderr())?;
             run(&base, &p)?;
             report(&p)
         }
         Part::Report(c) => report(&plan(&c)?),
-        Part::Status(c) => {
-            let model = c
-                .model
-                .clone()
-                .unwrap_or_else(adapterkit::default_model_dir);
-            status(&plan(&c)?, &model)
-        }
+        Part::Status(c) => status(&plan(&c)?, &model_dir(&c), &mut std::io::stdout()),
         Part::Ablation(x) => {
             let base = load_base(&x.common.model)?;
             ablation(&base, &plan(&x.common)?)
@@ -768,7 +765,7 @@ impl Pace {
 
 /// `suite status`: per task, the runs `run` would make that are cached and those still to do, with
 /// an estimate of the time left.
-fn status(p: &Plan, model: &Path) -> Result<()> {
+fn status(p: &Plan, model: &Path, out: &mut dyn std::io::Write) -> Result<()> {
     let runs = cached(&Plan {
         tasks: data::REGISTRY.iter().map(|t| t.name.to_string()).collect(),
         ..p.clone()
@@ -790,8 +787,11 @@ fn status(p: &Plan, model: &Path) -> Result<()> {
     let predict = |m: &str, w: Work| pace_model.as_ref().and_then(|p| p.seconds(m, w));
     let (mut all_done, mut all_left, mut all_secs) = (0, 0, 0.0);
     let mut unknown = false;
-    println!("| task | finished | to do | next | estimated time left |");
-    println!("|---|---|---|---|---|");
+    writeln!(
+        out,
+        "| task | finished | to do | next | estimated time left |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|")?;
     for task in &p.tasks {
         let data = load_task_data(task, p.max_train)?;
         let work = Work::of(task, data.train.len(), epochs(p, task), &mut sizes)?;
@@ -851,14 +851,16 @@ fn status(p: &Plan, model: &Path) -> Result<()> {
                 });
             }
         }
-        println!(
+        writeln!(
+            out,
             "| {task} | {done} | {left} | {} | {:.0} min |",
             next.as_deref().unwrap_or("—"),
             secs / 60.0
-        );
+        )?;
         (all_done, all_left, all_secs) = (all_done + done, all_left + left, all_secs + secs);
     }
-    println!(
+    writeln!(
+        out,
         "\n{all_done} runs finished, {all_left} to do, about {:.0} min left at the cached runs' pace{}.",
         all_secs / 60.0,
         if unknown {
@@ -866,8 +868,14 @@ fn status(p: &Plan, model: &Path) -> Result<()> {
         } else {
             ""
         }
-    );
+    )?;
     Ok(())
+}
+
+fn model_dir(c: &CommonArgs) -> PathBuf {
+    c.model
+        .clone()
+        .unwrap_or_else(adapterkit::default_model_dir)
 }
 
 /// All cached runs of a plan's tasks and methods.
