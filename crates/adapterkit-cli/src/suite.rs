@@ -1156,6 +1156,27 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
     let avg = |m: &str| 100.0 * mean(m, |c| c.test_mean);
     let params = |m: &str| mean(m, |c| c.percent);
     let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    // Standard error of a method's average from its seeds' spread per task, in points: a margin
+    // smaller than about twice the error of the difference is a tie, whichever side it falls.
+    let std_err = |m: &str| {
+        100.0
+            * tasks
+                .iter()
+                .filter_map(|t| get(t, m))
+                .map(|c| c.test_std.powi(2) / c.seeds.max(1) as f64)
+                .sum::<f64>()
+                .sqrt()
+            / n
+    };
+    let margin = |a: &str, b: &str| {
+        let (d, e) = (avg(a) - avg(b), std_err(a).hypot(std_err(b)));
+        let reading = if d.abs() < 2.0 * e {
+            "a tie within seed noise"
+        } else {
+            "beyond seed noise"
+        };
+        format!("{d:+.2} ± {e:.2} standard error, {reading}")
+    };
     let full = avg("full");
     // The bottleneck size per task is picked on dev (seed 0 at its best rate), as the paper picks
     // on validation; picking on test would flatter the adapters.
@@ -1202,9 +1223,10 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
         match rival {
             Some((m, a)) => out.push_str(&format!(
                 "- {base} ({budget:.2}% of the base): {b:.1}; the best Houlsby size with at most \
-                 1.5× its parameters ({m}, {:.2}%): {a:.1}; adapters above: {}.\n",
+                 1.5× its parameters ({m}, {:.2}%): {a:.1}; adapters above: {} ({}).\n",
                 params(m),
-                verdict(a > b)
+                verdict(a > b),
+                margin(m, base)
             )),
             None => out.push_str(&format!(
                 "- {base} ({budget:.2}% of the base): {b:.1}; no Houlsby size is that small.\n"
@@ -1504,5 +1526,61 @@ mod tests {
         assert!(pace.seconds("layernorm", big).is_none());
         // One run cannot separate overhead from rate.
         assert!(Pace::fit(&rows[..1]).is_none());
+    }
+
+    #[test]
+    fn claims_call_a_margin_inside_the_seed_noise_a_tie() {
+        let methods = [
+            ("full", 0.90, 100.0),
+            ("layernorm", 0.880, 0.7),
+            ("houlsby-m2", 0.881, 0.8),
+            ("houlsby-m8", 0.870, 1.0),
+            ("houlsby-m64", 0.885, 3.3),
+            ("houlsby-m256", 0.889, 11.1),
+            ("top-1", 0.850, 8.5),
+            ("top-2", 0.870, 16.3),
+        ];
+        let cells: BTreeMap<(String, String), Cell> = methods
+            .iter()
+            .map(|&(m, acc, percent)| {
+                let cell = Cell {
+                    swept: 3,
+                    lr: 1e-3,
+                    dev: acc,
+                    test_mean: acc,
+                    test_std: 0.01,
+                    seeds: 3,
+                    trainable_params: 1,
+                    percent,
+                    bytes: 1,
+                    minority_f1: acc,
+                };
+                (("mr".to_string(), m.to_string()), cell)
+            })
+            .collect();
+        let plan = Plan {
+            max_train: 0,
+            out: PathBuf::new(),
+            tasks: vec!["mr".into()],
+            methods: METHODS.iter().collect(),
+            seeds: 3,
+            quick: false,
+        };
+        let text = claims(&plan, &cells);
+        // One task, std 1 point over 3 seeds: the error of a difference is 0.82 points.
+        assert!(
+            text.contains(
+                "adapters above: met (+0.10 ± 0.82 standard error, a tie within seed noise)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("(+3.90 ± 0.82 standard error, beyond seed noise)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bottleneck picked per task on dev (mr m256)"),
+            "{text}"
+        );
     }
 }
