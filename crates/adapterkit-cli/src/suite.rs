@@ -1080,13 +1080,18 @@ fn report(p: &Plan) -> Result<()> {
         }
     }
     if p.tasks.iter().any(|t| t == "sms") {
-        md.push_str("\nSMS: F1 of the spam class on test (mean over seeds; the minority class):");
-        for m in &p.methods {
-            if let Some(c) = cells.get(&("sms".to_string(), m.name.to_string())) {
-                md.push_str(&format!(" {} {:.1};", m.name, 100.0 * c.minority_f1));
-            }
-        }
-        md.push('\n');
+        let f1: Vec<String> = p
+            .methods
+            .iter()
+            .filter_map(|m| {
+                let c = cells.get(&("sms".to_string(), m.name.to_string()))?;
+                Some(format!("{} {:.1}", m.name, 100.0 * c.minority_f1))
+            })
+            .collect();
+        md.push_str(&format!(
+            "\nSMS: F1 of the spam class on test (mean over seeds; the minority class): {}.\n",
+            f1.join("; ")
+        ));
     }
     md.push_str(&claims(p, &cells));
     std::fs::create_dir_all(&p.out)?;
