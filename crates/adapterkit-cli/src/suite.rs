@@ -1097,23 +1097,77 @@ fn report(p: &Plan) -> Result<()> {
     std::fs::create_dir_all(&p.out)?;
     adapterkit::io::write_atomic(&p.out.join("table.md"), md.as_bytes())?;
     adapterkit::io::write_atomic(&p.out.join("table.csv"), csv.as_bytes())?;
-    // Relative to full fine-tuning when it is in the table (the paper's Figure 3), else absolute.
+    let avg_points: Vec<FigPoint> = points.iter().map(|x| (x.0, x.1, x.2, x.3, 0.0)).collect();
+    let plot = accuracy_figure(
+        "Accuracy vs trained parameters per task (average over tasks)",
+        &avg_points,
+    );
+    chart::write(&plot, &p.out, "params_vs_accuracy")?;
+    // Per task, as the paper's Figures 3–4 draw them: an average can hide a task that disagrees.
+    let per_task_dir = p.out.join("per_task");
+    let mut per_task_written = Vec::new();
+    for t in &p.tasks {
+        let pts: Vec<FigPoint> = p
+            .methods
+            .iter()
+            .filter_map(|m| {
+                let c = cells.get(&(t.clone(), m.name.to_string()))?;
+                Some((
+                    m.family,
+                    m.name,
+                    c.trainable_params as f64,
+                    100.0 * c.test_mean,
+                    100.0 * c.test_std,
+                ))
+            })
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let plot = accuracy_figure(
+            &format!("{t}: accuracy vs trained parameters (mean ± std over seeds)"),
+            &pts,
+        );
+        chart::write(&plot, &per_task_dir, t)?;
+        per_task_written.push(t.as_str());
+    }
+    print!("{md}");
+    println!(
+        "\nwritten: {}/table.md, table.csv, params_vs_accuracy.svg, .png; per_task/{{{}}}.svg, .png",
+        p.out.display(),
+        per_task_written.join(",")
+    );
+    Ok(())
+}
+
+/// One point of an accuracy figure: family, method, trained parameters, accuracy (%), ± std.
+type FigPoint = (&'static str, &'static str, f64, f64, f64);
+
+/// Accuracy against trained parameters on a log axis, one series per method family: relative to
+/// full fine-tuning when it is among the points (the paper's Figure 3), else absolute.
+fn accuracy_figure(title: &str, points: &[FigPoint]) -> chart::Chart {
     let full = points.iter().find(|x| x.1 == "full").map(|x| x.3);
     let series: Vec<chart::Series> = ["houlsby", "pfeiffer", "top-k", "layernorm", "head"]
         .iter()
-        .map(|fam| chart::Series {
-            name: fam.to_string(),
-            points: points
-                .iter()
-                .filter(|x| x.0 == *fam)
-                .map(|x| (x.2, x.3 - full.unwrap_or(0.0), x.1.to_string()))
-                .collect(),
-            errors: Vec::new(),
+        .map(|fam| {
+            let mine: Vec<&FigPoint> = points.iter().filter(|x| x.0 == *fam).collect();
+            chart::Series {
+                name: fam.to_string(),
+                points: mine
+                    .iter()
+                    .map(|x| (x.2, x.3 - full.unwrap_or(0.0), x.1.to_string()))
+                    .collect(),
+                errors: if mine.iter().any(|x| x.4 > 0.0) {
+                    mine.iter().map(|x| x.4).collect()
+                } else {
+                    Vec::new()
+                },
+            }
         })
         .filter(|s| !s.points.is_empty())
         .collect();
-    let plot = chart::line_plot(
-        "Accuracy vs trained parameters per task (average over tasks)",
+    chart::line_plot(
+        title,
         "trained parameters per task (log scale)",
         if full.is_some() {
             "accuracy − full fine-tuning (points)"
@@ -1122,14 +1176,7 @@ fn report(p: &Plan) -> Result<()> {
         },
         &series,
         true,
-    );
-    chart::write(&plot, &p.out, "params_vs_accuracy")?;
-    print!("{md}");
-    println!(
-        "\nwritten: {}/table.md, table.csv, params_vs_accuracy.svg, .png",
-        p.out.display()
-    );
-    Ok(())
+    )
 }
 
 /// The paper's claims (issue 5's expectations) checked against the table, each with its numbers:

@@ -56,6 +56,13 @@ fn suite_runs_resumes_reports_ablates_and_extends() {
     assert!(out.join("params_vs_accuracy.svg").exists());
     let png = std::fs::read(out.join("params_vs_accuracy.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    // One figure per task too, with the seeds' spread as error bars.
+    let svg = std::fs::read_to_string(out.join("per_task/amazon.svg")).unwrap();
+    assert!(
+        svg.contains("amazon: accuracy vs trained parameters"),
+        "{svg}"
+    );
+    assert!(out.join("per_task/amazon.png").exists());
     // Status counts from the cache: both runs finished, LayerNorm-only (not run) still to do.
     let (ok, stdout, stderr) = ak(&[
         "suite",
