@@ -242,7 +242,7 @@ pub(super) fn status(p: &Plan, model: &Path, out: &mut dyn std::io::Write) -> Re
     }
     writeln!(
         out,
-        "\n{all_done} runs finished, {all_left} to do, about {:.0} min left at the cached runs' pace{}.",
+        "\n{all_done} finished, {all_left} to do, about {:.0} min left at the cached runs' pace{}.",
         all_secs / 60.0,
         if unknown {
             " (a method with no cached run yet is not counted)"
