@@ -3,15 +3,15 @@
 use super::*;
 
 /// Per task, the sizes that set a run's cost: mean word pieces per example as the trainer sees them
-/// (truncated to the task's max length, unpadded) and the dev-set size; loaded once per task.
+/// (truncated to the task's max length, unpadded) the dev-set and training-set sizes; loaded once per task.
 struct TaskSizes<'a> {
     tokenizer: &'a adapterkit::tokenizer::TextTokenizer,
     max_train: usize,
-    sizes: BTreeMap<String, (f64, usize)>,
+    sizes: BTreeMap<String, (f64, usize, usize)>,
 }
 
 impl TaskSizes<'_> {
-    fn get(&mut self, task: &str) -> Result<(f64, usize)> {
+    fn get(&mut self, task: &str) -> Result<(f64, usize, usize)> {
         if let Some(&s) = self.sizes.get(task) {
             return Ok(s);
         }
@@ -23,8 +23,9 @@ impl TaskSizes<'_> {
             .with_context(|| format!("tokenizing task `{task}`"))?;
         let mean =
             enc.iter().map(|(ids, _)| ids.len()).sum::<usize>() as f64 / enc.len().max(1) as f64;
-        self.sizes.insert(task.to_string(), (mean, data.dev.len()));
-        Ok((mean, data.dev.len()))
+        let s = (mean, data.dev.len(), data.train.len());
+        self.sizes.insert(task.to_string(), s);
+        Ok(s)
     }
 }
 
@@ -39,7 +40,7 @@ struct Work {
 
 impl Work {
     fn of(task: &str, train_n: usize, epochs: usize, sizes: &mut TaskSizes) -> Result<Work> {
-        let (tokens, dev_n) = sizes.get(task)?;
+        let (tokens, dev_n, _) = sizes.get(task)?;
         Ok(Work {
             train: (train_n * epochs) as f64 * tokens,
             eval: (dev_n * epochs) as f64 * tokens,
@@ -174,8 +175,8 @@ pub(super) fn status(p: &Plan, model: &Path, out: &mut dyn std::io::Write) -> Re
     )?;
     writeln!(out, "|---|---|---|---|---|")?;
     for task in &p.tasks {
-        let data = load_task_data(task, p.max_train)?;
-        let work = Work::of(task, data.train.len(), epochs(p, task), &mut sizes)?;
+        let train_n = sizes.get(task)?.2;
+        let work = Work::of(task, train_n, epochs(p, task), &mut sizes)?;
         // What tokens do not capture (attention grows with length, loading) differs by task, so
         // the pace is calibrated on the task's own finished runs where there are some (median of
         // actual over predicted time).
