@@ -3,7 +3,8 @@
 use super::*;
 
 /// Per task, the sizes that set a run's cost: mean word pieces per example as the trainer sees them
-/// (truncated to the task's max length, unpadded) the dev-set and training-set sizes; loaded once per task.
+/// (truncated to the task's max length, unpadded), and the dev-set and training-set sizes; loaded
+/// once per task.
 struct TaskSizes<'a> {
     tokenizer: &'a adapterkit::tokenizer::TextTokenizer,
     max_train: usize,
