@@ -2,7 +2,7 @@
 //! the same run's measured GEMM peak next to the achieved rate.
 
 use adapterkit::flops::{step_flops, StepKind};
-use adapterkit::ops::cross_entropy;
+use adapterkit::kernels::cross_entropy;
 use adapterkit::rng::Rng;
 use adapterkit::train::AdamW;
 use adapterkit::{
@@ -109,14 +109,14 @@ fn gemm_peak() -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (2048, 768), &dev)?;
     let b = Tensor::randn(0f32, 1.0, (768, 3072), &dev)?;
     // The higher of candle's matmul (the `gemm` crate) and the crate's own kernel
-    // (`fused::matmul_2d`, AVX-512 where the CPU has it): the peak this machine offers us.
+    // (`kernels::matmul_2d`, AVX-512 where the CPU has it): the peak this machine offers us.
     let mut best = 0f64;
     for own in [false, true] {
         let mut times = Vec::new();
         for i in 0..6 {
             let t = Instant::now();
             let c = if own {
-                adapterkit::fused::matmul_2d(&a, &b)?
+                adapterkit::kernels::matmul_2d(&a, &b)?
             } else {
                 a.matmul(&b)?
             };
@@ -138,7 +138,6 @@ fn bert_base_config() -> Result<BertConfig> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    adapterkit::ops::use_fast_ops(!a.reference_ops);
     let minilm_dir = a
         .model
         .clone()
@@ -148,7 +147,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let base = match a.shape {
         Shape::Minilm => minilm,
         Shape::BertBase => BaseModel::random(bert_base_config()?, minilm.tokenizer.clone(), 0)?,
-    };
+    }
+    .with_backend(crate::backend_of(a.reference_ops));
     let cfg = base.config.clone();
     let mut rng = Rng::new(1);
     let ids: Vec<u32> = (0..a.batch * a.seq)

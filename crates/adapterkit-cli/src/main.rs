@@ -5,7 +5,7 @@ mod chart;
 mod suite;
 
 use adapterkit::data::{self, Columns, Format, TaskData};
-use adapterkit::ops::Activation;
+use adapterkit::kernels::Activation;
 use adapterkit::train::{evaluate, Event};
 use adapterkit::{
     AdapterConfig, BaseModel, HeadConfig, HeadKind, Placement, Pooling, TaskModel, TrainConfig,
@@ -367,6 +367,15 @@ struct InfoArgs {
     model: Option<PathBuf>,
 }
 
+/// The kernels `--reference-ops` selects.
+pub(crate) fn backend_of(reference_ops: bool) -> adapterkit::Backend {
+    if reference_ops {
+        adapterkit::Backend::Reference
+    } else {
+        adapterkit::Backend::Fused
+    }
+}
+
 fn load_base(model: &Option<PathBuf>) -> Result<BaseModel> {
     let dir = model.clone().unwrap_or_else(adapterkit::default_model_dir);
     if !dir.join("config.json").exists() && model.is_none() {
@@ -478,9 +487,8 @@ fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<Adapte
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    adapterkit::ops::use_fast_ops(!a.reference_ops);
     let home = adapterkit::default_home();
-    let base = load_base(&a.model)?;
+    let base = load_base(&a.model)?.with_backend(backend_of(a.reference_ops));
     let data = a.data.load(&home, a.regression)?;
     let d = base.config.hidden_size;
     let trainable = match a.method {

@@ -86,6 +86,19 @@ pub enum Error {
         message: String,
     },
 
+    /// A training or evaluation label names no class of the head.
+    #[error("{set} example {example}: label {label} is outside the head's {classes} classes (expected 0..{classes})")]
+    Label {
+        /// Which set (or `batch` when only the batch row is known).
+        set: String,
+        /// 0-based index of the example in that set (or row in the batch).
+        example: usize,
+        /// The label found.
+        label: usize,
+        /// Classes of the head.
+        classes: usize,
+    },
+
     /// A requested item (task, adapter, split) does not exist.
     #[error("{0}")]
     NotFound(String),

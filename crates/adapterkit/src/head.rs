@@ -1,7 +1,7 @@
 //! Task heads: classification (single sentence or pair) and regression on a pooled representation.
 
 use crate::error::{Error, Result};
-use crate::ops::Activation;
+use crate::kernels::Activation;
 use serde::{Deserialize, Serialize};
 
 /// What the head predicts.

@@ -7,7 +7,7 @@
 use crate::adapter::{AdapterConfig, Init, Placement, Residual, Scaling};
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, HeadKind, Pooling, MAX_HEAD_LAYERS};
-use crate::ops::Activation;
+use crate::kernels::Activation;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 

@@ -104,6 +104,30 @@ pub fn load_tensors(path: &Path) -> Result<std::collections::HashMap<String, can
     })
 }
 
+/// Removes tensor `name` from `tensors` (read from `path`), checks that its shape is `shape` and
+/// returns it as f32 on `device`: the one way a stored tensor enters the model.
+pub fn take_tensor(
+    tensors: &mut std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    device: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    let t = tensors.remove(name).ok_or_else(|| Error::MissingTensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+    })?;
+    if t.dims() != shape {
+        return Err(Error::TensorShape {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(t.to_dtype(candle_core::DType::F32)?.to_device(device)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,16 +14,14 @@
 pub mod adapter;
 pub mod config;
 pub mod data;
+pub mod encoder;
 pub mod error;
 pub mod flops;
-pub mod fused;
-pub mod gemm512;
 pub mod head;
 pub mod hub;
 pub mod io;
+pub mod kernels;
 pub mod metrics;
-pub mod model;
-pub mod ops;
 pub mod rng;
 pub mod task;
 pub mod tokenizer;
@@ -31,9 +29,10 @@ pub mod train;
 
 pub use adapter::{AdapterConfig, Placement};
 pub use config::BertConfig;
+pub use encoder::{BaseModel, Batch, ForwardOptions};
 pub use error::{Error, Result};
 pub use head::{HeadConfig, HeadKind, Pooling};
-pub use model::{BaseModel, Batch, ForwardOptions};
+pub use kernels::Backend;
 pub use task::{TaskModel, TrainableSet};
 pub use train::{train, TrainConfig};
 

@@ -2,11 +2,11 @@
 //! order and dropout, length bucketing, dev evaluation each epoch keeping the best).
 
 use crate::data::{bucketed_batches, LabelledSet, TaskData};
+use crate::encoder::{BaseModel, Batch, ForwardOptions};
 use crate::error::{Error, Result};
 use crate::head::HeadKind;
+use crate::kernels::{cross_entropy, mse};
 use crate::metrics::{classification, pearson, ClassMetrics};
-use crate::model::{BaseModel, Batch, ForwardOptions};
-use crate::ops::{cross_entropy, mse};
 use crate::rng::Rng;
 use crate::task::TaskModel;
 use candle_core::{Tensor, Var};
@@ -183,7 +183,7 @@ impl AdamW {
                 var,
                 m: vec![0.0; n],
                 v: vec![0.0; n],
-                decay: !no_decay(name),
+                decay: name.decays(),
             });
         }
         Ok(AdamW {
@@ -201,7 +201,7 @@ impl AdamW {
         let mut sq = 0f64;
         for s in &self.slots {
             let g = match grads.get(s.var.as_tensor()) {
-                Some(g) => crate::ops::to_vec_f32(g)?,
+                Some(g) => to_vec_f32(g)?,
                 None => vec![0.0; s.m.len()],
             };
             sq += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
@@ -221,7 +221,7 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = cfg.eps as f32;
         for (s, g) in self.slots.iter_mut().zip(gvecs) {
-            let mut p = crate::ops::to_vec_f32(s.var.as_tensor())?;
+            let mut p = to_vec_f32(s.var.as_tensor())?;
             let shrink = if s.decay {
                 1.0 - (lr * cfg.weight_decay) as f32
             } else {
@@ -247,11 +247,11 @@ impl AdamW {
     }
 }
 
-fn no_decay(name: &str) -> bool {
-    name.ends_with(".bias")
-        || name.contains("LayerNorm")
-        || name.contains(".adapter_norm_")
-        || name.ends_with(".scaling")
+/// A tensor's values as a flat `Vec<f32>`.
+fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 /// Linear warm-up then linear decay to zero, as a multiplier of the peak rate.
@@ -382,11 +382,7 @@ impl PrefixCache {
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| encoded[i].0.len());
         for chunk in order.chunks(batch_size.max(1)) {
-            let pieces: Vec<(&[u32], &[u32])> = chunk
-                .iter()
-                .map(|&i| (encoded[i].0.as_slice(), encoded[i].1.as_slice()))
-                .collect();
-            let batch = Batch::new(&pieces, base.config.pad_token_id, &base.device)?;
+            let batch = Batch::select(encoded, chunk, base.config.pad_token_id, &base.device)?;
             for (&i, t) in chunk
                 .iter()
                 .zip(base.encode_prefix(&frozen, &batch, layers)?)
@@ -432,11 +428,7 @@ pub fn batch_loss_from(
     rng: Option<&mut Rng>,
     cache: Option<&PrefixCache>,
 ) -> Result<Tensor> {
-    let pieces: Vec<(&[u32], &[u32])> = rows
-        .iter()
-        .map(|&i| (encoded[i].0.as_slice(), encoded[i].1.as_slice()))
-        .collect();
-    let batch = Batch::new(&pieces, base.config.pad_token_id, &base.device)?;
+    let batch = Batch::select(encoded, rows, base.config.pad_token_id, &base.device)?;
     let prefix = match cache {
         Some(c) => Some((c.layers, c.batch(rows, batch.ids.dim(1)?)?)),
         None => None,
@@ -446,17 +438,40 @@ pub fn batch_loss_from(
         prefix,
         ..ForwardOptions::default()
     };
+    // Labels are checked before the forward pass: a bad one must not cost a step.
+    let labels = match task.head.kind {
+        HeadKind::Classification => Some(batch_labels(
+            set,
+            rows,
+            task.head.num_outputs(),
+            "training",
+        )?),
+        HeadKind::Regression => None,
+    };
     let logits = base.logits(task, &batch, &mut opts)?;
-    match task.head.kind {
-        HeadKind::Classification => {
-            let labels: Vec<u32> = rows.iter().map(|&i| set.labels[i] as u32).collect();
-            cross_entropy(&logits, &labels)
-        }
-        HeadKind::Regression => {
+    match labels {
+        Some(labels) => cross_entropy(&logits, &labels),
+        None => {
             let t: Vec<f32> = rows.iter().map(|&i| set.targets[i]).collect();
             mse(&logits, &t)
         }
     }
+}
+
+/// The class labels of `rows` of `set`, each checked against the head's `classes`; the error names
+/// the set (`what`) and the example.
+fn batch_labels(set: &LabelledSet, rows: &[usize], classes: usize, what: &str) -> Result<Vec<u32>> {
+    rows.iter()
+        .map(|&i| match set.labels.get(i) {
+            Some(&l) if l < classes => Ok(l as u32),
+            found => Err(Error::Label {
+                set: what.into(),
+                example: i,
+                label: found.copied().unwrap_or(usize::MAX),
+                classes,
+            }),
+        })
+        .collect()
 }
 
 /// Trains `task` on `data.train`, evaluating on `data.dev` after each epoch and keeping the best
@@ -484,6 +499,13 @@ pub fn train(
     }
     if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
         return Err(Error::config("train", "lr", "must be a positive number"));
+    }
+    if task.head.kind == HeadKind::Classification {
+        let classes = task.head.num_outputs();
+        for (set, what) in [(&data.train, "training"), (&data.dev, "dev")] {
+            let all: Vec<usize> = (0..set.labels.len()).collect();
+            batch_labels(set, &all, classes, what)?;
+        }
     }
     let start = Instant::now();
     let train_enc = tokenize_set(base, &data.train, task.max_len)?;
@@ -513,7 +535,7 @@ pub fn train(
     let mut dropout_rng = Rng::derive(cfg.seed, "dropout");
     let mut step = 0usize;
     let mut epochs = Vec::new();
-    let mut best: Option<(usize, EvalMetrics, BTreeMap<String, Tensor>)> = None;
+    let mut best: Option<(usize, EvalMetrics, BTreeMap<crate::task::ParamKey, Tensor>)> = None;
 
     'outer: for epoch in 1..=cfg.epochs {
         let t0 = Instant::now();

@@ -163,7 +163,7 @@ fn placement_and_leave_out_decide_the_adapter_tensors() {
         0,
     )
     .unwrap();
-    let names: Vec<&String> = t
+    let names: Vec<_> = t
         .params
         .keys()
         .filter(|k| k.contains(".adapters."))
@@ -260,7 +260,7 @@ fn adapterhub_arrangements_get_gradients_matching_finite_differences() {
             residual: Residual::AdapterInput,
             ln_after: true,
             scaling: Scaling::Learned,
-            nonlinearity: adapterkit::ops::Activation::GeluNew,
+            nonlinearity: adapterkit::kernels::Activation::GeluNew,
             ..adapters(5e-2)
         },
     ];
@@ -476,10 +476,11 @@ fn adapter_for_another_base_is_refused() {
     // A mis-shaped adapter tensor is named with both shapes.
     let mut bad = adapter_task(&base, "x", 1e-3, 1);
     let key = param_name(0, Site::Ffn, "x", "up.weight");
-    bad.params.insert(
-        key.clone(),
+    bad.set_param(
+        &key,
         Tensor::zeros((32, 4), DType::F32, &base.device).unwrap(),
-    );
+    )
+    .unwrap();
     bad.save(&dir, "tiny").unwrap();
     let msg = TaskModel::load(&dir, &base).unwrap_err().to_string();
     assert!(
@@ -577,7 +578,12 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
         let a = matches!(set, TrainableSet::Adapters { .. }).then(|| adapters(5e-2));
         let task = TaskModel::new(&base, "f", set.clone(), a, head(), 32, 4).unwrap();
         let run = |fast: bool| {
-            adapterkit::ops::use_fast_ops(fast);
+            let backend = if fast {
+                adapterkit::Backend::Fused
+            } else {
+                adapterkit::Backend::Reference
+            };
+            let base = base.with_backend(backend);
             let mut t = task.clone();
             let mut vars = Vec::new();
             for (name, p) in t.params.iter_mut() {
@@ -591,12 +597,11 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
                 .iter()
                 .map(|(n, v)| {
                     (
-                        n.clone(),
+                        n.to_string(),
                         grads.get(v.as_tensor()).expect("gradient").clone(),
                     )
                 })
                 .collect();
-            adapterkit::ops::use_fast_ops(true);
             (loss.to_scalar::<f32>().unwrap(), g)
         };
         let (lf, gf) = run(true);

@@ -11,7 +11,7 @@ mod status;
 use crate::chart;
 use adapterkit::adapter::AdapterConfig;
 use adapterkit::data::{self, TaskData};
-use adapterkit::ops::Activation;
+use adapterkit::kernels::Activation;
 use adapterkit::train::{evaluate, EvalMetrics, TrainConfig};
 use adapterkit::{BaseModel, HeadConfig, TaskModel, TrainableSet};
 use anyhow::{bail, Context, Result};

@@ -1,7 +1,15 @@
-//! Bottleneck adapters (Houlsby et al. 2019): configuration, placement and parameter naming.
+//! Bottleneck adapters (Houlsby et al. 2019): configuration, placement and parameter naming; the
+//! site interface in [`site`], the bottleneck adapter's forward in [`bottleneck`].
+
+pub mod bottleneck;
+pub mod site;
+
+pub use bottleneck::BottleneckAdapter;
+pub use site::{residual_norm, SiteAdapter, SiteContext};
 
 use crate::error::{Error, Result};
-use crate::ops::Activation;
+use crate::kernels::Activation;
+use crate::task::keys::{Leaf, ParamKey, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -140,6 +148,20 @@ pub enum Part {
     LnAfterBias,
     /// Trained output scaling ([1] for `learned`, [d] for `channel`).
     Scaling,
+}
+
+impl Part {
+    /// The tensor's shape class, for weight decay.
+    pub fn leaf(self) -> Leaf {
+        match self {
+            Part::DownWeight | Part::UpWeight => Leaf::Weight,
+            Part::DownBias | Part::UpBias => Leaf::Bias,
+            Part::LnBeforeWeight | Part::LnBeforeBias | Part::LnAfterWeight | Part::LnAfterBias => {
+                Leaf::Norm
+            }
+            Part::Scaling => Leaf::Scale,
+        }
+    }
 }
 
 /// A bottleneck adapter configuration: plain data that round-trips through JSON. The fields after
@@ -393,15 +415,37 @@ impl AdapterConfig {
         hidden: usize,
         layers: usize,
     ) -> Vec<(String, Vec<usize>)> {
+        self.param_keys(name, hidden, layers)
+            .into_iter()
+            .map(|(k, s)| (k.name().to_string(), s))
+            .collect()
+    }
+
+    /// Every adapter tensor of the configuration: typed key and shape.
+    pub fn param_keys(
+        &self,
+        name: &str,
+        hidden: usize,
+        layers: usize,
+    ) -> Vec<(ParamKey, Vec<usize>)> {
         let mut v = Vec::new();
         for l in (0..layers).filter(|&l| self.has_layer(l)) {
             for &site in self.sites() {
                 for (part, shape) in self.param_shapes_at(l, hidden) {
-                    v.push((self.param_name(l, site, name, part), shape));
+                    v.push((self.param_key(l, site, name, part), shape));
                 }
             }
         }
         v
+    }
+
+    /// The typed key of one adapter tensor (see [`AdapterConfig::param_name`]).
+    pub fn param_key(&self, layer: usize, site: Site, adapter: &str, part: Part) -> ParamKey {
+        ParamKey::new(
+            self.param_name(layer, site, adapter, part),
+            Role::Adapter { layer },
+            part.leaf(),
+        )
     }
 
     /// The checkpoint name of one adapter tensor, as AdapterHub names it (without the `bert.` prefix).

@@ -441,7 +441,7 @@ mod tests {
                 gemm(&mut dst, m, n, k, (&a, k as isize, 1), rhs, false, true);
                 ours.push(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
-                crate::fused::gemm_crate_into(
+                crate::kernels::gemm::gemm_crate_into(
                     &mut dst,
                     m,
                     n,

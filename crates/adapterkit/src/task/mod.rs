@@ -4,10 +4,14 @@
 //! trains (LayerNorms for Houlsby adapters, whole layers for top-k or full fine-tuning), and the
 //! encoder prefers the task's copy. The base is never written, so tasks cannot disturb each other.
 
+pub mod keys;
+
+pub use keys::{Leaf, ParamKey, Role};
+
 use crate::adapter::{AdapterConfig, Init, Part};
+use crate::encoder::BaseModel;
 use crate::error::{Error, Result};
-use crate::head::HeadConfig;
-use crate::model::{is_layer_norm, BaseModel};
+use crate::head::{HeadConfig, Pooling};
 use crate::rng::Rng;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -49,16 +53,37 @@ impl TrainableSet {
         }
     }
 
-    /// Whether the task owns (and trains) its own copy of base parameter `name`.
-    pub fn owns_base_param(&self, name: &str, num_layers: usize) -> bool {
-        match self {
-            TrainableSet::Adapters { layernorms } => *layernorms && is_layer_norm(name),
-            TrainableSet::Full => true,
-            TrainableSet::Head => false,
-            TrainableSet::TopK { k } => (num_layers.saturating_sub(*k)..num_layers)
-                .any(|l| name.starts_with(&format!("encoder.layer.{l}."))),
-            TrainableSet::Layernorm => is_layer_norm(name),
+    /// Whether the task owns (and trains) its own copy of a base parameter of role `role`, on a
+    /// base of `num_layers` layers, with a head that pools by `pooling`: the one ownership rule.
+    pub fn owns(&self, role: Role, num_layers: usize, pooling: Pooling) -> bool {
+        let top = |layer: usize| match self {
+            TrainableSet::TopK { k } => layer >= num_layers.saturating_sub(*k),
+            _ => false,
+        };
+        match (self, role) {
+            (TrainableSet::Full, Role::Pooler) => pooling == Pooling::Pooler,
+            (_, Role::Pooler | Role::Head | Role::Adapter { .. }) => false,
+            (TrainableSet::Full, _) => true,
+            (TrainableSet::Adapters { layernorms }, Role::LayerNorm { .. }) => *layernorms,
+            (TrainableSet::Layernorm, Role::LayerNorm { .. }) => true,
+            (TrainableSet::TopK { .. }, Role::LayerNorm { layer: Some(l) }) => top(l),
+            (TrainableSet::TopK { .. }, Role::LayerWeight { layer }) => top(layer),
+            _ => false,
         }
+    }
+
+    /// The base parameters a task with this trainable set owns a copy of.
+    pub fn owned_base_params<'b>(
+        &self,
+        base: &'b BaseModel,
+        pooling: Pooling,
+    ) -> Vec<&'b crate::encoder::Param> {
+        let layers = base.config.num_hidden_layers;
+        base.weights
+            .params()
+            .into_iter()
+            .filter(|p| self.owns(p.key.role(), layers, pooling))
+            .collect()
     }
 }
 
@@ -117,8 +142,9 @@ pub struct TaskModel {
     pub head: HeadConfig,
     /// What the task trains.
     pub trainable: TrainableSet,
-    /// Every parameter the task owns, by checkpoint name (adapters, head, copies of base parameters).
-    pub params: BTreeMap<String, Tensor>,
+    /// Every parameter the task owns, keyed by checkpoint name and role (adapters, head, copies of
+    /// base parameters); look up by name with `params.get("…")`.
+    pub params: BTreeMap<ParamKey, Tensor>,
     /// Base the task fits.
     pub base: BaseFingerprint,
     /// Maximum input length.
@@ -209,12 +235,13 @@ impl TaskModel {
                 for &site in a.sites() {
                     for (part, shape) in a.param_shapes_at(l, d) {
                         let t = init_adapter_tensor(a, part, &shape, &mut rng, dev)?;
-                        params.insert(a.param_name(l, site, name, part), t);
+                        params.insert(a.param_key(l, site, name, part), t);
                     }
                 }
             }
         }
         for (pname, shape) in head.param_shapes(name, d) {
+            let key = head_key(pname, &shape);
             let t = if shape.len() == 2 {
                 let n = shape[0] * shape[1];
                 let v: Vec<f32> = (0..n)
@@ -224,20 +251,10 @@ impl TaskModel {
             } else {
                 Tensor::zeros(shape, candle_core::DType::F32, dev)?
             };
-            params.insert(pname, t);
+            params.insert(key, t);
         }
-        for bname in base.weight_names() {
-            let is_pooler = bname.starts_with("pooler.");
-            let owned = if is_pooler {
-                trainable == TrainableSet::Full && head.pooling == crate::head::Pooling::Pooler
-            } else {
-                trainable.owns_base_param(&bname, layers)
-            };
-            if owned {
-                if let Some(t) = base.weight(&bname) {
-                    params.insert(bname, t.copy()?);
-                }
-            }
+        for p in trainable.owned_base_params(base, head.pooling) {
+            params.insert(p.key.clone(), p.tensor.copy()?);
         }
         Ok(TaskModel {
             name: name.to_string(),
@@ -253,21 +270,10 @@ impl TaskModel {
     /// How many of the lowest encoder layers hold nothing this task trains (no adapter, no own copy
     /// of a base parameter): 0 when it owns embedding parameters, all layers for a head-only task.
     pub fn frozen_prefix_layers(&self, layers: usize) -> usize {
-        let mut lowest = layers;
-        for name in self.params.keys() {
-            if name.starts_with("heads.") || name.starts_with("pooler.") {
-                continue;
-            }
-            let layer = name
-                .strip_prefix("encoder.layer.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|l| l.parse::<usize>().ok());
-            match layer {
-                Some(l) => lowest = lowest.min(l),
-                None => return 0,
-            }
-        }
-        lowest
+        self.params
+            .keys()
+            .filter_map(|k| k.role().first_layer_changed())
+            .fold(layers, usize::min)
     }
 
     /// Number of parameters the task trains and stores.
@@ -293,20 +299,34 @@ impl TaskModel {
         Ok(t)
     }
 
+    /// The task's tensors by file: adapters (AdapterHub's `bert.` names), head, base copies.
     fn split_params(&self) -> [BTreeMap<String, Tensor>; 3] {
         let mut adapters = BTreeMap::new();
         let mut head = BTreeMap::new();
         let mut base = BTreeMap::new();
         for (k, v) in &self.params {
-            if k.starts_with("heads.") {
-                head.insert(k.clone(), v.clone());
-            } else if k.contains(".adapters.") {
-                adapters.insert(format!("bert.{k}"), v.clone());
-            } else {
-                base.insert(k.clone(), v.clone());
-            }
+            match k.role() {
+                Role::Head => head.insert(k.to_string(), v.clone()),
+                Role::Adapter { .. } => adapters.insert(format!("bert.{k}"), v.clone()),
+                _ => base.insert(k.to_string(), v.clone()),
+            };
         }
         [adapters, head, base]
+    }
+
+    /// Replaces the values of parameter `name`, keeping its key (for tests and tools that edit a
+    /// trained task); an error when the task has no such parameter.
+    pub fn set_param(&mut self, name: &str, value: Tensor) -> Result<()> {
+        let key = self
+            .params
+            .keys()
+            .find(|k| k.name() == name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(format!("task `{}` has no parameter `{name}`", self.name))
+            })?;
+        self.params.insert(key, value);
+        Ok(())
     }
 
     /// Writes the task as an adapter directory (AdapterHub file and tensor names, plus our own
@@ -406,61 +426,37 @@ impl TaskModel {
         validate_name(&meta.name)?;
         meta.head.validate()?;
         let (d, layers) = (here.hidden_size, here.num_hidden_layers);
-        let mut expected: Vec<(String, Vec<usize>, &str)> = Vec::new();
+        let mut expected: Vec<(ParamKey, Vec<usize>, &str)> = Vec::new();
         if let Some(a) = &meta.adapter {
             a.validate(d, layers)?;
-            for (n, shape) in a.param_shapes(&meta.name, d, layers) {
-                expected.push((n, shape, files::ADAPTER_WEIGHTS));
+            for (k, shape) in a.param_keys(&meta.name, d, layers) {
+                expected.push((k, shape, files::ADAPTER_WEIGHTS));
             }
         }
         for (n, s) in meta.head.param_shapes(&meta.name, d) {
-            expected.push((n, s, files::HEAD_WEIGHTS));
+            expected.push((head_key(n, &s), s, files::HEAD_WEIGHTS));
         }
-        for bname in base.weight_names() {
-            let is_pooler = bname.starts_with("pooler.");
-            let owned = if is_pooler {
-                meta.trainable == TrainableSet::Full
-                    && meta.head.pooling == crate::head::Pooling::Pooler
-            } else {
-                meta.trainable.owns_base_param(&bname, layers)
-            };
-            if owned {
-                if let Some(t) = base.weight(&bname) {
-                    expected.push((bname.clone(), t.dims().to_vec(), files::BASE_PARAMS));
-                }
-            }
+        let mut owned = meta.trainable.owned_base_params(base, meta.head.pooling);
+        owned.sort_by(|a, b| a.key.cmp(&b.key));
+        for p in owned {
+            expected.push((p.key.clone(), p.tensor.dims().to_vec(), files::BASE_PARAMS));
         }
         let mut loaded: BTreeMap<&str, std::collections::HashMap<String, Tensor>> = BTreeMap::new();
         let mut params = BTreeMap::new();
-        for (name, shape, file) in expected {
+        for (key, shape, file) in expected {
+            let path = dir.join(file);
             if !loaded.contains_key(file) {
-                let map = crate::io::load_tensors(&dir.join(file))?
+                let map = crate::io::load_tensors(&path)?
                     .into_iter()
                     .map(|(k, v)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), v))
                     .collect();
                 loaded.insert(file, map);
             }
-            let path = dir.join(file);
-            let t = loaded
+            let map = loaded
                 .get_mut(file)
-                .and_then(|m| m.remove(&name))
-                .ok_or_else(|| Error::MissingTensor {
-                    path: path.clone(),
-                    name: name.clone(),
-                })?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::TensorShape {
-                    path,
-                    name,
-                    expected: shape,
-                    found: t.dims().to_vec(),
-                });
-            }
-            params.insert(
-                name,
-                t.to_dtype(candle_core::DType::F32)?
-                    .to_device(&base.device)?,
-            );
+                .ok_or_else(|| Error::NotFound(format!("{}: not read", path.display())))?;
+            let t = crate::io::take_tensor(map, &path, key.name(), &shape, &base.device)?;
+            params.insert(key, t);
         }
         Ok(TaskModel {
             name: meta.name,
@@ -517,47 +513,24 @@ impl TaskModel {
                 )))
             }
         };
-        let strip = |m: std::collections::HashMap<String, Tensor>| -> BTreeMap<String, Tensor> {
+        let strip = |m: std::collections::HashMap<String, Tensor>| {
             m.into_iter()
                 .map(|(k, v)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), v))
-                .collect()
+                .collect::<std::collections::HashMap<String, Tensor>>()
         };
         let mut params = BTreeMap::new();
-        let mut take = |file: &Path,
-                        tensors: &mut BTreeMap<String, Tensor>,
-                        from: &str,
-                        to: String,
-                        shape: Vec<usize>|
-         -> Result<()> {
-            let t = tensors.remove(from).ok_or_else(|| Error::MissingTensor {
-                path: file.to_path_buf(),
-                name: from.to_string(),
-            })?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::TensorShape {
-                    path: file.to_path_buf(),
-                    name: from.to_string(),
-                    expected: shape,
-                    found: t.dims().to_vec(),
-                });
-            }
-            params.insert(
-                to,
-                t.to_dtype(candle_core::DType::F32)?
-                    .to_device(&base.device)?,
-            );
-            Ok(())
-        };
-        let leftovers = |file: &Path, tensors: &BTreeMap<String, Tensor>| -> Result<()> {
-            match tensors.keys().next() {
+        let leftovers =
+            |file: &Path, tensors: &std::collections::HashMap<String, Tensor>| match tensors
+                .keys()
+                .min()
+            {
                 Some(k) => Err(Error::Config {
                     context: file.display().to_string(),
                     field: k.clone(),
                     message: "tensor the configuration does not account for".into(),
                 }),
                 None => Ok(()),
-            }
-        };
+            };
 
         let head_path = dir.join(files::HEAD_CONFIG);
         if !head_path.exists() {
@@ -596,13 +569,14 @@ impl TaskModel {
         if let Some(a) = &adapter {
             let file = pick(files::ADAPTER_WEIGHTS, "pytorch_adapter.bin")?;
             let mut tensors = strip(crate::io::load_tensors(&file)?);
-            for (n, shape) in a.param_shapes(&name, d, layers) {
-                let alias = crate::hub::ln_before_alias(&n);
+            for (key, shape) in a.param_keys(&name, d, layers) {
+                let alias = crate::hub::ln_before_alias(key.name());
                 let from = match &alias {
-                    Some(al) if !tensors.contains_key(&n) => al.clone(),
-                    _ => n.clone(),
+                    Some(al) if !tensors.contains_key(key.name()) => al.clone(),
+                    _ => key.to_string(),
                 };
-                take(&file, &mut tensors, &from, n.clone(), shape)?;
+                let t = crate::io::take_tensor(&mut tensors, &file, &from, &shape, &base.device)?;
+                params.insert(key, t);
                 if let Some(al) = alias {
                     tensors.remove(&al);
                 }
@@ -613,7 +587,8 @@ impl TaskModel {
         let mut tensors = strip(crate::io::load_tensors(&file)?);
         let theirs = head.param_shapes(&head_name, d);
         for ((from, shape), (to, _)) in theirs.into_iter().zip(head.param_shapes(&name, d)) {
-            take(&file, &mut tensors, &from, to, shape)?;
+            let t = crate::io::take_tensor(&mut tensors, &file, &from, &shape, &base.device)?;
+            params.insert(head_key(to, &shape), t);
         }
         leftovers(&file, &tensors)?;
         if head.pooling == crate::head::Pooling::Pooler
@@ -680,4 +655,14 @@ fn init_adapter_tensor(
         Part::DownBias | Part::UpBias | Part::LnBeforeBias | Part::LnAfterBias => vec![0.0; n],
     };
     Ok(Tensor::from_vec(values, shape, dev)?)
+}
+
+/// The key of a head tensor: matrices are decayed weights, vectors biases.
+fn head_key(name: String, shape: &[usize]) -> ParamKey {
+    let leaf = if shape.len() == 2 {
+        Leaf::Weight
+    } else {
+        Leaf::Bias
+    };
+    ParamKey::new(name, Role::Head, leaf)
 }

@@ -1,0 +1,137 @@
+//! The bottleneck adapter at a site: the plain Houlsby adapter (one fused kernel) and every
+//! AdapterHub `BnConfig` arrangement (composed step by step as AdapterHub's `Adapter` module runs).
+
+use super::site::{residual_norm, SiteAdapter, SiteContext};
+use super::{AdapterConfig, Part, Residual, Scaling, Site};
+use crate::encoder::{LinearView, NormView};
+use crate::error::{Error, Result};
+use crate::kernels::{adapter, dropout, layer_norm, linear};
+use crate::task::TaskModel;
+use candle_core::Tensor;
+
+/// Epsilon of the LayerNorms inside an adapter (`ln_before` / `ln_after`): PyTorch's default.
+const ADAPTER_LN_EPS: f64 = 1e-5;
+
+/// One site's bottleneck adapter with its tensors resolved for a forward pass.
+#[derive(Debug, Clone)]
+pub struct BottleneckAdapter<'a> {
+    config: &'a AdapterConfig,
+    down: LinearView<'a>,
+    up: LinearView<'a>,
+    norm_before: Option<NormView<'a>>,
+    norm_after: Option<NormView<'a>>,
+    scale: Option<&'a Tensor>,
+}
+
+impl<'a> BottleneckAdapter<'a> {
+    /// `task`'s adapter at `site` of layer `layer`, if its configuration puts one there.
+    pub fn resolve(task: &'a TaskModel, layer: usize, site: Site) -> Result<Option<Self>> {
+        let Some(cfg) = &task.adapter else {
+            return Ok(None);
+        };
+        if !cfg.has_layer(layer) || !cfg.sites().contains(&site) {
+            return Ok(None);
+        }
+        let get = |part: Part| -> Result<&'a Tensor> {
+            let name = cfg.param_name(layer, site, &task.name, part);
+            task.params
+                .get(name.as_str())
+                .ok_or_else(|| Error::NotFound(format!("the task has no parameter `{name}`")))
+        };
+        let norm = |on: bool, w: Part, b: Part| -> Result<Option<NormView<'a>>> {
+            Ok(if on {
+                Some(NormView {
+                    gamma: get(w)?,
+                    beta: get(b)?,
+                })
+            } else {
+                None
+            })
+        };
+        Ok(Some(BottleneckAdapter {
+            config: cfg,
+            down: LinearView {
+                w: get(Part::DownWeight)?,
+                b: get(Part::DownBias)?,
+            },
+            up: LinearView {
+                w: get(Part::UpWeight)?,
+                b: get(Part::UpBias)?,
+            },
+            norm_before: norm(cfg.ln_before, Part::LnBeforeWeight, Part::LnBeforeBias)?,
+            norm_after: norm(cfg.ln_after, Part::LnAfterWeight, Part::LnAfterBias)?,
+            scale: match cfg.scaling {
+                Scaling::Learned | Scaling::Channel => Some(get(Part::Scaling)?),
+                Scaling::Fixed(_) => None,
+            },
+        }))
+    }
+}
+
+impl SiteAdapter for BottleneckAdapter<'_> {
+    fn exit(
+        &self,
+        ctx: &mut SiteContext<'_>,
+        sub: &Tensor,
+        input: &Tensor,
+        norm: NormView<'_>,
+    ) -> Result<Tensor> {
+        let cfg = self.config;
+        let backend = ctx.backend;
+        if cfg.is_plain() {
+            let adapted = adapter(
+                backend,
+                sub,
+                self.down.pair(),
+                self.up.pair(),
+                cfg.nonlinearity,
+            )?;
+            return residual_norm(ctx, &adapted, input, norm);
+        }
+        let original_norm = |x: &Tensor| layer_norm(backend, x, norm.gamma, norm.beta, ctx.eps);
+        let own_norm =
+            |x: &Tensor, n: NormView<'_>| layer_norm(backend, x, n.gamma, n.beta, ADAPTER_LN_EPS);
+        let mut h = sub.clone();
+        let mut residual = (cfg.residual == Residual::Sublayer).then(|| h.clone());
+        if cfg.original_ln_before {
+            h = h.add(input)?;
+            if cfg.residual == Residual::PostAdd {
+                residual = Some(h.clone());
+            }
+            h = original_norm(&h)?;
+        }
+        let residual = match residual {
+            Some(r) => r,
+            None => h.clone(),
+        };
+        let x = match self.norm_before {
+            Some(n) => own_norm(&h, n)?,
+            None => h,
+        };
+        let down = linear(backend, &x, self.down.w, Some(self.down.b))?;
+        let down = cfg.nonlinearity.apply(backend, &down)?;
+        let mut up = linear(backend, &down, self.up.w, Some(self.up.b))?;
+        up = match (cfg.scaling, self.scale) {
+            (_, Some(s)) => up.broadcast_mul(s)?,
+            (Scaling::Fixed(f), None) if f != 1.0 => (up * f)?,
+            _ => up,
+        };
+        let mut out = match ctx.dropout.as_deref_mut() {
+            Some(rng) => dropout(backend, &up, cfg.dropout, rng)?,
+            None => up,
+        };
+        if cfg.adapter_residual_before_ln {
+            out = out.add(&residual)?;
+        }
+        if let Some(n) = self.norm_after {
+            out = own_norm(&out, n)?;
+        }
+        if !cfg.adapter_residual_before_ln {
+            out = out.add(&residual)?;
+        }
+        if cfg.original_ln_after {
+            out = original_norm(&out.add(input)?)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,423 @@
+//! The base checkpoint as typed modules, one struct per Hugging Face BERT module, each loaded once
+//! by the checkpoint's own tensor names and validated against the config's shapes.
+
+use crate::config::BertConfig;
+use crate::error::Result;
+use crate::rng::Rng;
+use crate::task::keys::{Leaf, ParamKey, Role};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// One base tensor with its key: the name by which a task's trained copy is found, and its role.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// Checkpoint name and role.
+    pub key: ParamKey,
+    /// The frozen values.
+    pub tensor: Tensor,
+}
+
+/// A dense layer `x · Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// W [out, in].
+    pub weight: Param,
+    /// b [out].
+    pub bias: Param,
+}
+
+/// A LayerNorm's scale and shift.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// γ [d].
+    pub weight: Param,
+    /// β [d].
+    pub bias: Param,
+}
+
+/// `embeddings`: word, position and segment tables, then a LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// `word_embeddings` [vocab, d].
+    pub word: Param,
+    /// `position_embeddings` [positions, d].
+    pub position: Param,
+    /// `token_type_embeddings` [types, d].
+    pub token_type: Param,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm,
+}
+
+/// `attention.self`: the query, key and value projections.
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    /// `query`.
+    pub query: Linear,
+    /// `key`.
+    pub key: Linear,
+    /// `value`.
+    pub value: Linear,
+    /// q, k, v weights [3d, d] and biases [3d] concatenated once at load, for the fused block; the
+    /// three projections above are views into them.
+    pub qkv: (Tensor, Tensor),
+}
+
+/// `attention.output`: the output projection, then residual + LayerNorm (adapter site 1).
+#[derive(Debug, Clone)]
+pub struct AttentionOutput {
+    /// `dense`.
+    pub dense: Linear,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm,
+}
+
+/// `intermediate`: the FFN's up-projection (GELU follows).
+#[derive(Debug, Clone)]
+pub struct Intermediate {
+    /// `dense`.
+    pub dense: Linear,
+}
+
+/// `output`: the FFN's down-projection, then residual + LayerNorm (adapter site 2).
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `dense`.
+    pub dense: Linear,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm,
+}
+
+/// `encoder.layer.{i}`: one transformer layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// `attention.self`.
+    pub attention: SelfAttention,
+    /// `attention.output`.
+    pub attention_output: AttentionOutput,
+    /// `intermediate`.
+    pub intermediate: Intermediate,
+    /// `output`.
+    pub output: Output,
+}
+
+/// `pooler`: tanh(W · h[CLS] + b).
+#[derive(Debug, Clone)]
+pub struct Pooler {
+    /// `dense`.
+    pub dense: Linear,
+}
+
+/// Every weight of a BERT checkpoint, by module.
+#[derive(Debug, Clone)]
+pub struct BertWeights {
+    /// `embeddings`.
+    pub embeddings: Embeddings,
+    /// `encoder.layer.*`.
+    pub layers: Vec<Layer>,
+    /// `pooler`, when the checkpoint has one.
+    pub pooler: Option<Pooler>,
+}
+
+/// Normalises a checkpoint tensor name: drops the `bert.` prefix, maps TF-era `gamma`/`beta`.
+pub fn canonical_name(name: &str) -> String {
+    let n = name.strip_prefix("bert.").unwrap_or(name);
+    if let Some(stem) = n.strip_suffix("LayerNorm.gamma") {
+        format!("{stem}LayerNorm.weight")
+    } else if let Some(stem) = n.strip_suffix("LayerNorm.beta") {
+        format!("{stem}LayerNorm.bias")
+    } else {
+        n.to_string()
+    }
+}
+
+/// Where the loader's tensors come from.
+enum Source {
+    /// A checkpoint's tensors by canonical name.
+    Checkpoint(HashMap<String, Tensor>),
+    /// Fresh random weights: normal(0, std) matrices, unit LayerNorm scales, zero vectors.
+    Random { rng: Rng, std: f64 },
+}
+
+/// Builds the typed modules tensor by tensor, checking each shape.
+struct Loader {
+    source: Source,
+    path: PathBuf,
+}
+
+impl Loader {
+    fn take(&mut self, name: String, shape: &[usize], role: Role, leaf: Leaf) -> Result<Param> {
+        let t = match &mut self.source {
+            Source::Checkpoint(all) => {
+                crate::io::take_tensor(all, &self.path, &name, shape, &Device::Cpu)?
+            }
+            Source::Random { rng, std } => {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = if leaf == Leaf::Norm && name.ends_with(".weight") {
+                    vec![1.0; n]
+                } else if shape.len() == 1 {
+                    vec![0.0; n]
+                } else {
+                    (0..n).map(|_| (rng.normal() * *std) as f32).collect()
+                };
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+            }
+        };
+        Ok(Param {
+            key: ParamKey::new(name, role, leaf),
+            tensor: t,
+        })
+    }
+
+    fn has_pooler(&self) -> bool {
+        match &self.source {
+            Source::Checkpoint(all) => all.contains_key("pooler.dense.weight"),
+            Source::Random { .. } => true,
+        }
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, role: Role) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.take(format!("{prefix}.weight"), &[out, inp], role, Leaf::Weight)?,
+            bias: self.take(format!("{prefix}.bias"), &[out], role, Leaf::Bias)?,
+        })
+    }
+
+    fn layer_norm(&mut self, prefix: &str, d: usize, layer: Option<usize>) -> Result<LayerNorm> {
+        let role = Role::LayerNorm { layer };
+        Ok(LayerNorm {
+            weight: self.take(format!("{prefix}.LayerNorm.weight"), &[d], role, Leaf::Norm)?,
+            bias: self.take(format!("{prefix}.LayerNorm.bias"), &[d], role, Leaf::Norm)?,
+        })
+    }
+}
+
+impl BertWeights {
+    /// Reads every module from `raw` (checkpoint names, `bert.` prefix and TF names allowed),
+    /// checking names and shapes against `config`; `source` names the file in errors.
+    pub fn from_tensors(
+        config: &BertConfig,
+        raw: HashMap<String, Tensor>,
+        source: &Path,
+    ) -> Result<Self> {
+        let all = raw
+            .into_iter()
+            .map(|(k, v)| (canonical_name(&k), v))
+            .collect();
+        Self::build(
+            config,
+            Loader {
+                source: Source::Checkpoint(all),
+                path: source.to_path_buf(),
+            },
+        )
+    }
+
+    /// Random weights of the shapes `config` describes (normal with std `initializer_range`, unit
+    /// LayerNorm scales, zero biases), with a pooler.
+    pub fn random(config: &BertConfig, seed: u64) -> Result<Self> {
+        let source = Source::Random {
+            rng: Rng::derive(seed, "random-base"),
+            std: config.initializer_range,
+        };
+        Self::build(
+            config,
+            Loader {
+                source,
+                path: PathBuf::from("<random>"),
+            },
+        )
+    }
+
+    fn build(config: &BertConfig, mut ld: Loader) -> Result<Self> {
+        let (d, i) = (config.hidden_size, config.intermediate_size);
+        let emb = |n: &str| format!("embeddings.{n}.weight");
+        let embeddings = Embeddings {
+            word: ld.take(
+                emb("word_embeddings"),
+                &[config.vocab_size, d],
+                Role::Embedding,
+                Leaf::Weight,
+            )?,
+            position: ld.take(
+                emb("position_embeddings"),
+                &[config.max_position_embeddings, d],
+                Role::Embedding,
+                Leaf::Weight,
+            )?,
+            token_type: ld.take(
+                emb("token_type_embeddings"),
+                &[config.type_vocab_size, d],
+                Role::Embedding,
+                Leaf::Weight,
+            )?,
+            layer_norm: ld.layer_norm("embeddings", d, None)?,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            let role = Role::LayerWeight { layer: l };
+            let query = ld.linear(&format!("{p}.attention.self.query"), d, d, role)?;
+            let key = ld.linear(&format!("{p}.attention.self.key"), d, d, role)?;
+            let value = ld.linear(&format!("{p}.attention.self.value"), d, d, role)?;
+            let attention = SelfAttention::fused(query, key, value)?;
+            let attention_output = AttentionOutput {
+                dense: ld.linear(&format!("{p}.attention.output.dense"), d, d, role)?,
+                layer_norm: ld.layer_norm(&format!("{p}.attention.output"), d, Some(l))?,
+            };
+            let intermediate = Intermediate {
+                dense: ld.linear(&format!("{p}.intermediate.dense"), i, d, role)?,
+            };
+            let output = Output {
+                dense: ld.linear(&format!("{p}.output.dense"), d, i, role)?,
+                layer_norm: ld.layer_norm(&format!("{p}.output"), d, Some(l))?,
+            };
+            layers.push(Layer {
+                attention,
+                attention_output,
+                intermediate,
+                output,
+            });
+        }
+        let pooler = if ld.has_pooler() {
+            Some(Pooler {
+                dense: ld.linear("pooler.dense", d, d, Role::Pooler)?,
+            })
+        } else {
+            None
+        };
+        Ok(BertWeights {
+            embeddings,
+            layers,
+            pooler,
+        })
+    }
+
+    /// Every base parameter, in checkpoint order.
+    pub fn params(&self) -> Vec<&Param> {
+        let e = &self.embeddings;
+        let mut v = vec![
+            &e.word,
+            &e.position,
+            &e.token_type,
+            &e.layer_norm.weight,
+            &e.layer_norm.bias,
+        ];
+        for l in &self.layers {
+            let a = &l.attention;
+            for lin in [&a.query, &a.key, &a.value, &l.attention_output.dense] {
+                v.extend([&lin.weight, &lin.bias]);
+            }
+            v.extend([
+                &l.attention_output.layer_norm.weight,
+                &l.attention_output.layer_norm.bias,
+            ]);
+            for lin in [&l.intermediate.dense, &l.output.dense] {
+                v.extend([&lin.weight, &lin.bias]);
+            }
+            v.extend([&l.output.layer_norm.weight, &l.output.layer_norm.bias]);
+        }
+        if let Some(p) = &self.pooler {
+            v.extend([&p.dense.weight, &p.dense.bias]);
+        }
+        v
+    }
+
+    /// The same weights with every tensor passed through `f` (dtype or device changes); the fused
+    /// q, k, v tensors are rebuilt so the projections stay views into them.
+    pub fn map(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let p = |x: &Param| -> Result<Param> {
+            Ok(Param {
+                key: x.key.clone(),
+                tensor: f(&x.tensor)?,
+            })
+        };
+        let lin = |x: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                weight: p(&x.weight)?,
+                bias: p(&x.bias)?,
+            })
+        };
+        let ln = |x: &LayerNorm| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: p(&x.weight)?,
+                bias: p(&x.bias)?,
+            })
+        };
+        let e = &self.embeddings;
+        Ok(BertWeights {
+            embeddings: Embeddings {
+                word: p(&e.word)?,
+                position: p(&e.position)?,
+                token_type: p(&e.token_type)?,
+                layer_norm: ln(&e.layer_norm)?,
+            },
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    let a = &l.attention;
+                    Ok(Layer {
+                        attention: SelfAttention::fused(
+                            lin(&a.query)?,
+                            lin(&a.key)?,
+                            lin(&a.value)?,
+                        )?,
+                        attention_output: AttentionOutput {
+                            dense: lin(&l.attention_output.dense)?,
+                            layer_norm: ln(&l.attention_output.layer_norm)?,
+                        },
+                        intermediate: Intermediate {
+                            dense: lin(&l.intermediate.dense)?,
+                        },
+                        output: Output {
+                            dense: lin(&l.output.dense)?,
+                            layer_norm: ln(&l.output.layer_norm)?,
+                        },
+                    })
+                })
+                .collect::<Result<_>>()?,
+            pooler: match &self.pooler {
+                Some(pl) => Some(Pooler {
+                    dense: lin(&pl.dense)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// Moves every tensor to `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        self.map(&|t| Ok(t.to_device(device)?))
+    }
+}
+
+impl SelfAttention {
+    /// Concatenates the three projections into one [3d, d] weight and [3d] bias and makes the
+    /// separate projections views into them, so the fused attention needs no copy per call.
+    fn fused(mut query: Linear, mut key: Linear, mut value: Linear) -> Result<Self> {
+        let rows = query.weight.tensor.dim(0)?;
+        let w = Tensor::cat(
+            &[
+                &query.weight.tensor,
+                &key.weight.tensor,
+                &value.weight.tensor,
+            ],
+            0,
+        )?;
+        let b = Tensor::cat(
+            &[&query.bias.tensor, &key.bias.tensor, &value.bias.tensor],
+            0,
+        )?;
+        for (i, lin) in [&mut query, &mut key, &mut value].into_iter().enumerate() {
+            lin.weight.tensor = w.narrow(0, i * rows, rows)?;
+            lin.bias.tensor = b.narrow(0, i * rows, rows)?;
+        }
+        Ok(SelfAttention {
+            query,
+            key,
+            value,
+            qkv: (w, b),
+        })
+    }
+}

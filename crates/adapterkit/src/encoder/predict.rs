@@ -1,0 +1,243 @@
+//! Heads over the encoder and batched inference: one task, or rows of many tasks in one batch.
+
+use super::forward::{maybe_dropout, ForwardOptions};
+use super::routing::{Routing, RowGroup};
+use super::view::TaskView;
+use super::{BaseModel, Batch};
+use crate::error::{Error, Result};
+use crate::head::{HeadKind, Pooling};
+use crate::kernels::{linear, softmax_last_dim};
+use crate::task::TaskModel;
+use candle_core::{DType, Tensor};
+
+/// One input row for a mixed-task batch: the task it is for and its token and segment ids.
+pub type TaskRow<'a> = (&'a TaskModel, &'a (Vec<u32>, Vec<u32>));
+
+impl BaseModel {
+    /// The checkpoint's pooler (a task's copy when it trains one): tanh(W · h[CLS] + b),
+    /// [batch, hidden].
+    pub fn pooler(&self, task: Option<&TaskModel>, hidden: &Tensor) -> Result<Tensor> {
+        self.pooler_of(&TaskView::new(self, task)?, hidden)
+    }
+
+    /// [`BaseModel::pooler`] through a resolved view.
+    fn pooler_of(&self, view: &TaskView<'_>, hidden: &Tensor) -> Result<Tensor> {
+        let p = view.pooler.ok_or_else(|| {
+            Error::NotFound("the head pools with the pooler, but the checkpoint has none".into())
+        })?;
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(linear(self.backend, &cls, p.w, Some(p.b))?.tanh()?)
+    }
+
+    /// One vector per row, as `task`'s head expects, from its rows' hidden states and mask.
+    fn pool(
+        &self,
+        task: &TaskModel,
+        view: &TaskView<'_>,
+        hidden: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        match task.head.pooling {
+            Pooling::Cls => Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?),
+            Pooling::Pooler => self.pooler_of(view, hidden),
+            Pooling::Mean => {
+                let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+                let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+                Ok(sum.broadcast_div(&m.sum(1)?)?)
+            }
+        }
+    }
+
+    /// `task`'s head over pooled vectors (dropout before each dense layer in training).
+    fn head(
+        &self,
+        task: &TaskModel,
+        pooled: Tensor,
+        opts: &mut ForwardOptions<'_>,
+    ) -> Result<Tensor> {
+        let p = self.config.hidden_dropout_prob;
+        let mut x = pooled;
+        for layer in task.head.dense_layers(&task.name, self.config.hidden_size) {
+            x = maybe_dropout(self.backend, &x, p, opts)?;
+            let get = |leaf: &str| -> Result<&Tensor> {
+                let name = format!("{}.{leaf}", layer.prefix);
+                task.params
+                    .get(name.as_str())
+                    .ok_or_else(|| Error::NotFound(format!("the task has no parameter `{name}`")))
+            };
+            let b = if layer.bias { Some(get("bias")?) } else { None };
+            x = linear(self.backend, &x, get("weight")?, b)?;
+            if let (true, Some(act)) = (layer.activation, task.head.activation) {
+                x = act.apply(self.backend, &x)?;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Head outputs [batch, classes] (logits) or [batch, 1] (regression) for a task.
+    pub fn logits(
+        &self,
+        task: &TaskModel,
+        batch: &Batch,
+        opts: &mut ForwardOptions<'_>,
+    ) -> Result<Tensor> {
+        let view = TaskView::new(self, Some(task))?;
+        let routing = Routing::single(view, Some(task), batch.size());
+        let hidden = self.encode_routed(&routing, batch, opts)?;
+        let pooled = self.pool(task, &routing.groups[0].view, &hidden, &batch.mask)?;
+        self.head(task, pooled, opts)
+    }
+
+    /// Head outputs per row group of a mixed batch, each by its own task's head (inference).
+    pub fn logits_routed(&self, routing: &Routing<'_>, batch: &Batch) -> Result<Vec<Tensor>> {
+        let mut opts = ForwardOptions::default();
+        let hidden = self.encode_routed(routing, batch, &mut opts)?;
+        routing
+            .groups
+            .iter()
+            .map(|g| {
+                let task = g.task.ok_or_else(|| {
+                    Error::config(
+                        "mixed batch",
+                        "task",
+                        "every row group needs a task with a head",
+                    )
+                })?;
+                let (start, len) = (g.rows.start, g.rows.len());
+                let h = hidden.narrow(0, start, len)?;
+                let m = batch.mask.narrow(0, start, len)?;
+                let pooled = self.pool(task, &g.view, &h, &m)?;
+                self.head(task, pooled, &mut opts)
+            })
+            .collect()
+    }
+
+    /// Inference over rows of several tasks in one batch: each row runs its own task's adapters,
+    /// LayerNorms and head over the shared encoder weights. Returns one output row per input row,
+    /// in input order (probabilities for classification when `probabilities`, else raw outputs).
+    pub fn predict_mixed(
+        &self,
+        rows: &[TaskRow<'_>],
+        probabilities: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Rows of one task become one contiguous group; the first appearance orders the groups.
+        let mut tasks: Vec<&TaskModel> = Vec::new();
+        let mut task_of = Vec::with_capacity(rows.len());
+        for (t, _) in rows {
+            let i = match tasks.iter().position(|k| std::ptr::eq(*k, *t)) {
+                Some(i) => i,
+                None => {
+                    tasks.push(t);
+                    tasks.len() - 1
+                }
+            };
+            task_of.push(i);
+        }
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| task_of[i]);
+        let mut groups = Vec::with_capacity(tasks.len());
+        let mut start = 0;
+        for (ti, task) in tasks.iter().enumerate() {
+            let n = task_of.iter().filter(|&&k| k == ti).count();
+            groups.push(RowGroup {
+                rows: start..start + n,
+                task: Some(*task),
+                view: TaskView::new(self, Some(*task))?,
+            });
+            start += n;
+        }
+        let routing = Routing::mixed(groups)?;
+        let pieces: Vec<(&[u32], &[u32])> = order
+            .iter()
+            .map(|&i| (rows[i].1 .0.as_slice(), rows[i].1 .1.as_slice()))
+            .collect();
+        let batch = Batch::new(&pieces, self.config.pad_token_id, &self.device)?;
+        let logits = self.logits_routed(&routing, &batch)?;
+        let mut out = vec![Vec::new(); rows.len()];
+        let mut sorted = order.iter();
+        for (task, l) in tasks.iter().zip(logits) {
+            for r in head_rows(task, l, probabilities)? {
+                if let Some(&i) = sorted.next() {
+                    out[i] = r;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tokenizes `(text, pair)` inputs and runs inference in length-sorted batches; returns one row of
+    /// outputs per input, in input order (probabilities for classification, the value for regression).
+    pub fn predict(
+        &self,
+        task: &TaskModel,
+        inputs: &[(String, Option<String>)],
+        max_len: usize,
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let encoded = self.tokenizer.encode_all(inputs, max_len)?;
+        self.predict_encoded(task, &encoded, batch_size, skip_adapter_layers)
+    }
+
+    /// [`BaseModel::predict`] on already tokenized inputs.
+    pub fn predict_encoded(
+        &self,
+        task: &TaskModel,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run_encoded(task, encoded, batch_size, skip_adapter_layers, true)
+    }
+
+    /// The head's raw outputs (logits before softmax) on already tokenized inputs, in input order.
+    pub fn logits_encoded(
+        &self,
+        task: &TaskModel,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.run_encoded(task, encoded, batch_size, skip_adapter_layers, false)
+    }
+
+    fn run_encoded(
+        &self,
+        task: &TaskModel,
+        encoded: &[(Vec<u32>, Vec<u32>)],
+        batch_size: usize,
+        skip_adapter_layers: &[usize],
+        probabilities: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        let frozen = task.detached();
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| encoded[i].0.len());
+        let mut out = vec![Vec::new(); encoded.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let batch = Batch::select(encoded, chunk, self.config.pad_token_id, &self.device)?;
+            let mut opts = ForwardOptions {
+                dropout_rng: None,
+                skip_adapter_layers,
+                ..ForwardOptions::default()
+            };
+            let logits = self.logits(&frozen, &batch, &mut opts)?;
+            for (&i, r) in chunk.iter().zip(head_rows(task, logits, probabilities)?) {
+                out[i] = r;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A head's output tensor as rows of f32: softmax probabilities for classification when asked.
+fn head_rows(task: &TaskModel, logits: Tensor, probabilities: bool) -> Result<Vec<Vec<f32>>> {
+    Ok(match task.head.kind {
+        HeadKind::Classification if probabilities => softmax_last_dim(&logits)?,
+        _ => logits,
+    }
+    .to_dtype(DType::F32)?
+    .to_vec2::<f32>()?)
+}

@@ -1,0 +1,93 @@
+//! Per-row task choice: which task's view (adapters, LayerNorms, head) runs on which rows of a
+//! batch. Rows of one task are contiguous, so each group is a narrow of the batch and each of its
+//! sites runs one pair of small GEMMs.
+
+use super::view::TaskView;
+use crate::error::{Error, Result};
+use crate::task::TaskModel;
+use candle_core::Tensor;
+use std::ops::Range;
+
+/// One task's rows of a batch.
+#[derive(Debug, Clone)]
+pub struct RowGroup<'a> {
+    /// The rows, contiguous.
+    pub rows: Range<usize>,
+    /// The task (`None`: the base alone).
+    pub task: Option<&'a TaskModel>,
+    /// Its view of the encoder.
+    pub view: TaskView<'a>,
+}
+
+/// The row groups of a batch, in row order, covering every row once.
+#[derive(Debug, Clone)]
+pub struct Routing<'a> {
+    /// The groups.
+    pub groups: Vec<RowGroup<'a>>,
+}
+
+impl<'a> Routing<'a> {
+    /// Every row runs `task`'s view.
+    pub fn single(view: TaskView<'a>, task: Option<&'a TaskModel>, rows: usize) -> Self {
+        Routing {
+            groups: vec![RowGroup {
+                rows: 0..rows,
+                task,
+                view,
+            }],
+        }
+    }
+
+    /// Groups of consecutive rows per task, in order; refuses tasks that do not share the
+    /// encoder's embedding, attention and FFN weights with the first.
+    pub fn mixed(groups: Vec<RowGroup<'a>>) -> Result<Self> {
+        let mut next = 0;
+        for g in &groups {
+            if g.rows.start != next || g.rows.is_empty() {
+                return Err(Error::config(
+                    "mixed batch",
+                    "rows",
+                    "row groups must be non-empty, contiguous and in order",
+                ));
+            }
+            next = g.rows.end;
+        }
+        if let Some((first, rest)) = groups.split_first() {
+            for g in rest {
+                let name = g.task.map_or("<base>", |t| t.name.as_str());
+                first.view.shares_encoder_with(&g.view, name)?;
+            }
+        }
+        Ok(Routing { groups })
+    }
+
+    /// The view whose shared weights (embeddings, attention, FFN) every group reads.
+    pub fn shared(&self) -> Result<&TaskView<'a>> {
+        self.groups
+            .first()
+            .map(|g| &g.view)
+            .ok_or_else(|| Error::config("mixed batch", "rows", "the batch has no rows"))
+    }
+
+    /// `f` on each group's rows of `inputs` (dimension 0), the outputs joined in row order; a
+    /// single group gets the tensors themselves, uncopied.
+    pub fn per_group(
+        &self,
+        inputs: &[&Tensor],
+        mut f: impl FnMut(&RowGroup<'a>, &[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if let [g] = self.groups.as_slice() {
+            let whole: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+            return f(g, &whole);
+        }
+        let mut outs = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let part = inputs
+                .iter()
+                .map(|t| Ok(t.narrow(0, g.rows.start, g.rows.len())?))
+                .collect::<Result<Vec<_>>>()?;
+            outs.push(f(g, &part)?);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}

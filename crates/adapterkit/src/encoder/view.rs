@@ -1,0 +1,180 @@
+//! What one forward pass reads: the base's typed modules with a task's trained copies put in their
+//! place, resolved once per forward (never per op), and each layer's adapter sites.
+
+use super::checkpoint::{LayerNorm, Linear, Param};
+use super::BaseModel;
+use crate::adapter::{BottleneckAdapter, Site};
+use crate::error::{Error, Result};
+use crate::task::TaskModel;
+use candle_core::Tensor;
+
+/// A linear layer's weight and bias as this forward uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearView<'a> {
+    /// W [out, in].
+    pub w: &'a Tensor,
+    /// b [out].
+    pub b: &'a Tensor,
+}
+
+impl<'a> LinearView<'a> {
+    /// As the `(weight, bias)` pair the kernels take.
+    pub fn pair(self) -> (&'a Tensor, &'a Tensor) {
+        (self.w, self.b)
+    }
+
+    fn same(self, other: LinearView<'_>) -> bool {
+        std::ptr::eq(self.w, other.w) && std::ptr::eq(self.b, other.b)
+    }
+}
+
+/// A LayerNorm's scale and shift as this forward uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct NormView<'a> {
+    /// γ.
+    pub gamma: &'a Tensor,
+    /// β.
+    pub beta: &'a Tensor,
+}
+
+/// One layer's shared weights (attention and FFN) as this forward uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerView<'a> {
+    /// `attention.self.query`.
+    pub query: LinearView<'a>,
+    /// `attention.self.key`.
+    pub key: LinearView<'a>,
+    /// `attention.self.value`.
+    pub value: LinearView<'a>,
+    /// The base's concatenated q, k, v, when the task trains none of them.
+    pub qkv: Option<(&'a Tensor, &'a Tensor)>,
+    /// `attention.output.dense`.
+    pub attention_out: LinearView<'a>,
+    /// `intermediate.dense`.
+    pub intermediate: LinearView<'a>,
+    /// `output.dense`.
+    pub output: LinearView<'a>,
+}
+
+impl LayerView<'_> {
+    fn same(&self, other: &LayerView<'_>) -> bool {
+        self.query.same(other.query)
+            && self.key.same(other.key)
+            && self.value.same(other.value)
+            && self.attention_out.same(other.attention_out)
+            && self.intermediate.same(other.intermediate)
+            && self.output.same(other.output)
+    }
+}
+
+/// One adapter site's exit as a task sees it: the sub-layer's LayerNorm (the task's copy when it
+/// trains LayerNorms) and the task's adapter there, if any.
+#[derive(Debug, Clone)]
+pub struct SiteView<'a> {
+    /// The original residual + LayerNorm of the sub-layer.
+    pub layer_norm: NormView<'a>,
+    /// The adapter at this site.
+    pub adapter: Option<BottleneckAdapter<'a>>,
+}
+
+/// Everything of the encoder one task's forward reads.
+#[derive(Debug, Clone)]
+pub struct TaskView<'a> {
+    /// Word, position and segment tables.
+    pub embeddings: [&'a Tensor; 3],
+    /// The embeddings' LayerNorm.
+    pub embeddings_norm: NormView<'a>,
+    /// Per layer, the shared weights.
+    pub layers: Vec<LayerView<'a>>,
+    /// Per layer, the attention site and the FFN site.
+    pub sites: Vec<[SiteView<'a>; 2]>,
+    /// The pooler, when the checkpoint has one.
+    pub pooler: Option<LinearView<'a>>,
+}
+
+impl<'a> TaskView<'a> {
+    /// The view of `task` on `base` (the base alone when `task` is `None`).
+    pub fn new(base: &'a BaseModel, task: Option<&'a TaskModel>) -> Result<Self> {
+        let r = |p: &'a Param| -> &'a Tensor {
+            task.and_then(|t| t.params.get(p.key.name()))
+                .unwrap_or(&p.tensor)
+        };
+        let lin = |l: &'a Linear| LinearView {
+            w: r(&l.weight),
+            b: r(&l.bias),
+        };
+        let norm = |n: &'a LayerNorm| NormView {
+            gamma: r(&n.weight),
+            beta: r(&n.bias),
+        };
+        let w = &base.weights;
+        let e = &w.embeddings;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        let mut sites = Vec::with_capacity(w.layers.len());
+        for (l, layer) in w.layers.iter().enumerate() {
+            let a = &layer.attention;
+            let (query, key, value) = (lin(&a.query), lin(&a.key), lin(&a.value));
+            let untouched = [(&a.query, query), (&a.key, key), (&a.value, value)]
+                .iter()
+                .all(|(base_lin, v)| {
+                    std::ptr::eq(v.w, &base_lin.weight.tensor)
+                        && std::ptr::eq(v.b, &base_lin.bias.tensor)
+                });
+            layers.push(LayerView {
+                query,
+                key,
+                value,
+                qkv: untouched.then_some((&a.qkv.0, &a.qkv.1)),
+                attention_out: lin(&layer.attention_output.dense),
+                intermediate: lin(&layer.intermediate.dense),
+                output: lin(&layer.output.dense),
+            });
+            let site = |s: Site, n: &'a LayerNorm| -> Result<SiteView<'a>> {
+                let adapter = match task {
+                    Some(t) => BottleneckAdapter::resolve(t, l, s)?,
+                    None => None,
+                };
+                Ok(SiteView {
+                    layer_norm: norm(n),
+                    adapter,
+                })
+            };
+            sites.push([
+                site(Site::Attention, &layer.attention_output.layer_norm)?,
+                site(Site::Ffn, &layer.output.layer_norm)?,
+            ]);
+        }
+        Ok(TaskView {
+            embeddings: [r(&e.word), r(&e.position), r(&e.token_type)],
+            embeddings_norm: norm(&e.layer_norm),
+            layers,
+            sites,
+            pooler: w.pooler.as_ref().map(|p| lin(&p.dense)),
+        })
+    }
+
+    /// Checks that `other` reads the same embedding tables and layer weights, so both can run in
+    /// one batch (tasks that train their own copies of those, top-k or full fine-tuning, cannot).
+    pub fn shares_encoder_with(&self, other: &TaskView<'_>, other_name: &str) -> Result<()> {
+        let same_emb = self
+            .embeddings
+            .iter()
+            .zip(&other.embeddings)
+            .all(|(a, b)| std::ptr::eq(*a, *b));
+        let same_layers = self
+            .layers
+            .iter()
+            .zip(&other.layers)
+            .all(|(a, b)| a.same(b));
+        if same_emb && same_layers {
+            Ok(())
+        } else {
+            Err(Error::config(
+                "mixed batch",
+                other_name,
+                "this task trains its own embedding, attention or FFN weights (top-k or full \
+                 fine-tuning), so its rows cannot share a batch with other tasks; run it alone",
+            ))
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! LayerNorm over the last dimension: the fused forward and backward, and the composed reference.
+
+use super::{f32_slice, rows_per_task, simd, Backend, CResult};
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// LayerNorm over the last dimension with learned scale and shift: fused, or composed.
+pub fn layer_norm(
+    backend: Backend,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if backend.fuses(&[x, gamma, beta]) {
+        return Ok(layer_norm_fused(x, gamma, beta, eps)?);
+    }
+    layer_norm_reference(x, gamma, beta, eps)
+}
+
+/// LayerNorm composed from candle primitives: the reference for the fused kernel.
+pub fn layer_norm_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer norm")?;
+        let gamma = f32_slice(s2, l2, "layer norm")?;
+        let beta = f32_slice(s3, l3, "layer norm")?;
+        let d = gamma.len();
+        let mut y = vec![0f32; x.len()];
+        let chunk = rows_per_task(d) * d;
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(y, x)| {
+                simd(|| {
+                    for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                        let (mean, rstd) = moments(x, self.eps);
+                        for i in 0..d {
+                            y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+                        }
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let rows = x.dim(0)?;
+        let all = x.apply_op3_no_bwd(
+            gamma,
+            &grad.contiguous()?,
+            &LayerNormBackward { eps: self.eps },
+        )?;
+        let dx = all.narrow(0, 0, rows)?;
+        let dgamma = all.narrow(0, rows, 1)?.squeeze(0)?;
+        let dbeta = all.narrow(0, rows + 1, 1)?.squeeze(0)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+#[inline(always)]
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Output rows 0..n: dx; row n: dgamma; row n+1: dbeta.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer norm backward")?;
+        let gamma = f32_slice(s2, l2, "layer norm backward")?;
+        let dy = f32_slice(s3, l3, "layer norm backward")?;
+        let d = gamma.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, tail) = out.split_at_mut(rows * d);
+        let chunk = rows_per_task(d) * d;
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+            .map(|(dx, (x, dy))| {
+                simd(|| {
+                    let mut dg = vec![0f32; d];
+                    let mut db = vec![0f32; d];
+                    let mut xhat = vec![0f32; d];
+                    for ((dx, x), dy) in dx
+                        .chunks_exact_mut(d)
+                        .zip(x.chunks_exact(d))
+                        .zip(dy.chunks_exact(d))
+                    {
+                        let (mean, rstd) = moments(x, self.eps);
+                        let (mut s1, mut s2) = (0f32, 0f32);
+                        for i in 0..d {
+                            xhat[i] = (x[i] - mean) * rstd;
+                            let g = dy[i] * gamma[i];
+                            s1 += g;
+                            s2 += g * xhat[i];
+                            dg[i] += dy[i] * xhat[i];
+                            db[i] += dy[i];
+                        }
+                        let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                        for i in 0..d {
+                            dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
+                        }
+                    }
+                    (dg, db)
+                })
+            })
+            .collect();
+        let (dgamma, dbeta) = tail.split_at_mut(d);
+        for (dg, db) in partials {
+            for i in 0..d {
+                dgamma[i] += dg[i];
+                dbeta[i] += db[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+/// LayerNorm over the last dimension, fused forward and backward (gradients for x, γ and β).
+fn layer_norm_fused(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> CResult<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&1);
+    let x2 = x.reshape(((), d))?.contiguous()?;
+    let y = x2.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )?;
+    y.reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn layer_norm_matches_reference() {
+        let x = randn(&[3, 41, 96], 2, 2.0).affine(1.0, 0.5).unwrap();
+        let g = randn(&[96], 3, 0.3).affine(1.0, 1.0).unwrap();
+        let b = randn(&[96], 4, 0.3);
+        compare(
+            &[x, g, b],
+            &|t| layer_norm_fused(&t[0], &t[1], &t[2], 1e-12).unwrap(),
+            &|t| layer_norm_reference(&t[0], &t[1], &t[2], 1e-12).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn layer_norm_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[0.3f64, -1.2, 2.0, 0.7], [1.0, 0.5, -0.5, 0.1]], &dev).unwrap();
+        let g = Var::new(&[1.1f64, 0.9, 1.3, 0.7], &dev).unwrap();
+        let b = Var::new(&[0.1f64, -0.2, 0.0, 0.3], &dev).unwrap();
+        let w = Tensor::new(&[[0.5f64, -1.0, 2.0, 1.5], [1.0, 1.0, -0.3, 0.2]], &dev).unwrap();
+        let f = |g: &Tensor| -> f64 {
+            let y = layer_norm(Backend::Fused, &x, g, b.as_tensor(), 1e-12).unwrap();
+            y.mul(&w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let y = layer_norm(Backend::Fused, &x, g.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+        let loss = y.mul(&w).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let gg = grads.get(g.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        let base = g.as_tensor().to_vec1::<f64>().unwrap();
+        for i in 0..4 {
+            let mut plus = base.clone();
+            plus[i] += 1e-6;
+            let mut minus = base.clone();
+            minus[i] -= 1e-6;
+            let fd = (f(&Tensor::new(plus.as_slice(), &dev).unwrap())
+                - f(&Tensor::new(minus.as_slice(), &dev).unwrap()))
+                / 2e-6;
+            assert!((fd - gg[i]).abs() < 1e-6, "{i}: fd {fd} vs {}", gg[i]);
+        }
+    }
+}

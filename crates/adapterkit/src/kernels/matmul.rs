@@ -1,0 +1,267 @@
+//! Tensor-level products on the fused GEMMs: `x · Wᵀ + b` (affine), `g · w` (plain) and the
+//! batch-parallel batched product used by attention.
+
+use super::gemm::{gemm_crate_into, gemm_into};
+use super::{f32_slice, supported, CResult};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `x · Wᵀ + b` for [rows, k] inputs and frozen W [n, k]: the bias is the product's starting value
+/// (no separate broadcast pass), and few-row inputs take the packing-free path of [`super::gemm::gemm_into`].
+pub(crate) fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if [x, w, b].iter().all(|t| supported(t)) {
+        return x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Affine);
+    }
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// `g · w` for [rows, k] and [k, n] operands, without autograd, through [`super::gemm::gemm_into`] (so an input
+/// gradient through a frozen weight gets the same kernels as the forward products); candle's
+/// matmul for other devices and dtypes.
+pub fn matmul_2d(g: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    if supported(g) && supported(w) && g.rank() == 2 && w.rank() == 2 {
+        return g
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &PlainProduct);
+    }
+    g.matmul(w)
+}
+
+/// The forward-only product of [`matmul_2d`].
+struct PlainProduct;
+
+impl CustomOp2 for PlainProduct {
+    fn name(&self) -> &'static str {
+        "plain-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, self.name())?;
+        let b = f32_slice(s2, l2, self.name())?;
+        let ((m, k), (k2, n)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != k2 {
+            return Err(candle_core::Error::Msg(format!(
+                "plain product: [{m}, {k}] · [{k2}, {n}] do not fit"
+            )));
+        }
+        let mut out = vec![0f32; m * n];
+        gemm_into(
+            &mut out,
+            m,
+            n,
+            k,
+            (a, k as isize, 1),
+            (b, n as isize, 1),
+            false,
+            true,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// The forward-only product of [`affine_2d`].
+pub(crate) struct Affine;
+
+impl CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "affine")?;
+        let w = f32_slice(s2, l2, "affine")?;
+        let b = f32_slice(s3, l3, "affine")?;
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || b.len() != n {
+            return Err(candle_core::Error::Msg(format!(
+                "affine: shapes {:?}, {:?}, {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )));
+        }
+        let mut out = vec![0f32; m * n];
+        out.par_chunks_mut(n.max(1))
+            .for_each(|r| r.copy_from_slice(b));
+        gemm_into(
+            &mut out,
+            m,
+            n,
+            k,
+            (x, k as isize, 1),
+            (w, 1, k as isize),
+            true,
+            true,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// Batched product of small matrices `op(a[i]) · op(b[i])` for [batch, rows, cols] operands, with
+/// the batch spread over threads and each product single-threaded: candle parallelises inside each
+/// small product instead, and synchronising threads 192 times per call left attention products at
+/// about a third of the machine's GEMM rate (measured: 65–90 vs 233 GFLOP/s).
+struct BatchedMatmul {
+    trans_a: bool,
+    trans_b: bool,
+}
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, "batched matmul")?;
+        let b = f32_slice(s2, l2, "batched matmul")?;
+        let (da, db) = (l1.dims(), l2.dims());
+        let rank = da.len();
+        if rank < 3 || db.len() != rank {
+            return Err(candle_core::Error::Msg(
+                "batched matmul: expected [.., rows, cols] operands".into(),
+            ));
+        }
+        let batch: usize = da[..rank - 2].iter().product();
+        let (ar, ac) = (da[rank - 2], da[rank - 1]);
+        let (br, bc) = (db[rank - 2], db[rank - 1]);
+        let (m, k) = if self.trans_a { (ac, ar) } else { (ar, ac) };
+        let (k2, n) = if self.trans_b { (bc, br) } else { (br, bc) };
+        if k != k2 || db[..rank - 2].iter().product::<usize>() != batch {
+            return Err(candle_core::Error::Msg(format!(
+                "batched matmul: shapes {da:?} and {db:?} do not fit"
+            )));
+        }
+        // Row-major strides of op(x): (row stride, column stride).
+        let (a_rs, a_cs) = if self.trans_a {
+            (1, ac as isize)
+        } else {
+            (ac as isize, 1)
+        };
+        let (b_rs, b_cs) = if self.trans_b {
+            (1, bc as isize)
+        } else {
+            (bc as isize, 1)
+        };
+        let mut out = vec![0f32; batch * m * n];
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
+            let lhs = &a[i * ar * ac..(i + 1) * ar * ac];
+            let rhs = &b[i * br * bc..(i + 1) * br * bc];
+            let (lhs, rhs) = ((lhs, a_rs, a_cs), (rhs, b_rs, b_cs));
+            if !super::gemm512::gemm(dst, m, n, k, lhs, rhs, false, false) {
+                gemm_crate_into(dst, m, n, k, lhs, rhs, false, false);
+            }
+        });
+        let mut shape = da.to_vec();
+        shape[rank - 2] = m;
+        shape[rank - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dc: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = match (self.trans_a, self.trans_b) {
+            (false, false) => (bmm(dc, b, false, true)?, bmm(a, dc, true, false)?),
+            (false, true) => (bmm(dc, b, false, false)?, bmm(dc, a, true, false)?),
+            (true, false) => (bmm(b, dc, false, true)?, bmm(a, dc, false, false)?),
+            (true, true) => (bmm(b, dc, true, true)?, bmm(dc, a, true, true)?),
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `op(a) · op(b)` over the leading (batch) dimensions, without autograd.
+pub(crate) fn bmm(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> candle_core::Result<Tensor> {
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &BatchedMatmul { trans_a, trans_b })
+}
+
+/// `op(a) · op(b)` over the leading (batch) dimensions of [.., rows, cols] operands, batch-parallel,
+/// with gradients for both operands.
+pub fn batched_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> candle_core::Result<Tensor> {
+    a.contiguous()?
+        .apply_op2(&b.contiguous()?, BatchedMatmul { trans_a, trans_b })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+
+    #[test]
+    fn batched_matmul_matches_candle_in_every_transpose_mode() {
+        let a = randn(&[3, 2, 5, 7], 60, 1.0);
+        let b = randn(&[3, 2, 7, 4], 61, 1.0);
+        let at = a.transpose(2, 3).unwrap().contiguous().unwrap();
+        let bt = b.transpose(2, 3).unwrap().contiguous().unwrap();
+        let want = a.matmul(&b).unwrap();
+        for (x, y, ta, tb) in [
+            (&a, &b, false, false),
+            (&at, &b, true, false),
+            (&a, &bt, false, true),
+            (&at, &bt, true, true),
+        ] {
+            let got = bmm(x, y, ta, tb).unwrap();
+            assert!(rel(&got, &want) < 1e-6, "trans ({ta}, {tb})");
+        }
+        assert!(bmm(&a, &a, false, false).is_err());
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let x = if ta { at.clone() } else { a.clone() };
+            let y = if tb { bt.clone() } else { b.clone() };
+            let reference = |t: &[Tensor]| {
+                let l = if ta {
+                    t[0].transpose(2, 3).unwrap()
+                } else {
+                    t[0].clone()
+                };
+                let r = if tb {
+                    t[1].transpose(2, 3).unwrap()
+                } else {
+                    t[1].clone()
+                };
+                l.matmul(&r).unwrap()
+            };
+            compare(
+                &[x, y],
+                &|t| batched_matmul(&t[0], &t[1], ta, tb).unwrap(),
+                &reference,
+                1e-5,
+            );
+        }
+    }
+}

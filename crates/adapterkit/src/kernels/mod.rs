@@ -1,0 +1,231 @@
+//! The CPU kernels: one file per op, each holding its fused forward and backward, its composed
+//! reference and the test of the two side by side (as candle-nn keeps `rms_norm` beside
+//! `rms_norm_slow`).
+//!
+//! Which of the two runs is an explicit [`Backend`] value passed with every call: never state of the
+//! thread, so a server's worker threads cannot disturb each other. The fused kernels replace chains
+//! of candle primitives (each a full pass over memory, most single-threaded) by one parallel pass
+//! forward and one backward, and products with frozen weights by graph nodes that compute only the
+//! input gradient. The reference is also what runs on other devices and dtypes.
+
+pub mod activation;
+pub mod adapter;
+pub mod attention;
+pub mod dropout;
+pub mod ffn;
+pub mod gemm;
+pub mod gemm512;
+pub mod layer_norm;
+pub mod linear;
+pub mod loss;
+pub mod matmul;
+pub mod softmax;
+
+pub use activation::{gelu, Activation};
+pub use adapter::adapter;
+pub use attention::{attention, AttentionWeights};
+pub use dropout::dropout;
+pub use ffn::ffn;
+pub use layer_norm::layer_norm;
+pub use linear::linear;
+pub use loss::{cross_entropy, log_softmax_last_dim, mse};
+pub use matmul::{batched_matmul, matmul_2d};
+pub use softmax::{attention_softmax, softmax_last_dim};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+/// Which implementation of each op a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The fused CPU kernels where the tensors allow them (f32 on the CPU), else the reference.
+    #[default]
+    Fused,
+    /// The ops composed from candle primitives, differentiated by candle's autograd: the truth the
+    /// fused kernels are tested against.
+    Reference,
+}
+
+impl Backend {
+    /// Whether the fused kernel applies to all of `tensors`.
+    pub fn fuses(self, tensors: &[&Tensor]) -> bool {
+        self == Backend::Fused && tensors.iter().all(|t| supported(t))
+    }
+}
+
+pub(crate) type CResult<T> = candle_core::Result<T>;
+
+// Rows per parallel task is chosen so each task handles at least this many elements.
+pub(crate) const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        return Err(candle_core::Error::Msg(format!("{what}: expected f32")));
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: expected a contiguous tensor")))?;
+    Ok(&v[a..b])
+}
+
+pub(crate) fn rows_per_task(d: usize) -> usize {
+    MIN_TASK_ELEMS.div_ceil(d.max(1)).max(1)
+}
+
+/// Whether `t` can take the fused CPU kernels (f32 on the CPU).
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them: the element-wise loops inside are then
+/// vectorised 8 wide with fused multiply-adds instead of the 4-wide SSE2 of the baseline target.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { wide(f) };
+        }
+    }
+    f()
+}
+
+fn take_out(out: &std::sync::Mutex<Option<Tensor>>, what: &str) -> CResult<Tensor> {
+    out.lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: poisoned lock")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: forward ran twice")))?
+        .contiguous()
+}
+
+/// The forward of a graph node whose output was computed outside the graph: hands the stored
+/// output over as the node's storage (taken, so the graph does not keep a second copy).
+fn hand_over(out: &std::sync::Mutex<Option<Tensor>>, what: &str) -> CResult<(CpuStorage, Shape)> {
+    let out = take_out(out, what)?;
+    let shape = out.shape().clone();
+    let (storage, layout) = out.storage_and_layout();
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: output not contiguous")))?;
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+            Ok((CpuStorage::F32(v[a..b].to_vec()), shape))
+        }
+        candle_core::Storage::Cpu(CpuStorage::F64(v)) => {
+            Ok((CpuStorage::F64(v[a..b].to_vec()), shape))
+        }
+        _ => Err(candle_core::Error::Msg(format!(
+            "{what}: only f32/f64 on CPU"
+        ))),
+    }
+}
+
+/// The hand-written backward of a block whose forward ran outside the autograd graph: it yields
+/// the gradient of the block input only (the block's weights are frozen).
+pub(crate) trait InputGradient: Send + Sync {
+    /// The graph node's name.
+    const NAME: &'static str;
+    /// d loss / d input, given d loss / d output.
+    fn input_gradient(&self, input: &Tensor, grad: &Tensor) -> CResult<Tensor>;
+}
+
+/// A graph node whose output was computed before it was attached: its forward hands that output
+/// over (taken, so the graph does not keep a second copy), its backward is `G`.
+struct Precomputed<G> {
+    backward: G,
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl<G: InputGradient> CustomOp1 for Precomputed<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        hand_over(&self.out, G::NAME)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(self.backward.input_gradient(arg, grad)?))
+    }
+}
+
+/// `out`, computed from `input` outside the graph, joined to the graph as a node whose backward is
+/// `backward`; `out` itself when nothing upstream needs a gradient.
+pub(crate) fn attach<G: InputGradient + 'static>(
+    input: &Tensor,
+    out: Tensor,
+    backward: G,
+) -> CResult<Tensor> {
+    if !input.track_op() {
+        return Ok(out);
+    }
+    input.apply_op1(Precomputed {
+        backward,
+        out: std::sync::Mutex::new(Some(out)),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor, Var};
+
+    pub(crate) fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Max |a-b| relative to max |b|.
+    pub(crate) fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = a
+            .sub(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    /// Values and gradients of `fast` and `reference` on the same inputs, via loss = Σ out ⊙ w.
+    pub(crate) fn compare(
+        inputs: &[Tensor],
+        fast: &dyn Fn(&[Tensor]) -> Tensor,
+        reference: &dyn Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let yf = fast(&ts);
+        let yr = reference(&ts);
+        assert!(rel(&yf, &yr) < tol, "values differ: {}", rel(&yf, &yr));
+        let w = randn(yf.dims(), 99, 1.0);
+        let gf = yf.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = yr.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            match (gf.get(t), gr.get(t)) {
+                (Some(a), Some(b)) => {
+                    assert!(rel(a, b) < tol, "gradient {i} differs: {}", rel(a, b))
+                }
+                (None, None) => {}
+                (a, b) => panic!(
+                    "gradient {i}: fast {} vs reference {}",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The attention softmax (scale, additive mask, softmax in one pass) with its backward, and the
+//! composed softmax reference.
+
+use super::{activation::fast_exp, f32_slice, rows_per_task, simd, Backend, CResult};
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Attention probabilities softmax(scale · scores + mask) for [batch, heads, q, k] scores and an
+/// additive [batch, k] mask: fused, or composed.
+pub fn attention_softmax(
+    backend: Backend,
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    if backend.fuses(&[scores, mask]) {
+        return Ok(attention_softmax_fused(scores, mask, scale)?);
+    }
+    let (b, _, _, k) = scores.dims4()?;
+    softmax_last_dim(&(scores * scale)?.broadcast_add(&mask.reshape((b, 1, 1, k))?)?)
+}
+
+/// Softmax over the last dimension; the max is detached because its gradient contributions cancel.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// softmax(scale · scores + mask) over the last dimension of [batch, heads, q, k] scores, with an
+/// additive [batch, k] mask.
+pub(crate) struct AttentionSoftmax {
+    pub(crate) scale: f32,
+    pub(crate) heads_q: usize,
+}
+
+impl CustomOp2 for AttentionSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-attention-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let scores = f32_slice(s1, l1, "attention softmax")?;
+        let mask = f32_slice(s2, l2, "attention softmax")?;
+        let k = *l1.dims().last().unwrap_or(&1);
+        let mut p = vec![0f32; scores.len()];
+        let rows_task = rows_per_task(k);
+        let chunk = rows_task * k;
+        p.par_chunks_mut(chunk)
+            .zip(scores.par_chunks(chunk))
+            .enumerate()
+            .for_each(|(t, (p, s))| {
+                simd(|| {
+                    for (r, (p, s)) in p.chunks_exact_mut(k).zip(s.chunks_exact(k)).enumerate() {
+                        let row = t * rows_task + r;
+                        let b = row / self.heads_q;
+                        let m = &mask[b * k..(b + 1) * k];
+                        let mut max = f32::NEG_INFINITY;
+                        for i in 0..k {
+                            p[i] = s[i] * self.scale + m[i];
+                            max = max.max(p[i]);
+                        }
+                        let mut sum = 0f32;
+                        for v in p.iter_mut() {
+                            *v = fast_exp(*v - max);
+                            sum += *v;
+                        }
+                        let inv = 1.0 / sum;
+                        p.iter_mut().for_each(|v| *v *= inv);
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(p), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _m: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let ds =
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// d(scores) = scale · P ⊙ (dP − Σ dP ⊙ P), row-wise.
+pub(crate) struct SoftmaxBackward {
+    pub(crate) scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let p = f32_slice(s1, l1, "softmax backward")?;
+        let dp = f32_slice(s2, l2, "softmax backward")?;
+        let k = *l1.dims().last().unwrap_or(&1);
+        let mut ds = vec![0f32; p.len()];
+        let chunk = rows_per_task(k) * k;
+        ds.par_chunks_mut(chunk)
+            .zip(p.par_chunks(chunk).zip(dp.par_chunks(chunk)))
+            .for_each(|(ds, (p, dp))| {
+                simd(|| {
+                    for ((ds, p), dp) in ds
+                        .chunks_exact_mut(k)
+                        .zip(p.chunks_exact(k))
+                        .zip(dp.chunks_exact(k))
+                    {
+                        let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+                        for i in 0..k {
+                            ds[i] = self.scale * p[i] * (dp[i] - dot);
+                        }
+                    }
+                })
+            });
+        Ok((CpuStorage::F32(ds), l1.shape().clone()))
+    }
+}
+
+/// Attention probabilities softmax(scale · scores + mask) for [batch, heads, q, k] scores and an
+/// additive [batch, k] mask; the gradient flows to the scores only.
+fn attention_softmax_fused(scores: &Tensor, mask: &Tensor, scale: f64) -> CResult<Tensor> {
+    let (_, h, q, _) = scores.dims4()?;
+    scores.contiguous()?.apply_op2(
+        &mask.contiguous()?,
+        AttentionSoftmax {
+            scale: scale as f32,
+            heads_q: h * q,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+    use candle_core::Device;
+
+    #[test]
+    fn attention_softmax_matches_reference() {
+        let (b, h, q, k) = (3, 4, 19, 19);
+        let scores = randn(&[b, h, q, k], 5, 4.0);
+        // Row 0 full length, rows 1 and 2 padded.
+        let mut m = vec![0f32; b * k];
+        for j in 15..k {
+            m[k + j] = -1e9;
+        }
+        for j in 5..k {
+            m[2 * k + j] = -1e9;
+        }
+        let mask = Tensor::from_vec(m, (b, k), &Device::Cpu).unwrap();
+        let scale = 0.125;
+        let reference = |t: &[Tensor]| {
+            softmax_last_dim(
+                &(&t[0] * scale)
+                    .unwrap()
+                    .broadcast_add(&t[1].reshape((b, 1, 1, k)).unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let fast = |t: &[Tensor]| attention_softmax_fused(&t[0], &t[1].detach(), scale).unwrap();
+        compare(
+            &[scores, mask.clone()],
+            &fast,
+            &|t| reference(&[t[0].clone(), t[1].detach()]),
+            1e-5,
+        );
+        let p = attention_softmax_fused(&randn(&[b, h, q, k], 6, 1.0), &mask, scale).unwrap();
+        let masked = p.narrow(0, 2, 1).unwrap().narrow(3, 5, k - 5).unwrap();
+        assert_eq!(
+            masked
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+}
