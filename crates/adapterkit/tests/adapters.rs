@@ -789,3 +789,96 @@ fn saving_over_another_task_leaves_none_of_its_files() {
     assert!(back.adapter.is_none() && back.trainable == TrainableSet::Head);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_batch_mixing_adapters_gives_each_row_what_it_gets_alone() {
+    let base = tiny_base();
+    // Three tasks that share the encoder: Houlsby adapters with LayerNorms, Pfeiffer adapters
+    // with an AdapterHub arrangement, and a head-only probe. Large inits so that the tasks'
+    // outputs differ by far more than the tolerance.
+    let houlsby = adapter_task(&base, "houlsby", 0.3, 1);
+    let pfeiffer = TaskModel::new(
+        &base,
+        "pfeiffer",
+        TrainableSet::Adapters { layernorms: false },
+        Some(AdapterConfig {
+            placement: Placement::Pfeiffer,
+            bottleneck: 4,
+            ln_after: true,
+            init_std: 0.3,
+            ..AdapterConfig::default()
+        }),
+        HeadConfig::classification(vec!["a".into(), "b".into(), "c".into()]),
+        32,
+        2,
+    )
+    .unwrap();
+    let probe = TaskModel::new(&base, "probe", TrainableSet::Head, None, head(), 32, 3).unwrap();
+    let texts = [
+        "the movie was good",
+        "bad",
+        "this film is very boring and the plot and acting was awful",
+        "fun",
+        "it was great great great",
+        "hate it",
+        "love",
+    ];
+    let inputs: Vec<(String, Option<String>)> =
+        texts.iter().map(|t| (t.to_string(), None)).collect();
+    let encoded = base.tokenizer.encode_all(&inputs, 32).unwrap();
+    let tasks = [
+        &houlsby, &pfeiffer, &houlsby, &probe, &pfeiffer, &probe, &houlsby,
+    ];
+    let rows: Vec<_> = tasks.iter().zip(&encoded).map(|(t, e)| (*t, e)).collect();
+    for backend in [adapterkit::Backend::Fused, adapterkit::Backend::Reference] {
+        let base = base.clone().with_backend(backend);
+        for probabilities in [false, true] {
+            let mixed = base.predict_mixed(&rows, probabilities).unwrap();
+            assert_eq!(mixed.len(), rows.len());
+            for (i, (task, e)) in rows.iter().enumerate() {
+                let one = std::slice::from_ref(*e);
+                let alone = if probabilities {
+                    base.predict_encoded(task, one, 1, &[]).unwrap()
+                } else {
+                    base.logits_encoded(task, one, 1, &[]).unwrap()
+                };
+                assert_eq!(mixed[i].len(), alone[0].len(), "row {i}: output width");
+                let d = mixed[i]
+                    .iter()
+                    .zip(&alone[0])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    d <= 1e-6,
+                    "{backend:?}: row {i} ({}) differs by {d}",
+                    task.name
+                );
+            }
+        }
+    }
+    // Routed to another task, a row would differ far above the tolerance: the check can fail.
+    let a = base
+        .logits_encoded(&houlsby, &encoded[..1], 1, &[])
+        .unwrap();
+    let b = base.logits_encoded(&probe, &encoded[..1], 1, &[]).unwrap();
+    let d = a[0]
+        .iter()
+        .zip(&b[0])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d > 1e-2, "houlsby and probe agree to {d}");
+    // A task with its own copy of encoder weights cannot share a batch with the others.
+    let top = TaskModel::new(
+        &base,
+        "top",
+        TrainableSet::TopK { k: 1 },
+        None,
+        head(),
+        32,
+        4,
+    )
+    .unwrap();
+    let rows = vec![(&houlsby, &encoded[0]), (&top, &encoded[1])];
+    let msg = base.predict_mixed(&rows, true).unwrap_err().to_string();
+    assert!(msg.contains("top"), "{msg}");
+}
