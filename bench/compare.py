@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--sizes", default="16x128,32x64")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--baseline", help="another adapterkit binary in PyTorch's place (before/after "
+                    "runs of a change: 'ratio' is then baseline time / ours)")
     a = ap.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
     rows = []
@@ -54,7 +56,11 @@ def main():
                     ours, theirs = [], []
                     for _ in range(a.rounds):
                         ours.append(run([a.ours, "bench", "--model", a.model] + common))
-                        theirs.append(run([a.python, os.path.join(here, "pytorch_step.py"), "--model", a.model] + common))
+                        if a.baseline:
+                            theirs.append(run([a.baseline, "bench", "--model", a.model] + common))
+                        else:
+                            theirs.append(run([a.python, os.path.join(here, "pytorch_step.py"),
+                                               "--model", a.model] + common))
                     o = statistics.median(r["median_seconds"] for r in ours)
                     t = statistics.median(r["median_seconds"] for r in theirs)
                     row = {
@@ -79,7 +85,7 @@ def main():
                           f"(pytorch {row['pytorch_gflops']:.0f})", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
               "rounds": a.rounds, "steps": a.steps, "pytorch": theirs[-1].get("torch"),
-              "adapters": theirs[-1].get("adapters"), "rows": rows}
+              "adapters": theirs[-1].get("adapters"), "baseline": a.baseline, "rows": rows}
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {a.out}", file=sys.stderr)

@@ -3,6 +3,7 @@
 
 use adapterkit::flops::{step_flops, StepKind};
 use adapterkit::kernels::cross_entropy;
+use adapterkit::metrics::median;
 use adapterkit::rng::Rng;
 use adapterkit::train::AdamW;
 use adapterkit::{
@@ -89,19 +90,6 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// GEMM peak of this process: median rate of a 2048×768 · 768×3072 f32 product, best of the
 /// two GEMMs the process has.
 fn gemm_peak() -> Result<f64> {
@@ -125,7 +113,7 @@ fn gemm_peak() -> Result<f64> {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        best = best.max(2.0 * 2048.0 * 768.0 * 3072.0 / median(&mut times) / 1e9);
+        best = best.max(2.0 * 2048.0 * 768.0 * 3072.0 / median(&times).unwrap_or(f64::NAN) / 1e9);
     }
     Ok(best)
 }
@@ -232,7 +220,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     let flops = step_flops(&cfg, kind, a.batch, a.seq, a.bottleneck, sites);
-    let med = median(&mut times.clone());
+    let med = median(&times).unwrap_or(f64::NAN);
     let peak = gemm_peak()?;
     let achieved = flops / med / 1e9;
     let threads = std::env::var("RAYON_NUM_THREADS")

@@ -21,6 +21,7 @@ pub mod head;
 pub mod hub;
 pub mod io;
 pub mod kernels;
+pub mod keys;
 pub mod metrics;
 pub mod rng;
 pub mod task;

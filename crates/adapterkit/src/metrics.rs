@@ -18,21 +18,9 @@ pub struct ClassMetrics {
 /// Accuracy, macro-F1 and MCC of predictions against gold labels over `classes` classes.
 pub fn classification(pred: &[usize], gold: &[usize], classes: usize) -> ClassMetrics {
     let n = pred.len().min(gold.len());
-    let mut cm = vec![vec![0f64; classes]; classes];
-    for (&p, &g) in pred.iter().zip(gold) {
-        if p < classes && g < classes {
-            cm[g][p] += 1.0;
-        }
-    }
+    let cm = confusion(pred, gold, classes);
     let correct: f64 = (0..classes).map(|c| cm[c][c]).sum();
-    let mut f1s = Vec::new();
-    for (c, row) in cm.iter().enumerate() {
-        let tp = row[c];
-        let fp: f64 = cm.iter().map(|r| r[c]).sum::<f64>() - tp;
-        let fnn: f64 = row.iter().sum::<f64>() - tp;
-        let denom = 2.0 * tp + fp + fnn;
-        f1s.push(if denom > 0.0 { 2.0 * tp / denom } else { 0.0 });
-    }
+    let f1s = per_class_f1(&cm);
     let total = n as f64;
     let t: Vec<f64> = (0..classes).map(|k| cm[k].iter().sum()).collect();
     let p: Vec<f64> = (0..classes)
@@ -51,6 +39,51 @@ pub fn classification(pred: &[usize], gold: &[usize], classes: usize) -> ClassMe
         macro_f1: f1s.iter().sum::<f64>() / classes.max(1) as f64,
         mcc,
         n,
+    }
+}
+
+/// F1 of each class over `classes` classes (0 for a class never predicted nor present).
+pub fn class_f1(pred: &[usize], gold: &[usize], classes: usize) -> Vec<f64> {
+    per_class_f1(&confusion(pred, gold, classes))
+}
+
+/// The confusion matrix, `cm[gold][predicted]`; labels outside `classes` are not counted.
+fn confusion(pred: &[usize], gold: &[usize], classes: usize) -> Vec<Vec<f64>> {
+    let mut cm = vec![vec![0f64; classes]; classes];
+    for (&p, &g) in pred.iter().zip(gold) {
+        if p < classes && g < classes {
+            cm[g][p] += 1.0;
+        }
+    }
+    cm
+}
+
+fn per_class_f1(cm: &[Vec<f64>]) -> Vec<f64> {
+    cm.iter()
+        .enumerate()
+        .map(|(c, row)| {
+            let tp = row[c];
+            let fp: f64 = cm.iter().map(|r| r[c]).sum::<f64>() - tp;
+            let fnn: f64 = row.iter().sum::<f64>() - tp;
+            let denom = 2.0 * tp + fp + fnn;
+            if denom > 0.0 {
+                2.0 * tp / denom
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// The median of `values` (the mean of the two middle ones for an even count); `None` when empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
     }
 }
 

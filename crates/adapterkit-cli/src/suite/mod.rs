@@ -286,34 +286,6 @@ fn run_path(out: &Path, task: &str, method: &str, lr: f64, seed: u64) -> PathBuf
         .join(format!("lr{lr:e}-seed{seed}.json"))
 }
 
-/// Per-class F1 from predictions.
-fn class_f1(pred: &[usize], gold: &[usize], classes: usize) -> Vec<f64> {
-    (0..classes)
-        .map(|c| {
-            let tp = pred
-                .iter()
-                .zip(gold)
-                .filter(|(p, g)| **p == c && **g == c)
-                .count() as f64;
-            let fp = pred
-                .iter()
-                .zip(gold)
-                .filter(|(p, g)| **p == c && **g != c)
-                .count() as f64;
-            let fneg = pred
-                .iter()
-                .zip(gold)
-                .filter(|(p, g)| **p != c && **g == c)
-                .count() as f64;
-            if tp == 0.0 {
-                0.0
-            } else {
-                2.0 * tp / (2.0 * tp + fp + fneg)
-            }
-        })
-        .collect()
-}
-
 /// Everything one run needs.
 pub struct RunSpec<'a> {
     /// Task data.
@@ -379,7 +351,11 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
         max_len,
         dev: report.best_dev.primary(),
         best_epoch: report.best_epoch,
-        test_class_f1: class_f1(&test.predicted, &data.test.labels, data.labels.len()),
+        test_class_f1: adapterkit::metrics::class_f1(
+            &test.predicted,
+            &data.test.labels,
+            data.labels.len(),
+        ),
         test: test.metrics,
         trainable_params: task.num_params(),
         base_params: base.num_params(),

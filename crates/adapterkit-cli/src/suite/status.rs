@@ -68,11 +68,6 @@ struct Pace {
     rates: BTreeMap<String, f64>,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
-}
-
 /// Solves the square system `a x = b` by Gaussian elimination with partial pivoting; None when it
 /// is singular (too few distinct runs to tell the terms apart).
 fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
@@ -189,7 +184,7 @@ pub(super) fn status(p: &Plan, model: &Path, out: &mut dyn std::io::Write) -> Re
                 }
             }
         }
-        let pace = median(ratios).unwrap_or(1.0);
+        let pace = adapterkit::metrics::median(&ratios).unwrap_or(1.0);
         let (mut done, mut left, mut secs) = (0, 0, 0.0);
         let mut next: Option<String> = None;
         for m in &p.methods {

@@ -3,11 +3,12 @@
 
 use super::site::{residual_norm, SiteAdapter, SiteContext};
 use super::{AdapterConfig, Part, Residual, Scaling, Site};
-use crate::encoder::{LinearView, NormView};
 use crate::error::{Error, Result};
 use crate::kernels::{adapter, dropout, layer_norm, linear};
-use crate::task::TaskModel;
+use crate::kernels::{LinearView, NormView};
+use crate::keys::ParamKey;
 use candle_core::Tensor;
+use std::collections::BTreeMap;
 
 /// Epsilon of the LayerNorms inside an adapter (`ln_before` / `ln_after`): PyTorch's default.
 const ADAPTER_LN_EPS: f64 = 1e-5;
@@ -24,17 +25,21 @@ pub struct BottleneckAdapter<'a> {
 }
 
 impl<'a> BottleneckAdapter<'a> {
-    /// `task`'s adapter at `site` of layer `layer`, if its configuration puts one there.
-    pub fn resolve(task: &'a TaskModel, layer: usize, site: Site) -> Result<Option<Self>> {
-        let Some(cfg) = &task.adapter else {
-            return Ok(None);
-        };
+    /// The adapter of configuration `cfg` at `site` of layer `layer`, if `cfg` puts one there,
+    /// with its tensors taken from task `task`'s `params`.
+    pub fn resolve(
+        cfg: &'a AdapterConfig,
+        task: &str,
+        params: &'a BTreeMap<ParamKey, Tensor>,
+        layer: usize,
+        site: Site,
+    ) -> Result<Option<Self>> {
         if !cfg.has_layer(layer) || !cfg.sites().contains(&site) {
             return Ok(None);
         }
         let get = |part: Part| -> Result<&'a Tensor> {
-            let name = cfg.param_name(layer, site, &task.name, part);
-            task.params
+            let name = cfg.param_name(layer, site, task, part);
+            params
                 .get(name.as_str())
                 .ok_or_else(|| Error::NotFound(format!("the task has no parameter `{name}`")))
         };

@@ -9,7 +9,7 @@ pub use site::{residual_norm, SiteAdapter, SiteContext};
 
 use crate::error::{Error, Result};
 use crate::kernels::Activation;
-use crate::task::keys::{Leaf, ParamKey, Role};
+use crate::keys::{Leaf, ParamKey, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -5,8 +5,8 @@
 //! A batch may carry rows of several tasks: the encoder hands each row group to its own task's
 //! site (see `encoder::Routing`), so a method only ever sees the rows it owns.
 
-use crate::encoder::NormView;
 use crate::error::Result;
+use crate::kernels::NormView;
 use crate::kernels::{layer_norm, Backend};
 use crate::rng::Rng;
 use candle_core::Tensor;

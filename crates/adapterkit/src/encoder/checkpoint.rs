@@ -3,8 +3,8 @@
 
 use crate::config::BertConfig;
 use crate::error::Result;
+use crate::keys::{Leaf, ParamKey, Role};
 use crate::rng::Rng;
-use crate::task::keys::{Leaf, ParamKey, Role};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

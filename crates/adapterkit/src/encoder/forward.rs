@@ -2,13 +2,11 @@
 //! site, the FFN, the second adapter site; each site run per row group of its own task.
 
 use super::routing::Routing;
-use super::view::TaskView;
 use super::{BaseModel, Batch};
 use crate::adapter::{residual_norm, SiteAdapter, SiteContext};
 use crate::error::{Error, Result};
 use crate::kernels::{attention, dropout, ffn, layer_norm, AttentionWeights, Backend};
 use crate::rng::Rng;
-use crate::task::TaskModel;
 use candle_core::Tensor;
 
 /// Per-call choices of a forward pass.
@@ -26,7 +24,7 @@ pub struct ForwardOptions<'a> {
 }
 
 /// Dropout with probability `p` in training mode, the identity in inference.
-pub(crate) fn maybe_dropout(
+pub fn maybe_dropout(
     backend: Backend,
     x: &Tensor,
     p: f64,
@@ -46,18 +44,6 @@ enum SiteIndex {
 }
 
 impl BaseModel {
-    /// Runs the encoder and returns the last hidden state [batch, seq, hidden]. With a task, its
-    /// adapters run at their sites and its own copies of any base parameter replace the base's.
-    pub fn encode(
-        &self,
-        task: Option<&TaskModel>,
-        batch: &Batch,
-        opts: &mut ForwardOptions<'_>,
-    ) -> Result<Tensor> {
-        let routing = Routing::single(TaskView::new(self, task)?, task, batch.size());
-        self.encode_routed(&routing, batch, opts)
-    }
-
     /// [`BaseModel::encode`] with each row group of `routing` running its own task's adapters and
     /// LayerNorms over the shared attention and FFN weights. Mixed batches are for inference: they
     /// take no dropout, prefix cache or early stop.
@@ -177,21 +163,5 @@ impl BaseModel {
                 _ => residual_norm(&ctx, &t[0], &t[1], at.layer_norm),
             }
         })
-    }
-
-    /// The hidden states after the first `k` layers, per row without padding ([len, hidden] each),
-    /// in inference mode (no dropout): what the frozen-prefix cache stores.
-    pub fn encode_prefix(&self, task: &TaskModel, batch: &Batch, k: usize) -> Result<Vec<Tensor>> {
-        let mut opts = ForwardOptions {
-            stop_after: Some(k),
-            ..ForwardOptions::default()
-        };
-        let h = self.encode(Some(task), batch, &mut opts)?;
-        batch
-            .lengths
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| Ok(h.get(i)?.narrow(0, 0, len)?.detach().contiguous()?))
-            .collect()
     }
 }

@@ -5,15 +5,16 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod forward;
-pub mod predict;
+
 pub mod routing;
 pub mod view;
 
+pub use crate::kernels::{LinearView, NormView};
 pub use batch::Batch;
 pub use checkpoint::{canonical_name, BertWeights, Param};
 pub use forward::ForwardOptions;
 pub use routing::{Routing, RowGroup};
-pub use view::{LayerView, LinearView, NormView, SiteView, TaskView};
+pub use view::{LayerView, SiteView, TaskParts, TaskView};
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};

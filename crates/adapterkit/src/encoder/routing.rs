@@ -4,7 +4,6 @@
 
 use super::view::TaskView;
 use crate::error::{Error, Result};
-use crate::task::TaskModel;
 use candle_core::Tensor;
 use std::ops::Range;
 
@@ -13,8 +12,8 @@ use std::ops::Range;
 pub struct RowGroup<'a> {
     /// The rows, contiguous.
     pub rows: Range<usize>,
-    /// The task (`None`: the base alone).
-    pub task: Option<&'a TaskModel>,
+    /// The task's name, for errors (`<base>`: the base alone).
+    pub name: &'a str,
     /// Its view of the encoder.
     pub view: TaskView<'a>,
 }
@@ -28,11 +27,11 @@ pub struct Routing<'a> {
 
 impl<'a> Routing<'a> {
     /// Every row runs `task`'s view.
-    pub fn single(view: TaskView<'a>, task: Option<&'a TaskModel>, rows: usize) -> Self {
+    pub fn single(view: TaskView<'a>, name: &'a str, rows: usize) -> Self {
         Routing {
             groups: vec![RowGroup {
                 rows: 0..rows,
-                task,
+                name,
                 view,
             }],
         }
@@ -54,8 +53,7 @@ impl<'a> Routing<'a> {
         }
         if let Some((first, rest)) = groups.split_first() {
             for g in rest {
-                let name = g.task.map_or("<base>", |t| t.name.as_str());
-                first.view.shares_encoder_with(&g.view, name)?;
+                first.view.shares_encoder_with(&g.view, g.name)?;
             }
         }
         Ok(Routing { groups })

@@ -3,39 +3,13 @@
 
 use super::checkpoint::{LayerNorm, Linear, Param};
 use super::BaseModel;
+use crate::adapter::AdapterConfig;
 use crate::adapter::{BottleneckAdapter, Site};
 use crate::error::{Error, Result};
-use crate::task::TaskModel;
+use crate::kernels::{LinearView, NormView};
+use crate::keys::ParamKey;
 use candle_core::Tensor;
-
-/// A linear layer's weight and bias as this forward uses them.
-#[derive(Debug, Clone, Copy)]
-pub struct LinearView<'a> {
-    /// W [out, in].
-    pub w: &'a Tensor,
-    /// b [out].
-    pub b: &'a Tensor,
-}
-
-impl<'a> LinearView<'a> {
-    /// As the `(weight, bias)` pair the kernels take.
-    pub fn pair(self) -> (&'a Tensor, &'a Tensor) {
-        (self.w, self.b)
-    }
-
-    fn same(self, other: LinearView<'_>) -> bool {
-        std::ptr::eq(self.w, other.w) && std::ptr::eq(self.b, other.b)
-    }
-}
-
-/// A LayerNorm's scale and shift as this forward uses them.
-#[derive(Debug, Clone, Copy)]
-pub struct NormView<'a> {
-    /// γ.
-    pub gamma: &'a Tensor,
-    /// β.
-    pub beta: &'a Tensor,
-}
+use std::collections::BTreeMap;
 
 /// One layer's shared weights (attention and FFN) as this forward uses them.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +51,18 @@ pub struct SiteView<'a> {
     pub adapter: Option<BottleneckAdapter<'a>>,
 }
 
+/// What of a task the encoder reads: its name, its trained tensors (which replace the base's of
+/// the same name) and its adapter configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskParts<'a> {
+    /// The task's name (it prefixes its adapter tensors' names).
+    pub name: &'a str,
+    /// Every tensor the task trains.
+    pub params: &'a BTreeMap<ParamKey, Tensor>,
+    /// Its adapters, if it has any.
+    pub adapter: Option<&'a AdapterConfig>,
+}
+
 /// Everything of the encoder one task's forward reads.
 #[derive(Debug, Clone)]
 pub struct TaskView<'a> {
@@ -94,7 +80,7 @@ pub struct TaskView<'a> {
 
 impl<'a> TaskView<'a> {
     /// The view of `task` on `base` (the base alone when `task` is `None`).
-    pub fn new(base: &'a BaseModel, task: Option<&'a TaskModel>) -> Result<Self> {
+    pub fn new(base: &'a BaseModel, task: Option<TaskParts<'a>>) -> Result<Self> {
         let r = |p: &'a Param| -> &'a Tensor {
             task.and_then(|t| t.params.get(p.key.name()))
                 .unwrap_or(&p.tensor)
@@ -131,8 +117,12 @@ impl<'a> TaskView<'a> {
             });
             let site = |s: Site, n: &'a LayerNorm| -> Result<SiteView<'a>> {
                 let adapter = match task {
-                    Some(t) => BottleneckAdapter::resolve(t, l, s)?,
-                    None => None,
+                    Some(TaskParts {
+                        name,
+                        params,
+                        adapter: Some(cfg),
+                    }) => BottleneckAdapter::resolve(cfg, name, params, l, s)?,
+                    _ => None,
                 };
                 Ok(SiteView {
                     layer_norm: norm(n),

@@ -124,6 +124,35 @@ fn hand_over(out: &std::sync::Mutex<Option<Tensor>>, what: &str) -> CResult<(Cpu
     }
 }
 
+/// A linear layer's weight and bias as this forward uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearView<'a> {
+    /// W [out, in].
+    pub w: &'a Tensor,
+    /// b [out].
+    pub b: &'a Tensor,
+}
+
+impl<'a> LinearView<'a> {
+    /// As the `(weight, bias)` pair the kernels take.
+    pub fn pair(self) -> (&'a Tensor, &'a Tensor) {
+        (self.w, self.b)
+    }
+
+    pub(crate) fn same(self, other: LinearView<'_>) -> bool {
+        std::ptr::eq(self.w, other.w) && std::ptr::eq(self.b, other.b)
+    }
+}
+
+/// A LayerNorm's scale and shift as this forward uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct NormView<'a> {
+    /// γ.
+    pub gamma: &'a Tensor,
+    /// β.
+    pub beta: &'a Tensor,
+}
+
 /// The hand-written backward of a block whose forward ran outside the autograd graph: it yields
 /// the gradient of the block input only (the block's weights are frozen).
 pub(crate) trait InputGradient: Send + Sync {

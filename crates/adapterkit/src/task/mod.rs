@@ -4,9 +4,10 @@
 //! trains (LayerNorms for Houlsby adapters, whole layers for top-k or full fine-tuning), and the
 //! encoder prefers the task's copy. The base is never written, so tasks cannot disturb each other.
 
-pub mod keys;
+pub mod infer;
 
-pub use keys::{Leaf, ParamKey, Role};
+pub use crate::keys::{Leaf, ParamKey, Role};
+pub use infer::TaskRow;
 
 use crate::adapter::{AdapterConfig, Init, Part};
 use crate::encoder::BaseModel;

@@ -1,23 +1,68 @@
-//! Heads over the encoder and batched inference: one task, or rows of many tasks in one batch.
+//! A task over the shared encoder: its view of the weights, its head, and batched inference for
+//! one task or for rows of many tasks in one batch.
 
-use super::forward::{maybe_dropout, ForwardOptions};
-use super::routing::{Routing, RowGroup};
-use super::view::TaskView;
-use super::{BaseModel, Batch};
+use super::TaskModel;
+use crate::encoder::forward::maybe_dropout;
+use crate::encoder::{BaseModel, Batch, ForwardOptions, Routing, RowGroup, TaskParts, TaskView};
 use crate::error::{Error, Result};
 use crate::head::{HeadKind, Pooling};
 use crate::kernels::{linear, softmax_last_dim};
-use crate::task::TaskModel;
 use candle_core::{DType, Tensor};
 
 /// One input row for a mixed-task batch: the task it is for and its token and segment ids.
 pub type TaskRow<'a> = (&'a TaskModel, &'a (Vec<u32>, Vec<u32>));
 
+impl TaskModel {
+    /// What the encoder reads of this task.
+    pub fn parts(&self) -> TaskParts<'_> {
+        TaskParts {
+            name: &self.name,
+            params: &self.params,
+            adapter: self.adapter.as_ref(),
+        }
+    }
+
+    /// This task's view of `base`: its trained copies in place of the base's, its adapters at
+    /// their sites.
+    pub fn view<'a>(&'a self, base: &'a BaseModel) -> Result<TaskView<'a>> {
+        TaskView::new(base, Some(self.parts()))
+    }
+}
+
 impl BaseModel {
+    /// Runs the encoder and returns the last hidden state [batch, seq, hidden]. With a task, its
+    /// adapters run at their sites and its own copies of any base parameter replace the base's.
+    pub fn encode(
+        &self,
+        task: Option<&TaskModel>,
+        batch: &Batch,
+        opts: &mut ForwardOptions<'_>,
+    ) -> Result<Tensor> {
+        let view = TaskView::new(self, task.map(TaskModel::parts))?;
+        let name = task.map_or("<base>", |t| t.name.as_str());
+        let routing = Routing::single(view, name, batch.size());
+        self.encode_routed(&routing, batch, opts)
+    }
+
+    /// The hidden states after the first `k` layers, per row without padding ([len, hidden] each),
+    /// in inference mode (no dropout): what the frozen-prefix cache stores.
+    pub fn encode_prefix(&self, task: &TaskModel, batch: &Batch, k: usize) -> Result<Vec<Tensor>> {
+        let mut opts = ForwardOptions {
+            stop_after: Some(k),
+            ..ForwardOptions::default()
+        };
+        let h = self.encode(Some(task), batch, &mut opts)?;
+        batch
+            .lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Ok(h.get(i)?.narrow(0, 0, len)?.detach().contiguous()?))
+            .collect()
+    }
     /// The checkpoint's pooler (a task's copy when it trains one): tanh(W · h[CLS] + b),
     /// [batch, hidden].
     pub fn pooler(&self, task: Option<&TaskModel>, hidden: &Tensor) -> Result<Tensor> {
-        self.pooler_of(&TaskView::new(self, task)?, hidden)
+        self.pooler_of(&TaskView::new(self, task.map(TaskModel::parts))?, hidden)
     }
 
     /// [`BaseModel::pooler`] through a resolved view.
@@ -81,28 +126,37 @@ impl BaseModel {
         batch: &Batch,
         opts: &mut ForwardOptions<'_>,
     ) -> Result<Tensor> {
-        let view = TaskView::new(self, Some(task))?;
-        let routing = Routing::single(view, Some(task), batch.size());
+        let routing = Routing::single(task.view(self)?, &task.name, batch.size());
         let hidden = self.encode_routed(&routing, batch, opts)?;
         let pooled = self.pool(task, &routing.groups[0].view, &hidden, &batch.mask)?;
         self.head(task, pooled, opts)
     }
 
-    /// Head outputs per row group of a mixed batch, each by its own task's head (inference).
-    pub fn logits_routed(&self, routing: &Routing<'_>, batch: &Batch) -> Result<Vec<Tensor>> {
+    /// Head outputs per row group of a mixed batch, group i by the head of `tasks[i]` (inference).
+    pub fn logits_routed(
+        &self,
+        routing: &Routing<'_>,
+        tasks: &[&TaskModel],
+        batch: &Batch,
+    ) -> Result<Vec<Tensor>> {
+        if tasks.len() != routing.groups.len() {
+            return Err(Error::config(
+                "mixed batch",
+                "tasks",
+                format!(
+                    "{} row groups but {} tasks: give one task per group",
+                    routing.groups.len(),
+                    tasks.len()
+                ),
+            ));
+        }
         let mut opts = ForwardOptions::default();
         let hidden = self.encode_routed(routing, batch, &mut opts)?;
         routing
             .groups
             .iter()
-            .map(|g| {
-                let task = g.task.ok_or_else(|| {
-                    Error::config(
-                        "mixed batch",
-                        "task",
-                        "every row group needs a task with a head",
-                    )
-                })?;
+            .zip(tasks)
+            .map(|(g, task)| {
                 let (start, len) = (g.rows.start, g.rows.len());
                 let h = hidden.narrow(0, start, len)?;
                 let m = batch.mask.narrow(0, start, len)?;
@@ -144,8 +198,8 @@ impl BaseModel {
             let n = task_of.iter().filter(|&&k| k == ti).count();
             groups.push(RowGroup {
                 rows: start..start + n,
-                task: Some(*task),
-                view: TaskView::new(self, Some(*task))?,
+                name: &task.name,
+                view: task.view(self)?,
             });
             start += n;
         }
@@ -155,7 +209,7 @@ impl BaseModel {
             .map(|&i| (rows[i].1 .0.as_slice(), rows[i].1 .1.as_slice()))
             .collect();
         let batch = Batch::new(&pieces, self.config.pad_token_id, &self.device)?;
-        let logits = self.logits_routed(&routing, &batch)?;
+        let logits = self.logits_routed(&routing, &tasks, &batch)?;
         let mut out = vec![Vec::new(); rows.len()];
         let mut sorted = order.iter();
         for (task, l) in tasks.iter().zip(logits) {
