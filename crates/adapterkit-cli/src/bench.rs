@@ -136,7 +136,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Shape::Minilm => minilm,
         Shape::BertBase => BaseModel::random(bert_base_config()?, minilm.tokenizer.clone(), 0)?,
     }
-    .with_backend(crate::backend_of(a.reference_ops));
+    .with_backend(crate::cmd::backend_of(a.reference_ops));
     let cfg = base.config.clone();
     let mut rng = Rng::new(1);
     let ids: Vec<u32> = (0..a.batch * a.seq)

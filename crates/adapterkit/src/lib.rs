@@ -24,6 +24,7 @@ pub mod kernels;
 pub mod keys;
 pub mod metrics;
 pub mod rng;
+pub mod run;
 pub mod task;
 pub mod tokenizer;
 pub mod train;

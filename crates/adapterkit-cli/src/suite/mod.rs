@@ -318,30 +318,29 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
         pair: data.pair,
         ..HeadConfig::classification(data.labels.clone())
     };
-    let mut task = TaskModel::new(
-        base, &data.name, trainable, adapter, head, max_len, spec.seed,
-    )?;
-    let cfg = TrainConfig {
-        epochs: spec.epochs,
-        lr: spec.lr,
-        seed: spec.seed,
-        ..TrainConfig::default()
+    let tmp = std::env::temp_dir().join(format!("ak-suite-{}", std::process::id()));
+    let run = adapterkit::run::RunSpec {
+        name: data.name.clone(),
+        trainable,
+        adapter,
+        head,
+        max_len,
+        train: TrainConfig {
+            epochs: spec.epochs,
+            lr: spec.lr,
+            seed: spec.seed,
+            ..TrainConfig::default()
+        },
+        out: spec.keep_dir.clone().unwrap_or_else(|| tmp.clone()),
+        base_name: "all-MiniLM-L6-v2".into(),
+        split_seed: 0,
     };
-    let report = adapterkit::train(base, &mut task, data, &cfg, &mut |_| {})?;
-    let test = evaluate(base, &task, &data.test, cfg.eval_batch_size, &[])?;
-    let tmp;
-    let dir = match &spec.keep_dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = std::env::temp_dir().join(format!("ak-suite-{}", std::process::id()));
-            tmp.clone()
-        }
-    };
-    task.save(&dir, "all-MiniLM-L6-v2")?;
-    let bytes = TaskModel::dir_size(&dir)?;
+    let task = adapterkit::run::new_task(base, &run)?;
+    let done = adapterkit::run::run(base, data, &run, task, &mut |_| {})?;
     if spec.keep_dir.is_none() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
+    let (r, test) = (&done.record, &done.test);
     let record = RunRecord {
         task: data.name.clone(),
         method: spec.method.name.to_string(),
@@ -349,18 +348,18 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
         seed: spec.seed,
         epochs: spec.epochs,
         max_len,
-        dev: report.best_dev.primary(),
-        best_epoch: report.best_epoch,
+        dev: r.dev.primary(),
+        best_epoch: r.best_epoch,
         test_class_f1: adapterkit::metrics::class_f1(
             &test.predicted,
             &data.test.labels,
             data.labels.len(),
         ),
-        test: test.metrics,
-        trainable_params: task.num_params(),
-        base_params: base.num_params(),
-        bytes,
-        seconds: report.seconds,
+        test: r.test,
+        trainable_params: r.trainable_params,
+        base_params: r.base_params,
+        bytes: r.adapter_dir_bytes,
+        seconds: r.seconds,
         split: data
             .split
             .as_ref()
@@ -369,7 +368,7 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
         train_n: Some(data.train.len()),
         revision: git_revision(),
     };
-    Ok((record, task))
+    Ok((record, done.task))
 }
 
 /// The cached run, or a fresh one that is then cached.

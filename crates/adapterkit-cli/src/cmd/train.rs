@@ -1,0 +1,327 @@
+//! `adapterkit train`: build a run spec from the options, run it, write `metrics.json`.
+
+use super::*;
+
+#[derive(Args)]
+pub(crate) struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Base model checkpoint directory [default: $ADAPTERKIT_HOME/models/all-MiniLM-L6-v2].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// What to train.
+    #[arg(long, value_enum, default_value = "adapters")]
+    method: Method,
+    /// Layers trained by --method top-k.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Keep LayerNorms frozen with --method adapters (AdapterHub's default; the paper trains them).
+    #[arg(long)]
+    freeze_layernorms: bool,
+    /// Adapter placement.
+    #[arg(long, value_enum, default_value = "houlsby")]
+    placement: PlacementArg,
+    /// An AdapterHub adapter configuration that defines the adapter architecture: a path to an
+    /// `adapter_config.json` (or a bare BnConfig object), or `double_seq_bn` / `seq_bn` for
+    /// AdapterHub's Houlsby / Pfeiffer defaults (reduction factor 16, swish / relu, "bert" init).
+    #[arg(long, conflicts_with_all = ["placement", "bottleneck", "reduction_factor", "nonlinearity", "leave_out"])]
+    adapter_config: Option<String>,
+    /// Adapter bottleneck size m.
+    #[arg(long, default_value_t = 64, conflicts_with = "reduction_factor")]
+    bottleneck: usize,
+    /// Bottleneck as AdapterHub's reduction factor (m = hidden / factor), instead of --bottleneck.
+    #[arg(long)]
+    reduction_factor: Option<f64>,
+    /// Adapter nonlinearity: gelu, relu, swish, tanh.
+    #[arg(long, default_value = "gelu")]
+    nonlinearity: String,
+    /// Std of the adapters' truncated-normal init (near identity when small).
+    #[arg(long, default_value_t = 1e-3)]
+    init_std: f64,
+    /// Layers without adapters, comma-separated (e.g. 0,1).
+    #[arg(long, value_delimiter = ',')]
+    leave_out: Vec<usize>,
+    /// Head input.
+    #[arg(long, value_enum, default_value = "cls")]
+    pooling: PoolingArg,
+    /// Head depth: 1 (linear) or 2 (dense + tanh + linear, AdapterHub's default).
+    #[arg(long, default_value_t = 2)]
+    head_layers: usize,
+    /// Train a regression head (labels are numbers) instead of classification.
+    #[arg(long)]
+    regression: bool,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Peak learning rate [default: 1e-3 adapters/layernorm/head, 1e-4 top-k, 5e-5 full].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Decoupled weight decay (not on LayerNorms and biases).
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Fraction of steps of linear warm-up.
+    #[arg(long, default_value_t = 0.1)]
+    warmup: f64,
+    /// Maximum tokens per input [default: the task's, else 128].
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Seed of init, data order and dropout.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop after this many steps (smoke tests).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// When the lowest layers hold nothing trainable (e.g. `--leave-out 0,1,2 --freeze-layernorms`,
+    /// or `--method head`), compute their output once per training example and start every step
+    /// above them. Those layers then run without dropout.
+    #[arg(long)]
+    cache_frozen_prefix: bool,
+    /// Name of the adapter (appears in tensor names) [default: the task's name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Output adapter directory [default: runs/<task>-<method>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Metrics JSON path [default: <out>/metrics.json].
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Use the composed reference ops instead of the fused kernels (slower; for checking).
+    #[arg(long)]
+    reference_ops: bool,
+}
+
+fn default_lr(m: Method) -> f64 {
+    match m {
+        Method::Adapters | Method::Layernorm | Method::Head => 1e-3,
+        Method::TopK => 1e-4,
+        Method::Full => 5e-5,
+    }
+}
+
+/// `--adapter-config`: an AdapterHub preset name, or a JSON file in AdapterHub's format.
+fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<AdapterConfig> {
+    let preset = |mh: bool, nl: &str, ln_before: bool| {
+        serde_json::json!({
+            "mh_adapter": mh, "output_adapter": true, "reduction_factor": 16,
+            "non_linearity": nl, "original_ln_before": ln_before, "original_ln_after": true,
+            "residual_before_ln": true, "init_weights": "bert"
+        })
+    };
+    let (ctx, value) = match spec {
+        "double_seq_bn" | "houlsby" => (
+            "--adapter-config double_seq_bn".to_string(),
+            preset(true, "swish", false),
+        ),
+        "seq_bn" | "pfeiffer" => (
+            "--adapter-config seq_bn".to_string(),
+            preset(false, "relu", true),
+        ),
+        path => {
+            let path = Path::new(path);
+            let v = adapterkit::io::read_json::<serde_json::Value>(path).with_context(|| {
+                format!("--adapter-config `{spec}`: not a preset (double_seq_bn, seq_bn) and not a readable JSON file")
+            })?;
+            (path.display().to_string(), v)
+        }
+    };
+    Ok(adapterkit::hub::adapter_config_from_hub(
+        &ctx, &value, hidden, layers,
+    )?)
+}
+
+pub(crate) fn train(a: TrainArgs) -> Result<()> {
+    let home = adapterkit::default_home();
+    let base = load_base(&a.model)?.with_backend(backend_of(a.reference_ops));
+    let data = a.data.load(&home, a.regression)?;
+    let d = base.config.hidden_size;
+    let trainable = match a.method {
+        Method::Adapters => TrainableSet::Adapters {
+            layernorms: !a.freeze_layernorms,
+        },
+        Method::Full => TrainableSet::Full,
+        Method::Head => TrainableSet::Head,
+        Method::TopK => TrainableSet::TopK { k: a.top_k },
+        Method::Layernorm => TrainableSet::Layernorm,
+    };
+    let adapter = if a.method == Method::Adapters {
+        let layers = base.config.num_hidden_layers;
+        match &a.adapter_config {
+            Some(spec) => Some(adapter_config_arg(spec, d, layers)?),
+            None => {
+                let bottleneck = match a.reduction_factor {
+                    Some(rf) => AdapterConfig::bottleneck_from_reduction(d, rf)?,
+                    None => a.bottleneck,
+                };
+                let nonlinearity = Activation::parse(&a.nonlinearity).with_context(|| {
+                    format!(
+                        "--nonlinearity `{}`: expected one of {}",
+                        a.nonlinearity,
+                        Activation::NAMES
+                    )
+                })?;
+                let mut cfg = match a.placement {
+                    PlacementArg::Houlsby => AdapterConfig {
+                        bottleneck,
+                        nonlinearity,
+                        ..AdapterConfig::default()
+                    },
+                    PlacementArg::Pfeiffer => AdapterConfig::pfeiffer(bottleneck, nonlinearity),
+                    PlacementArg::Attention => AdapterConfig {
+                        placement: Placement::Attention,
+                        bottleneck,
+                        nonlinearity,
+                        ..AdapterConfig::default()
+                    },
+                };
+                cfg.init_std = a.init_std;
+                cfg.leave_out = a.leave_out.clone();
+                Some(cfg)
+            }
+        }
+    } else {
+        None
+    };
+    let head = HeadConfig {
+        kind: if a.regression {
+            HeadKind::Regression
+        } else {
+            HeadKind::Classification
+        },
+        labels: if a.regression {
+            vec![]
+        } else {
+            data.labels.clone()
+        },
+        pooling: match a.pooling {
+            PoolingArg::Cls => Pooling::Cls,
+            PoolingArg::Pooler => Pooling::Pooler,
+            PoolingArg::Mean => Pooling::Mean,
+        },
+        layers: a.head_layers,
+        activation: Some(Activation::Tanh),
+        bias: true,
+        pair: data.pair,
+    };
+    let max_len = a.max_len.unwrap_or_else(|| {
+        a.data
+            .task
+            .as_deref()
+            .and_then(|t| data::task_spec(t).ok())
+            .map(|s| s.max_len)
+            .unwrap_or(128)
+    });
+    let name = a.name.clone().unwrap_or_else(|| {
+        data.name.replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-',
+            "_",
+        )
+    });
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr.unwrap_or_else(|| default_lr(a.method)),
+        weight_decay: a.weight_decay,
+        warmup_frac: a.warmup,
+        seed: a.seed,
+        max_steps: a.max_steps,
+        cache_frozen_prefix: a.cache_frozen_prefix,
+        ..TrainConfig::default()
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!("{}-{}", data.name, trainable.label()))
+    });
+    let spec = adapterkit::run::RunSpec {
+        name,
+        trainable: trainable.clone(),
+        adapter,
+        head,
+        max_len,
+        train: cfg,
+        out: out.clone(),
+        base_name: base
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        split_seed: a.data.split_seed,
+    };
+    let task = adapterkit::run::new_task(&base, &spec)?;
+    let base_params = base.num_params();
+    let trainable_params = task.num_params();
+    eprintln!(
+        "training {} on {} ({} train / {} dev / {} test), {} trainable parameters = {:.2}% of the base's {}",
+        trainable.label(),
+        data.name,
+        data.train.len(),
+        data.dev.len(),
+        data.test.len(),
+        trainable_params,
+        100.0 * trainable_params as f64 / base_params as f64,
+        base_params
+    );
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let tty = std::io::stderr().is_terminal();
+    let mut on_event = |e: &Event| match e {
+        Event::Step {
+            step,
+            total,
+            loss,
+            examples_per_second,
+            ..
+        } => {
+            bar.set_length(*total as u64);
+            bar.set_position(*step as u64);
+            bar.set_message(format!("loss {loss:.4}  {examples_per_second:.1} ex/s"));
+            if !tty && (step % 50 == 0 || step == total) {
+                eprintln!("step {step}/{total} loss {loss:.4} {examples_per_second:.1} ex/s");
+            }
+        }
+        Event::Epoch(r) => {
+            let line = format!(
+                "epoch {}: train loss {:.4}, dev {:.4}, {:.1} ex/s ({:.0} s)",
+                r.epoch,
+                r.train_loss,
+                r.dev.primary(),
+                r.examples_per_second,
+                r.train_seconds
+            );
+            // A hidden bar (not a terminal) swallows println, so logs get the line directly.
+            if tty {
+                bar.println(line);
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    };
+    let done = adapterkit::run::run(&base, &data, &spec, task, &mut on_event)
+        .with_context(|| format!("training and saving the adapter to {}", out.display()))?;
+    bar.finish_and_clear();
+    let r = &done.record;
+    let metrics_path = a
+        .metrics
+        .clone()
+        .unwrap_or_else(|| out.join("metrics.json"));
+    adapterkit::run::write_record(&metrics_path, r)?;
+    println!(
+        "{} on {}: dev {:.4} (epoch {}), test {:.4}; {} trainable params ({:.2}% of base); adapter dir {} ({:.2} MB); {:.0} s",
+        r.method,
+        r.task,
+        r.dev.primary(),
+        r.best_epoch,
+        r.test.primary(),
+        r.trainable_params,
+        r.trainable_percent,
+        out.display(),
+        r.adapter_dir_bytes as f64 / 1e6,
+        r.seconds
+    );
+    println!("metrics: {}", metrics_path.display());
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The one run recipe, shared by `adapterkit train` and the paper's suite: a spec in (what to
+//! train, on which data, how), the trained task, its test evaluation and a typed record out.
+
+use crate::adapter::AdapterConfig;
+use crate::data::TaskData;
+use crate::encoder::BaseModel;
+use crate::error::Result;
+use crate::head::HeadConfig;
+use crate::task::{TaskModel, TrainableSet};
+use crate::train::{evaluate, EpochReport, EvalMetrics, Evaluation, Event, TrainConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything one run needs besides the base and the data.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The task's name (it prefixes its adapter tensors).
+    pub name: String,
+    /// Which parameters train.
+    pub trainable: TrainableSet,
+    /// The adapters, for the adapter methods.
+    pub adapter: Option<AdapterConfig>,
+    /// The prediction head.
+    pub head: HeadConfig,
+    /// Maximum input length in word pieces.
+    pub max_len: usize,
+    /// Optimiser, schedule, epochs and seed.
+    pub train: TrainConfig,
+    /// Where the task directory is saved.
+    pub out: PathBuf,
+    /// The base model's name recorded in the directory's metadata.
+    pub base_name: String,
+    /// The seed of the data split, recorded only.
+    pub split_seed: u64,
+}
+
+/// Example counts of the three sets.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SplitSizes {
+    /// Dev examples.
+    pub dev: usize,
+    /// Test examples.
+    pub test: usize,
+    /// Training examples.
+    pub train: usize,
+}
+
+/// What a run did, as `metrics.json` records it (fields in the file's key order).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The adapter configuration, for the adapter methods.
+    pub adapter: Option<AdapterConfig>,
+    /// The saved task directory.
+    pub adapter_dir: PathBuf,
+    /// Its size on disk.
+    pub adapter_dir_bytes: u64,
+    /// Parameters of the base model.
+    pub base_params: usize,
+    /// The epoch whose parameters were kept (best dev).
+    pub best_epoch: usize,
+    /// Dev metrics of the kept parameters.
+    pub dev: EvalMetrics,
+    /// Per-epoch results.
+    pub epochs: Vec<EpochReport>,
+    /// The head configuration.
+    pub head: HeadConfig,
+    /// Maximum input length.
+    pub max_len: usize,
+    /// The trainable set's label (`adapters`, `full`, …).
+    pub method: String,
+    /// The base model's directory.
+    pub model: PathBuf,
+    /// The task's name.
+    pub name: String,
+    /// Wall time of training, evaluation included.
+    pub seconds: f64,
+    /// The training seed.
+    pub seed: u64,
+    /// Fingerprint of the split, when the data came with one.
+    pub split_fingerprint: Option<String>,
+    /// The seed of the split.
+    pub split_seed: u64,
+    /// Example counts.
+    pub split_sizes: SplitSizes,
+    /// Optimiser steps taken.
+    pub steps: usize,
+    /// The data set's name.
+    pub task: String,
+    /// Test metrics of the kept parameters.
+    pub test: EvalMetrics,
+    /// The training configuration.
+    pub train_config: TrainConfig,
+    /// Parameters the task trains and stores.
+    pub trainable_params: usize,
+    /// `trainable_params` as a percentage of `base_params`.
+    pub trainable_percent: f64,
+}
+
+/// A finished run: its record, the trained task and its test predictions.
+pub struct RunOutcome {
+    /// What the run did.
+    pub record: RunRecord,
+    /// The trained task (the best epoch's parameters).
+    pub task: TaskModel,
+    /// Predictions and metrics on the test set.
+    pub test: Evaluation,
+}
+
+/// The new task `spec` describes, before training: to report its size before the work starts.
+pub fn new_task(base: &BaseModel, spec: &RunSpec) -> Result<TaskModel> {
+    TaskModel::new(
+        base,
+        &spec.name,
+        spec.trainable.clone(),
+        spec.adapter.clone(),
+        spec.head.clone(),
+        spec.max_len,
+        spec.train.seed,
+    )
+}
+
+/// Trains `task` (from [`new_task`]) on `data`, evaluates it on the test set, then saves it to
+/// `spec.out`; evaluation comes before the save so that a failure leaves no new directory.
+pub fn run(
+    base: &BaseModel,
+    data: &TaskData,
+    spec: &RunSpec,
+    mut task: TaskModel,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<RunOutcome> {
+    let report = crate::train(base, &mut task, data, &spec.train, on_event)?;
+    let test = evaluate(base, &task, &data.test, spec.train.eval_batch_size, &[])?;
+    task.save(&spec.out, &spec.base_name)?;
+    let bytes = TaskModel::dir_size(&spec.out)?;
+    let (trainable_params, base_params) = (task.num_params(), base.num_params());
+    let record = RunRecord {
+        adapter: task.adapter.clone(),
+        adapter_dir: spec.out.clone(),
+        adapter_dir_bytes: bytes,
+        base_params,
+        best_epoch: report.best_epoch,
+        dev: report.best_dev,
+        epochs: report.epochs,
+        head: task.head.clone(),
+        max_len: spec.max_len,
+        method: spec.trainable.label(),
+        model: base.dir.clone(),
+        name: task.name.clone(),
+        seconds: report.seconds,
+        seed: spec.train.seed,
+        split_fingerprint: data.split.as_ref().map(|s| s.fingerprint()),
+        split_seed: spec.split_seed,
+        split_sizes: SplitSizes {
+            dev: data.dev.len(),
+            test: data.test.len(),
+            train: data.train.len(),
+        },
+        steps: report.steps,
+        task: data.name.clone(),
+        test: test.metrics,
+        train_config: spec.train.clone(),
+        trainable_params,
+        trainable_percent: 100.0 * trainable_params as f64 / base_params as f64,
+    };
+    Ok(RunOutcome { record, task, test })
+}
+
+/// Writes `record` as `metrics.json` content: pretty JSON with every object's keys sorted.
+pub fn write_record(path: &Path, record: &RunRecord) -> Result<()> {
+    let value = serde_json::to_value(record).map_err(|e| crate::error::Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    crate::io::write_json(path, &value)
+}
