@@ -6,30 +6,47 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a crash
-/// mid-write leaves the previous file intact.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// The directory `path` is written in (created if missing), where its temporary file goes so the
+/// final rename stays on one file system.
+fn parent_dir(path: &Path) -> Result<std::path::PathBuf> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+    Ok(dir)
+}
+
+/// A temporary file beside `path` (removed if dropped before [`persist`]).
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = parent_dir(path)?;
+    tempfile::Builder::new()
+        .prefix(".adapterkit-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(&dir, e))
+}
+
+/// Flushes `tmp` to disk and renames it to `path`.
+fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    // Temporary files are created private (0600); what we save is meant to be shared and served.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
     }
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a crash
+/// mid-write leaves the previous file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    persist(tmp, path)
 }
 
 /// Serialises `value` as pretty JSON (keys in struct order, maps sorted) and writes it atomically.
@@ -56,27 +73,17 @@ pub fn save_safetensors(
     path: &Path,
     tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
 ) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let tmp = temp_beside(path)?;
     let map: std::collections::HashMap<String, candle_core::Tensor> = tensors
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    if let Err(e) = candle_core::safetensors::save(&map, &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
-    }
-    let sync = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
-    if let Err(e) = sync.and_then(|_| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
+    candle_core::safetensors::save(&map, tmp.path())?;
+    // candle wrote through its own handle: reopen so the sync covers its data.
+    std::fs::File::open(tmp.path())
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))?;
+    persist(tmp, path)
 }
 
 /// Loads every tensor of a safetensors file (or a PyTorch pickle `.bin`) on the CPU.

@@ -131,7 +131,7 @@ pub fn run(
     let report = crate::train(base, &mut task, data, &spec.train, on_event)?;
     let test = evaluate(base, &task, &data.test, spec.train.eval_batch_size, &[])?;
     task.save(&spec.out, &spec.base_name)?;
-    let bytes = TaskModel::dir_size(&spec.out)?;
+    let bytes = crate::format::dir_size(&spec.out)?;
     let (trainable_params, base_params) = (task.num_params(), base.num_params());
     let record = RunRecord {
         adapter: task.adapter.clone(),

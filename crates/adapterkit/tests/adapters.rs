@@ -882,3 +882,85 @@ fn a_batch_mixing_adapters_gives_each_row_what_it_gets_alone() {
     let msg = base.predict_mixed(&rows, true).unwrap_err().to_string();
     assert!(msg.contains("top"), "{msg}");
 }
+
+#[test]
+fn a_directory_states_each_configuration_once_and_refuses_a_mix_of_runs() {
+    let base = tiny_base();
+    let root = tmpdir("mix");
+    let (a_dir, b_dir) = (root.join("a"), root.join("b"));
+    let mut a = adapter_task(&base, "a", 1e-3, 1);
+    a.head.pair = true;
+    a.save(&a_dir, "tiny").unwrap();
+    let b = TaskModel::new(&base, "b", TrainableSet::Head, None, head(), 32, 2).unwrap();
+    b.save(&b_dir, "tiny").unwrap();
+    // The adapter and head configurations are in AdapterHub's files only.
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a_dir.join(files::META)).unwrap()).unwrap();
+    assert!(
+        meta.get("adapter").is_none() && meta.get("head").is_none(),
+        "{meta}"
+    );
+    // What those files cannot say comes back from ours: the init and the text-pair flag.
+    let back = TaskModel::load(&a_dir, &base).unwrap();
+    assert_eq!(back.adapter, a.adapter);
+    assert_eq!(back.head, a.head);
+    // Another run's metadata beside this run's AdapterHub files is refused, naming both.
+    let mixed = root.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    for f in std::fs::read_dir(&a_dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, mixed.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(b_dir.join(files::META), mixed.join(files::META)).unwrap();
+    let msg = TaskModel::load(&mixed, &base).unwrap_err().to_string();
+    assert!(
+        msg.contains(files::META) && msg.contains("disagree") && msg.contains("mixes"),
+        "{msg}"
+    );
+    // Another run's head config (another task's name) is refused too.
+    std::fs::copy(a_dir.join(files::META), mixed.join(files::META)).unwrap();
+    std::fs::copy(
+        b_dir.join(files::HEAD_CONFIG),
+        mixed.join(files::HEAD_CONFIG),
+    )
+    .unwrap();
+    let msg = TaskModel::load(&mixed, &base).unwrap_err().to_string();
+    assert!(
+        msg.contains(files::HEAD_CONFIG) && msg.contains("`b`"),
+        "{msg}"
+    );
+    // Format 1 kept second copies of both configurations: still read, and they must agree.
+    std::fs::copy(
+        a_dir.join(files::HEAD_CONFIG),
+        mixed.join(files::HEAD_CONFIG),
+    )
+    .unwrap();
+    let mut v1 = meta.clone();
+    v1["format"] = serde_json::json!(1);
+    v1.as_object_mut().unwrap().remove("adapter_init");
+    v1.as_object_mut().unwrap().remove("pair");
+    v1["adapter"] = serde_json::to_value(&a.adapter).unwrap();
+    v1["head"] = serde_json::to_value(&a.head).unwrap();
+    std::fs::write(mixed.join(files::META), v1.to_string()).unwrap();
+    let old = TaskModel::load(&mixed, &base).unwrap();
+    assert_eq!((old.adapter, old.head), (a.adapter.clone(), a.head.clone()));
+    let mut other = a.adapter.clone().unwrap();
+    other.ln_after = true;
+    v1["adapter"] = serde_json::to_value(&other).unwrap();
+    std::fs::write(mixed.join(files::META), v1.to_string()).unwrap();
+    let msg = TaskModel::load(&mixed, &base).unwrap_err().to_string();
+    assert!(
+        msg.contains(files::ADAPTER_CONFIG) && msg.contains("disagree"),
+        "{msg}"
+    );
+    // Unknown keys in our metadata are refused by name.
+    let mut extra = meta.clone();
+    extra["frobnicate"] = serde_json::json!(1);
+    std::fs::write(mixed.join(files::META), extra.to_string()).unwrap();
+    let msg = TaskModel::load(&mixed, &base).unwrap_err().to_string();
+    assert!(
+        msg.contains("frobnicate") && msg.contains(files::META),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -48,7 +48,7 @@ fn houlsby_adapter_learns_mr_and_reloads() {
 
     let dir = std::env::temp_dir().join(format!("ak-e2e-{}", std::process::id()));
     task.save(&dir, "all-MiniLM-L6-v2").unwrap();
-    let bytes = TaskModel::dir_size(&dir).unwrap();
+    let bytes = adapterkit::format::dir_size(&dir).unwrap();
     assert!(bytes < 5_000_000, "adapter directory is {bytes} bytes");
     let loaded = TaskModel::load(&dir, &base).unwrap();
     let a = evaluate(&base, &task, &data.dev, 64, &[]).unwrap();

@@ -33,7 +33,7 @@ pub(crate) fn info(a: InfoArgs) -> Result<()> {
             "head": task.head,
             "trainable_params": n,
             "percent_of_base": 100.0 * n as f64 / base_params as f64,
-            "bytes_on_disk": TaskModel::dir_size(dir)?,
+            "bytes_on_disk": adapterkit::format::dir_size(dir)?,
         });
     }
     println!("{}", serde_json::to_string_pretty(&v)?);

@@ -127,7 +127,7 @@ fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<Adapte
             (path.display().to_string(), v)
         }
     };
-    Ok(adapterkit::hub::adapter_config_from_hub(
+    Ok(adapterkit::format::hub::adapter_config_from_hub(
         &ctx, &value, hidden, layers,
     )?)
 }

@@ -6,6 +6,7 @@
 
 pub mod infer;
 
+pub use crate::format::files;
 pub use crate::keys::{Leaf, ParamKey, Role};
 pub use infer::TaskRow;
 
@@ -17,7 +18,6 @@ use crate::rng::Rng;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 /// Which parameters a run trains; every baseline is a choice here, not a separate program.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,25 +113,6 @@ impl BaseFingerprint {
     }
 }
 
-/// Our own metadata file in an adapter directory (`adapterkit.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskMeta {
-    /// File format version.
-    pub format: u32,
-    /// Task (and adapter) name.
-    pub name: String,
-    /// What was trained.
-    pub trainable: TrainableSet,
-    /// Adapter configuration, if the task has adapters.
-    pub adapter: Option<AdapterConfig>,
-    /// Head configuration.
-    pub head: HeadConfig,
-    /// The base this task fits.
-    pub base: BaseFingerprint,
-    /// Maximum input length used in training (the default for prediction).
-    pub max_len: usize,
-}
-
 /// A task's trainable state on top of a shared base model.
 #[derive(Debug, Clone)]
 pub struct TaskModel {
@@ -152,25 +133,8 @@ pub struct TaskModel {
     pub max_len: usize,
 }
 
-/// File names inside an adapter directory.
-pub mod files {
-    /// AdapterHub adapter config.
-    pub const ADAPTER_CONFIG: &str = "adapter_config.json";
-    /// AdapterHub adapter weights.
-    pub const ADAPTER_WEIGHTS: &str = "adapter.safetensors";
-    /// AdapterHub head config.
-    pub const HEAD_CONFIG: &str = "head_config.json";
-    /// AdapterHub head weights.
-    pub const HEAD_WEIGHTS: &str = "model_head.safetensors";
-    /// Our metadata.
-    pub const META: &str = "adapterkit.json";
-    /// Our copies of trained base parameters (LayerNorms, top-k layers, …).
-    pub const BASE_PARAMS: &str = "adapterkit_params.safetensors";
-}
-
-const FORMAT_VERSION: u32 = 1;
-
-fn validate_name(name: &str) -> Result<()> {
+/// Refuses a task name that cannot be part of tensor and file names.
+pub(crate) fn validate_name(name: &str) -> Result<()> {
     if name.is_empty()
         || !name
             .chars()
@@ -301,7 +265,7 @@ impl TaskModel {
     }
 
     /// The task's tensors by file: adapters (AdapterHub's `bert.` names), head, base copies.
-    fn split_params(&self) -> [BTreeMap<String, Tensor>; 3] {
+    pub(crate) fn split_params(&self) -> [BTreeMap<String, Tensor>; 3] {
         let mut adapters = BTreeMap::new();
         let mut head = BTreeMap::new();
         let mut base = BTreeMap::new();
@@ -328,300 +292,6 @@ impl TaskModel {
             })?;
         self.params.insert(key, value);
         Ok(())
-    }
-
-    /// Writes the task as an adapter directory (AdapterHub file and tensor names, plus our own
-    /// metadata and trained base parameters). Every file is written atomically.
-    pub fn save(&self, dir: &Path, base_name: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let [adapters, head, base] = self.split_params();
-        let version = crate::hub::HUB_VERSION;
-        let envelope = |config: serde_json::Value| {
-            serde_json::json!({
-                "config": config,
-                "hidden_size": self.base.hidden_size,
-                "model_class": "BertAdapterModel",
-                "model_name": base_name,
-                "model_type": self.base.model_type,
-                "name": self.name,
-                "version": version
-            })
-        };
-        if let Some(a) = &self.adapter {
-            let cfg = envelope(crate::hub::adapter_config_to_hub(a, self.base.hidden_size));
-            crate::io::write_json(&dir.join(files::ADAPTER_CONFIG), &cfg)?;
-            let mut adapters = adapters;
-            let aliases: Vec<(String, Tensor)> = adapters
-                .iter()
-                .filter_map(|(k, v)| crate::hub::ln_before_alias(k).map(|a| (a, v.clone())))
-                .collect();
-            adapters.extend(aliases);
-            crate::io::save_safetensors(&dir.join(files::ADAPTER_WEIGHTS), &adapters)?;
-        }
-        let head_cfg = envelope(crate::hub::head_config_to_hub(&self.head));
-        crate::io::write_json(&dir.join(files::HEAD_CONFIG), &head_cfg)?;
-        crate::io::save_safetensors(&dir.join(files::HEAD_WEIGHTS), &head)?;
-        if !base.is_empty() {
-            crate::io::save_safetensors(&dir.join(files::BASE_PARAMS), &base)?;
-        }
-        // Files of an earlier task saved here that this one does not have must go: the Python
-        // library would otherwise load a stale adapter next to this head.
-        // We never write the pickle formats, so any found here are stale too.
-        let mut stale = vec!["pytorch_adapter.bin", "pytorch_model_head.bin"];
-        if self.adapter.is_none() {
-            stale.extend([files::ADAPTER_CONFIG, files::ADAPTER_WEIGHTS]);
-        }
-        if base.is_empty() {
-            stale.push(files::BASE_PARAMS);
-        }
-        for f in stale {
-            let p = dir.join(f);
-            if p.exists() {
-                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-            }
-        }
-        let meta = TaskMeta {
-            format: FORMAT_VERSION,
-            name: self.name.clone(),
-            trainable: self.trainable.clone(),
-            adapter: self.adapter.clone(),
-            head: self.head.clone(),
-            base: self.base.clone(),
-            max_len: self.max_len,
-        };
-        // Written last: a directory without it is an interrupted save and will not load.
-        crate::io::write_json(&dir.join(files::META), &meta)
-    }
-
-    /// Loads an adapter directory written by [`TaskModel::save`] onto `base`, checking that it fits.
-    /// A directory without our `adapterkit.json` is read as one saved by AdapterHub (see
-    /// [`TaskModel::load_adapterhub`]).
-    pub fn load(dir: &Path, base: &BaseModel) -> Result<Self> {
-        // AdapterHub never writes our parameter file: with it and without the metadata (written
-        // last), this is an interrupted save of ours and must not load as something else.
-        if !dir.join(files::META).exists()
-            && (dir.join(files::HEAD_CONFIG).exists() || dir.join(files::ADAPTER_CONFIG).exists())
-            && !dir.join(files::BASE_PARAMS).exists()
-        {
-            return Self::load_adapterhub(dir, base);
-        }
-        let meta: TaskMeta = crate::io::read_json(&dir.join(files::META))?;
-        let incompatible = |message: String| Error::Incompatible {
-            path: dir.to_path_buf(),
-            message,
-        };
-        if meta.format != FORMAT_VERSION {
-            return Err(incompatible(format!(
-                "format {} is not supported (expected {FORMAT_VERSION})",
-                meta.format
-            )));
-        }
-        let here = BaseFingerprint::of(base);
-        if meta.base != here {
-            return Err(incompatible(format!(
-                "made for {} with hidden size {}, {} layers, vocabulary {}; this base is {} with hidden size {}, {} layers, vocabulary {}",
-                meta.base.model_type, meta.base.hidden_size, meta.base.num_hidden_layers, meta.base.vocab_size,
-                here.model_type, here.hidden_size, here.num_hidden_layers, here.vocab_size
-            )));
-        }
-        validate_name(&meta.name)?;
-        meta.head.validate()?;
-        let (d, layers) = (here.hidden_size, here.num_hidden_layers);
-        let mut expected: Vec<(ParamKey, Vec<usize>, &str)> = Vec::new();
-        if let Some(a) = &meta.adapter {
-            a.validate(d, layers)?;
-            for (k, shape) in a.param_keys(&meta.name, d, layers) {
-                expected.push((k, shape, files::ADAPTER_WEIGHTS));
-            }
-        }
-        for (n, s) in meta.head.param_shapes(&meta.name, d) {
-            expected.push((head_key(n, &s), s, files::HEAD_WEIGHTS));
-        }
-        let mut owned = meta.trainable.owned_base_params(base, meta.head.pooling);
-        owned.sort_by(|a, b| a.key.cmp(&b.key));
-        for p in owned {
-            expected.push((p.key.clone(), p.tensor.dims().to_vec(), files::BASE_PARAMS));
-        }
-        let mut loaded: BTreeMap<&str, std::collections::HashMap<String, Tensor>> = BTreeMap::new();
-        let mut params = BTreeMap::new();
-        for (key, shape, file) in expected {
-            let path = dir.join(file);
-            if !loaded.contains_key(file) {
-                let map = crate::io::load_tensors(&path)?
-                    .into_iter()
-                    .map(|(k, v)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), v))
-                    .collect();
-                loaded.insert(file, map);
-            }
-            let map = loaded
-                .get_mut(file)
-                .ok_or_else(|| Error::NotFound(format!("{}: not read", path.display())))?;
-            let t = crate::io::take_tensor(map, &path, key.name(), &shape, &base.device)?;
-            params.insert(key, t);
-        }
-        Ok(TaskModel {
-            name: meta.name,
-            adapter: meta.adapter,
-            head: meta.head,
-            trainable: meta.trainable,
-            params,
-            base: here,
-            max_len: meta.max_len,
-        })
-    }
-
-    /// Loads an adapter directory saved by the Python `adapters` library (`save_adapter` with its
-    /// head): `adapter_config.json` + `adapter.safetensors` or `pytorch_adapter.bin`, and
-    /// `head_config.json` + `model_head.safetensors` or `pytorch_model_head.bin`. A directory with
-    /// only a head loads as a head-only task. Every tensor in the weight files must be used.
-    pub fn load_adapterhub(dir: &Path, base: &BaseModel) -> Result<Self> {
-        let here = BaseFingerprint::of(base);
-        let (d, layers) = (here.hidden_size, here.num_hidden_layers);
-        let incompatible = |message: String| Error::Incompatible {
-            path: dir.to_path_buf(),
-            message,
-        };
-        let check_envelope = |path: &Path, v: &serde_json::Value| -> Result<()> {
-            if let Some(h) = v.get("hidden_size").and_then(serde_json::Value::as_u64) {
-                if h as usize != d {
-                    return Err(incompatible(format!(
-                        "{} was made for hidden size {h}; this base has {d}",
-                        path.display()
-                    )));
-                }
-            }
-            if let Some(t) = v.get("model_type").and_then(serde_json::Value::as_str) {
-                if t != here.model_type {
-                    return Err(incompatible(format!(
-                        "{} was made for model type `{t}`; this base is `{}`",
-                        path.display(),
-                        here.model_type
-                    )));
-                }
-            }
-            Ok(())
-        };
-        let pick = |safe: &str, bin: &str| -> Result<PathBuf> {
-            let (s, b) = (dir.join(safe), dir.join(bin));
-            if s.exists() {
-                Ok(s)
-            } else if b.exists() {
-                Ok(b)
-            } else {
-                Err(Error::NotFound(format!(
-                    "{}: neither {safe} nor {bin} is there",
-                    dir.display()
-                )))
-            }
-        };
-        let strip = |m: std::collections::HashMap<String, Tensor>| {
-            m.into_iter()
-                .map(|(k, v)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), v))
-                .collect::<std::collections::HashMap<String, Tensor>>()
-        };
-        let mut params = BTreeMap::new();
-        let leftovers =
-            |file: &Path, tensors: &std::collections::HashMap<String, Tensor>| match tensors
-                .keys()
-                .min()
-            {
-                Some(k) => Err(Error::Config {
-                    context: file.display().to_string(),
-                    field: k.clone(),
-                    message: "tensor the configuration does not account for".into(),
-                }),
-                None => Ok(()),
-            };
-
-        let head_path = dir.join(files::HEAD_CONFIG);
-        if !head_path.exists() {
-            return Err(Error::NotFound(format!(
-                "{}: an adapter without a prediction head ({} is missing): predicting needs the \
-                 head it was trained with; save both from Python with \
-                 `save_adapter(dir, name, with_head=True)`",
-                dir.display(),
-                files::HEAD_CONFIG,
-            )));
-        }
-        let head_json = crate::io::read_json::<serde_json::Value>(&head_path)?;
-        check_envelope(&head_path, &head_json)?;
-        let (head, head_name) =
-            crate::hub::head_config_from_hub(&head_path.display().to_string(), &head_json)?;
-
-        let adapter_path = dir.join(files::ADAPTER_CONFIG);
-        let (adapter, name) = if adapter_path.exists() {
-            let v = crate::io::read_json::<serde_json::Value>(&adapter_path)?;
-            check_envelope(&adapter_path, &v)?;
-            let ctx = adapter_path.display().to_string();
-            let name = v
-                .get("name")
-                .and_then(serde_json::Value::as_str)
-                .ok_or_else(|| Error::config(&ctx, "name", "missing: expected the adapter's name"))?
-                .to_string();
-            (
-                Some(crate::hub::adapter_config_from_hub(&ctx, &v, d, layers)?),
-                name,
-            )
-        } else {
-            (None, head_name.clone())
-        };
-        validate_name(&name)?;
-
-        if let Some(a) = &adapter {
-            let file = pick(files::ADAPTER_WEIGHTS, "pytorch_adapter.bin")?;
-            let mut tensors = strip(crate::io::load_tensors(&file)?);
-            for (key, shape) in a.param_keys(&name, d, layers) {
-                let alias = crate::hub::ln_before_alias(key.name());
-                let from = match &alias {
-                    Some(al) if !tensors.contains_key(key.name()) => al.clone(),
-                    _ => key.to_string(),
-                };
-                let t = crate::io::take_tensor(&mut tensors, &file, &from, &shape, &base.device)?;
-                params.insert(key, t);
-                if let Some(al) = alias {
-                    tensors.remove(&al);
-                }
-            }
-            leftovers(&file, &tensors)?;
-        }
-        let file = pick(files::HEAD_WEIGHTS, "pytorch_model_head.bin")?;
-        let mut tensors = strip(crate::io::load_tensors(&file)?);
-        let theirs = head.param_shapes(&head_name, d);
-        for ((from, shape), (to, _)) in theirs.into_iter().zip(head.param_shapes(&name, d)) {
-            let t = crate::io::take_tensor(&mut tensors, &file, &from, &shape, &base.device)?;
-            params.insert(head_key(to, &shape), t);
-        }
-        leftovers(&file, &tensors)?;
-        if head.pooling == crate::head::Pooling::Pooler
-            && base.weight("pooler.dense.weight").is_none()
-        {
-            return Err(incompatible(
-                "the head uses the pooler (use_pooler) but the base checkpoint has no pooler weights".into(),
-            ));
-        }
-        Ok(TaskModel {
-            name,
-            trainable: if adapter.is_some() {
-                TrainableSet::Adapters { layernorms: false }
-            } else {
-                TrainableSet::Head
-            },
-            adapter,
-            head,
-            params,
-            base: here,
-            max_len: base.config.max_position_embeddings.min(512),
-        })
-    }
-
-    /// Bytes the saved directory takes on disk.
-    pub fn dir_size(dir: &Path) -> Result<u64> {
-        let mut total = 0;
-        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let e = e.map_err(|e| Error::io(dir, e))?;
-            total += e.metadata().map_err(|err| Error::io(e.path(), err))?.len();
-        }
-        Ok(total)
     }
 }
 
@@ -659,7 +329,7 @@ fn init_adapter_tensor(
 }
 
 /// The key of a head tensor: matrices are decayed weights, vectors biases.
-fn head_key(name: String, shape: &[usize]) -> ParamKey {
+pub(crate) fn head_key(name: String, shape: &[usize]) -> ParamKey {
     let leaf = if shape.len() == 2 {
         Leaf::Weight
     } else {

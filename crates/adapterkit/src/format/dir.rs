@@ -1,0 +1,442 @@
+//! Saving and loading a task's directory: one reader for ours and AdapterHub's, which checks that
+//! the files agree with each other.
+
+use super::files;
+use super::hub::{self, BnConfig, ForBase, HubFile, HubHeadConfig, HUB_VERSION};
+use super::meta::{AdapterInit, TaskMeta, FORMAT_VERSION};
+use crate::adapter::AdapterConfig;
+use crate::encoder::BaseModel;
+use crate::error::{Error, Result};
+use crate::head::{HeadConfig, Pooling};
+use crate::keys::{ParamKey, Role};
+use crate::task::{head_key, validate_name, BaseFingerprint, TaskModel, TrainableSet};
+use candle_core::Tensor;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+impl TaskModel {
+    /// Writes the task as an adapter directory (AdapterHub file and tensor names, plus our own
+    /// metadata and trained base parameters). Every file is written atomically; the metadata last.
+    pub fn save(&self, dir: &Path, base_name: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let [adapters, head, base] = self.split_params();
+        if let Some(a) = &self.adapter {
+            let bn = BnConfig::from(ForBase {
+                config: a,
+                hidden: self.base.hidden_size,
+                layers: self.base.num_hidden_layers,
+            });
+            write_sorted(
+                &dir.join(files::ADAPTER_CONFIG),
+                &self.envelope(base_name, bn),
+            )?;
+            let mut adapters = adapters;
+            let aliases: Vec<(String, Tensor)> = adapters
+                .iter()
+                .filter_map(|(k, v)| hub::ln_before_alias(k).map(|a| (a, v.clone())))
+                .collect();
+            adapters.extend(aliases);
+            crate::io::save_safetensors(&dir.join(files::ADAPTER_WEIGHTS), &adapters)?;
+        }
+        let head_cfg = self.envelope(base_name, HubHeadConfig::from(&self.head));
+        write_sorted(&dir.join(files::HEAD_CONFIG), &head_cfg)?;
+        crate::io::save_safetensors(&dir.join(files::HEAD_WEIGHTS), &head)?;
+        if !base.is_empty() {
+            crate::io::save_safetensors(&dir.join(files::BASE_PARAMS), &base)?;
+        }
+        // Files of an earlier task saved here that this one does not have must go: the Python
+        // library would otherwise load a stale adapter next to this head.
+        // We never write the pickle formats, so any found here are stale too.
+        let mut stale = vec![files::ADAPTER_WEIGHTS_BIN, files::HEAD_WEIGHTS_BIN];
+        if self.adapter.is_none() {
+            stale.extend([files::ADAPTER_CONFIG, files::ADAPTER_WEIGHTS]);
+        }
+        if base.is_empty() {
+            stale.push(files::BASE_PARAMS);
+        }
+        for f in stale {
+            let p = dir.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        let meta = TaskMeta {
+            format: FORMAT_VERSION,
+            name: self.name.clone(),
+            trainable: self.trainable.clone(),
+            base: self.base.clone(),
+            max_len: self.max_len,
+            adapter_init: self.adapter.as_ref().map(|a| AdapterInit {
+                scheme: a.init,
+                std: a.init_std,
+            }),
+            pair: self.head.pair,
+            adapter: None,
+            head: None,
+        };
+        // Written last: a directory without it is an interrupted save and will not load.
+        crate::io::write_json(&dir.join(files::META), &meta)
+    }
+
+    /// `config` in the envelope AdapterHub writes around it.
+    fn envelope<C>(&self, base_name: &str, config: C) -> HubFile<C> {
+        HubFile {
+            config,
+            hidden_size: Some(self.base.hidden_size),
+            model_class: Some("BertAdapterModel".into()),
+            model_name: Some(base_name.into()),
+            model_type: Some(self.base.model_type.clone()),
+            name: Some(self.name.clone()),
+            version: Some(HUB_VERSION.into()),
+        }
+    }
+
+    /// Loads an adapter directory written by [`TaskModel::save`] onto `base`, checking that it fits
+    /// and that its files agree. A directory without our `adapterkit.json` is read as one saved by
+    /// AdapterHub (see [`TaskModel::load_adapterhub`]).
+    pub fn load(dir: &Path, base: &BaseModel) -> Result<Self> {
+        // AdapterHub never writes our parameter file: with it and without the metadata (written
+        // last), this is an interrupted save of ours and must not load as something else.
+        if !dir.join(files::META).exists()
+            && (dir.join(files::HEAD_CONFIG).exists() || dir.join(files::ADAPTER_CONFIG).exists())
+            && !dir.join(files::BASE_PARAMS).exists()
+        {
+            return Self::load_adapterhub(dir, base);
+        }
+        let meta_path = dir.join(files::META);
+        let meta: TaskMeta = read_typed(&meta_path)?;
+        let incompatible = |message: String| Error::Incompatible {
+            path: dir.to_path_buf(),
+            message,
+        };
+        if meta.format != FORMAT_VERSION && meta.format != 1 {
+            return Err(incompatible(format!(
+                "format {} is not supported (expected 1 or {FORMAT_VERSION})",
+                meta.format
+            )));
+        }
+        let here = BaseFingerprint::of(base);
+        if meta.base != here {
+            return Err(incompatible(format!(
+                "made for {} with hidden size {}, {} layers, vocabulary {}; this base is {} with hidden size {}, {} layers, vocabulary {}",
+                meta.base.model_type, meta.base.hidden_size, meta.base.num_hidden_layers, meta.base.vocab_size,
+                here.model_type, here.hidden_size, here.num_hidden_layers, here.vocab_size
+            )));
+        }
+        validate_name(&meta.name)?;
+        let hub = HubDir::read(dir, base)?;
+        let disagree = |what: &str, detail: String| {
+            incompatible(format!(
+                "{} and {what} disagree ({detail}): the directory mixes files of different runs",
+                files::META
+            ))
+        };
+        for (file, name) in [
+            (files::HEAD_CONFIG, Some(&hub.head_name)),
+            (files::ADAPTER_CONFIG, hub.adapter.as_ref().map(|a| &a.1)),
+        ] {
+            match name {
+                Some(n) if *n != meta.name => {
+                    return Err(disagree(file, format!("name `{}` vs `{n}`", meta.name)))
+                }
+                _ => {}
+            }
+        }
+        let has_adapter = matches!(meta.trainable, TrainableSet::Adapters { .. });
+        if has_adapter != hub.adapter.is_some() {
+            return Err(disagree(
+                files::ADAPTER_CONFIG,
+                format!(
+                    "trainable set `{}` {} adapters, but the file is {}",
+                    meta.trainable.label(),
+                    if has_adapter { "has" } else { "has no" },
+                    if hub.adapter.is_some() {
+                        "there"
+                    } else {
+                        "missing"
+                    }
+                ),
+            ));
+        }
+        let mut adapter = hub.adapter.clone().map(|a| a.0);
+        let mut head = hub.head.clone();
+        head.pair = meta.pair;
+        let init = match (&meta.adapter, meta.adapter_init) {
+            (Some(a), _) => Some(AdapterInit {
+                scheme: a.init,
+                std: a.init_std,
+            }),
+            (None, i) => i,
+        };
+        if let (Some(a), Some(i)) = (adapter.as_mut(), init) {
+            if i.scheme.hub_name() != a.init.hub_name() {
+                return Err(disagree(
+                    files::ADAPTER_CONFIG,
+                    format!("init `{}` vs `{}`", i.scheme.hub_name(), a.init.hub_name()),
+                ));
+            }
+            a.init = i.scheme;
+            a.init_std = i.std;
+        }
+        // Format 1 kept second copies of both configurations; they must say the same.
+        if let Some(old) = &meta.adapter {
+            if adapter.as_ref() != Some(old) {
+                return Err(disagree(
+                    files::ADAPTER_CONFIG,
+                    "adapter configuration".into(),
+                ));
+            }
+        }
+        if let Some(old) = &meta.head {
+            head.pair = old.pair;
+            if *old != head {
+                return Err(disagree(files::HEAD_CONFIG, "head configuration".into()));
+            }
+        }
+        let params = hub.tensors(
+            dir,
+            base,
+            &meta.name,
+            adapter.as_ref(),
+            &head,
+            Some(&meta.trainable),
+        )?;
+        Ok(TaskModel {
+            name: meta.name,
+            adapter,
+            head,
+            trainable: meta.trainable,
+            params,
+            base: here,
+            max_len: meta.max_len,
+        })
+    }
+
+    /// Loads an adapter directory saved by the Python `adapters` library (`save_adapter` with its
+    /// head): `adapter_config.json` + `adapter.safetensors` or `pytorch_adapter.bin`, and
+    /// `head_config.json` + `model_head.safetensors` or `pytorch_model_head.bin`. A directory with
+    /// only a head loads as a head-only task. Every tensor in the weight files must be used.
+    pub fn load_adapterhub(dir: &Path, base: &BaseModel) -> Result<Self> {
+        let hub = HubDir::read(dir, base)?;
+        let (adapter, name) = match &hub.adapter {
+            Some((a, n)) => (Some(a.clone()), n.clone()),
+            None => (None, hub.head_name.clone()),
+        };
+        validate_name(&name)?;
+        let params = hub.tensors(dir, base, &name, adapter.as_ref(), &hub.head, None)?;
+        Ok(TaskModel {
+            name,
+            trainable: if adapter.is_some() {
+                TrainableSet::Adapters { layernorms: false }
+            } else {
+                TrainableSet::Head
+            },
+            adapter,
+            head: hub.head,
+            params,
+            base: BaseFingerprint::of(base),
+            max_len: base.config.max_position_embeddings.min(512),
+        })
+    }
+}
+
+/// Serialises `value` through a JSON value, so every object's keys are sorted as AdapterHub's
+/// files (and ours before the typed structs) have them.
+fn write_sorted<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let v = serde_json::to_value(value).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    crate::io::write_json(path, &v)
+}
+
+/// Reads a JSON file as `T`, naming the file and the key path of any error.
+fn read_typed<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    hub::parse(&path.display().to_string(), &text)
+}
+
+/// AdapterHub's files of a directory, read and checked against the base.
+struct HubDir {
+    head: HeadConfig,
+    /// The name the head's tensors carry (`heads.{name}.…`).
+    head_name: String,
+    /// The adapter and its name, when the directory has one.
+    adapter: Option<(AdapterConfig, String)>,
+}
+
+impl HubDir {
+    fn read(dir: &Path, base: &BaseModel) -> Result<HubDir> {
+        let here = BaseFingerprint::of(base);
+        let (d, layers) = (here.hidden_size, here.num_hidden_layers);
+        let check_envelope = |path: &Path, size: Option<usize>, ty: Option<&str>| -> Result<()> {
+            let incompatible = |message: String| Error::Incompatible {
+                path: dir.to_path_buf(),
+                message,
+            };
+            if let Some(h) = size.filter(|&h| h != d) {
+                return Err(incompatible(format!(
+                    "{} was made for hidden size {h}; this base has {d}",
+                    path.display()
+                )));
+            }
+            if let Some(t) = ty.filter(|&t| t != here.model_type) {
+                return Err(incompatible(format!(
+                    "{} was made for model type `{t}`; this base is `{}`",
+                    path.display(),
+                    here.model_type
+                )));
+            }
+            Ok(())
+        };
+        let head_path = dir.join(files::HEAD_CONFIG);
+        if !head_path.exists() {
+            return Err(Error::NotFound(format!(
+                "{}: an adapter without a prediction head ({} is missing): predicting needs the \
+                 head it was trained with; save both from Python with \
+                 `save_adapter(dir, name, with_head=True)`",
+                dir.display(),
+                files::HEAD_CONFIG,
+            )));
+        }
+        let ctx = head_path.display().to_string();
+        let file: HubFile<HubHeadConfig> = read_typed(&head_path)?;
+        check_envelope(&head_path, file.hidden_size, file.model_type.as_deref())?;
+        let head = HeadConfig::try_from(&file.config).map_err(|r| r.in_file(&ctx))?;
+        let head_name = file
+            .name
+            .ok_or_else(|| Error::config(&ctx, "name", "missing: expected the head's name"))?;
+
+        let adapter_path = dir.join(files::ADAPTER_CONFIG);
+        let adapter = if adapter_path.exists() {
+            let ctx = adapter_path.display().to_string();
+            let file: HubFile<BnConfig> = read_typed(&adapter_path)?;
+            check_envelope(&adapter_path, file.hidden_size, file.model_type.as_deref())?;
+            let cfg = AdapterConfig::try_from(ForBase {
+                config: &file.config,
+                hidden: d,
+                layers,
+            })
+            .map_err(|r| r.in_file(&ctx))?;
+            let name = file.name.ok_or_else(|| {
+                Error::config(&ctx, "name", "missing: expected the adapter's name")
+            })?;
+            Some((cfg, name))
+        } else {
+            None
+        };
+        if head.pooling == Pooling::Pooler && base.weight("pooler.dense.weight").is_none() {
+            return Err(Error::Incompatible {
+                path: dir.to_path_buf(),
+                message: "the head uses the pooler (use_pooler) but the base checkpoint has no \
+                          pooler weights"
+                    .into(),
+            });
+        }
+        Ok(HubDir {
+            head,
+            head_name,
+            adapter,
+        })
+    }
+
+    /// Every tensor of the task `name`: adapter tensors, the head's (renamed from the head's own
+    /// name), and, for a trainable set of ours, its copies of base parameters. Each weight file
+    /// must hold exactly what the configurations account for.
+    fn tensors(
+        &self,
+        dir: &Path,
+        base: &BaseModel,
+        name: &str,
+        adapter: Option<&AdapterConfig>,
+        head: &HeadConfig,
+        trainable: Option<&TrainableSet>,
+    ) -> Result<BTreeMap<ParamKey, Tensor>> {
+        let (d, layers) = (base.config.hidden_size, base.config.num_hidden_layers);
+        let mut params = BTreeMap::new();
+        if let Some(a) = adapter {
+            let file = pick(dir, files::ADAPTER_WEIGHTS, files::ADAPTER_WEIGHTS_BIN)?;
+            let mut tensors = read_stripped(&file)?;
+            for (key, shape) in a.param_keys(name, d, layers) {
+                let alias = hub::ln_before_alias(key.name());
+                let from = match &alias {
+                    Some(al) if !tensors.contains_key(key.name()) => al.clone(),
+                    _ => key.to_string(),
+                };
+                let t = crate::io::take_tensor(&mut tensors, &file, &from, &shape, &base.device)?;
+                params.insert(key, t);
+                if let Some(al) = alias {
+                    tensors.remove(&al);
+                }
+            }
+            leftovers(&file, &tensors)?;
+        }
+        let file = pick(dir, files::HEAD_WEIGHTS, files::HEAD_WEIGHTS_BIN)?;
+        let mut tensors = read_stripped(&file)?;
+        let theirs = head.param_shapes(&self.head_name, d);
+        for ((from, shape), (to, _)) in theirs.into_iter().zip(head.param_shapes(name, d)) {
+            let t = crate::io::take_tensor(&mut tensors, &file, &from, &shape, &base.device)?;
+            params.insert(head_key(to, &shape), t);
+        }
+        leftovers(&file, &tensors)?;
+        let mut owned = match trainable {
+            Some(t) => t.owned_base_params(base, head.pooling),
+            None => Vec::new(),
+        };
+        if !owned.is_empty() {
+            owned.sort_by(|a, b| a.key.cmp(&b.key));
+            let file = dir.join(files::BASE_PARAMS);
+            let mut tensors = read_stripped(&file)?;
+            for p in owned {
+                let shape = p.tensor.dims().to_vec();
+                let t = crate::io::take_tensor(
+                    &mut tensors,
+                    &file,
+                    p.key.name(),
+                    &shape,
+                    &base.device,
+                )?;
+                debug_assert!(!matches!(p.key.role(), Role::Adapter { .. } | Role::Head));
+                params.insert(p.key.clone(), t);
+            }
+            leftovers(&file, &tensors)?;
+        }
+        Ok(params)
+    }
+}
+
+/// The safetensors file if there, else the PyTorch pickle.
+fn pick(dir: &Path, safe: &str, bin: &str) -> Result<PathBuf> {
+    let (s, b) = (dir.join(safe), dir.join(bin));
+    if s.exists() {
+        Ok(s)
+    } else if b.exists() {
+        Ok(b)
+    } else {
+        Err(Error::NotFound(format!(
+            "{}: neither {safe} nor {bin} is there",
+            dir.display()
+        )))
+    }
+}
+
+/// A weight file's tensors, with the `bert.` prefix AdapterHub's model class adds taken off.
+fn read_stripped(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(crate::io::load_tensors(path)?
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), v))
+        .collect())
+}
+
+/// Refuses tensors left over in `file` after every expected one was taken.
+fn leftovers(file: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    match tensors.keys().min() {
+        Some(k) => Err(Error::Config {
+            context: file.display().to_string(),
+            field: k.clone(),
+            message: "tensor the configuration does not account for".into(),
+        }),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,614 @@
+//! AdapterHub's (`adapters`, Python) configuration files as typed structs: `adapter_config.json`
+//! (a `BnConfig` in its envelope) and `head_config.json`. Unknown keys are refused by name; every
+//! known key is honoured or refused with an error that names the key and value, none is silently
+//! ignored. The conversions to and from our configurations are `TryFrom` / `From`.
+
+use crate::adapter::{AdapterConfig, Init, Placement, Residual, Scaling};
+use crate::error::{Error, Result};
+use crate::head::{HeadConfig, HeadKind, Pooling, MAX_HEAD_LAYERS};
+use crate::kernels::Activation;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+/// The `version` we write; AdapterHub only compares it for LoRA fixes, so any 1.x works.
+pub const HUB_VERSION: &str = "adapters.1.3.0";
+
+/// The envelope AdapterHub writes around a configuration: what it is for and the config itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubFile<C> {
+    /// The configuration.
+    pub config: C,
+    /// Hidden width of the model it was saved from.
+    #[serde(default)]
+    pub hidden_size: Option<usize>,
+    /// The Python model class.
+    #[serde(default)]
+    pub model_class: Option<String>,
+    /// The base model's name.
+    #[serde(default)]
+    pub model_name: Option<String>,
+    /// The base model's type (`bert`).
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// The adapter's or head's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The library version that wrote it.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// AdapterHub's `BnConfig` (bottleneck adapter options, as of adapters 1.3), every key as the
+/// library writes it. `null` means the library's default for every key, as in Python.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BnConfig {
+    /// Whether the residual is added before the adapter's own `ln_after`.
+    #[serde(default)]
+    pub adapter_residual_before_ln: Option<bool>,
+    /// `"bottleneck"` (the only architecture this config may name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    /// Adapters after decoder cross-attention (a BERT encoder has none).
+    #[serde(default)]
+    pub cross_adapter: Option<bool>,
+    /// Dropout on the adapter's input.
+    #[serde(default)]
+    pub dropout: Option<f64>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default, rename = "factorized_phm_W")]
+    pub factorized_phm_w: Option<Value>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub factorized_phm_rule: Option<Value>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub hypercomplex_nonlinearity: Option<Value>,
+    /// `"bert"`, `"houlsby"` or `"mam_adapter"`.
+    #[serde(default)]
+    pub init_weights: Option<String>,
+    /// Seed of the library's own init (irrelevant once trained).
+    #[serde(default)]
+    pub init_weights_seed: Option<i64>,
+    /// Invertible adapter (refused).
+    #[serde(default)]
+    pub inv_adapter: Option<Value>,
+    /// Invertible adapter size (only with `inv_adapter`).
+    #[serde(default)]
+    pub inv_adapter_reduction_factor: Option<Value>,
+    /// Parallel adapter (refused).
+    #[serde(default)]
+    pub is_parallel: Option<bool>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub learn_phm: Option<Value>,
+    /// Layers without adapters.
+    #[serde(default)]
+    pub leave_out: Option<Vec<usize>>,
+    /// A new LayerNorm on the adapter's output.
+    #[serde(default)]
+    pub ln_after: Option<bool>,
+    /// A new LayerNorm on the adapter's input.
+    #[serde(default)]
+    pub ln_before: Option<bool>,
+    /// An adapter after multi-head attention.
+    pub mh_adapter: bool,
+    /// The nonlinearity between the projections.
+    pub non_linearity: String,
+    /// The original residual + LayerNorm after the adapter.
+    #[serde(default)]
+    pub original_ln_after: Option<bool>,
+    /// The original residual + LayerNorm before the adapter.
+    #[serde(default)]
+    pub original_ln_before: Option<bool>,
+    /// An adapter after the FFN.
+    pub output_adapter: bool,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub phm_bias: Option<Value>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub phm_c_init: Option<Value>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub phm_dim: Option<Value>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub phm_init_range: Option<Value>,
+    /// PHM (Compacter) layers (refused).
+    #[serde(default)]
+    pub phm_layer: Option<bool>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub phm_rank: Option<Value>,
+    /// Hidden width / bottleneck width: a number, or `{"default": f, "<layer>": f}`.
+    pub reduction_factor: Value,
+    /// Where the skip connection starts: true, false or `"post_add"`.
+    #[serde(default)]
+    pub residual_before_ln: Option<Value>,
+    /// Output scaling: a number, `"learned"` or `"channel"`.
+    #[serde(default)]
+    pub scaling: Option<Value>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default, rename = "shared_W_phm")]
+    pub shared_w_phm: Option<Value>,
+    /// PHM option (only with `phm_layer`).
+    #[serde(default)]
+    pub shared_phm_rule: Option<Value>,
+    /// Stochastic depth (refused unless 0).
+    #[serde(default)]
+    pub stochastic_depth: Option<f64>,
+    /// Gated adapters (refused).
+    #[serde(default)]
+    pub use_gating: Option<bool>,
+}
+
+/// The dimensions of the base a configuration is read for (reduction factors become bottleneck
+/// sizes, layer keys are checked).
+#[derive(Debug, Clone, Copy)]
+pub struct ForBase<'a, C> {
+    /// The configuration.
+    pub config: &'a C,
+    /// Hidden width.
+    pub hidden: usize,
+    /// Number of layers.
+    pub layers: usize,
+}
+
+/// Why a configuration was refused: the key and what was wrong with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// The offending key.
+    pub key: String,
+    /// What was wrong and what was expected.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        Refusal {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// As an error naming the file `ctx`.
+    pub fn in_file(self, ctx: &str) -> Error {
+        Error::config(ctx, self.key, self.message)
+    }
+}
+
+type Refused<T> = std::result::Result<T, Refusal>;
+
+/// Bottleneck size for one reduction factor, as AdapterHub computes it: `max(1, int(d // factor))`.
+fn bottleneck_for(hidden: usize, v: &Value) -> Refused<usize> {
+    let f = v
+        .as_f64()
+        .filter(|f| f.is_finite() && *f > 0.0)
+        .ok_or_else(|| {
+            Refusal::new(
+                "reduction_factor",
+                format!("`{v}`: expected a positive number"),
+            )
+        })?;
+    Ok(((hidden as f64 / f).floor() as usize).max(1))
+}
+
+fn refuse_true(key: &str, v: Option<bool>, what: &str) -> Refused<()> {
+    match v {
+        Some(true) => Err(Refusal::new(
+            key,
+            format!("`true` is not supported: {what}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl TryFrom<ForBase<'_, BnConfig>> for AdapterConfig {
+    type Error = Refusal;
+
+    fn try_from(b: ForBase<'_, BnConfig>) -> Refused<AdapterConfig> {
+        let (c, hidden, layers) = (b.config, b.hidden, b.layers);
+        match c.architecture.as_deref() {
+            None | Some("bottleneck") => {}
+            Some(a) => {
+                return Err(Refusal::new(
+                    "architecture",
+                    format!(
+                        "`\"{a}\"` is not supported: only bottleneck adapters (\"bottleneck\") are"
+                    ),
+                ))
+            }
+        }
+        refuse_true(
+            "is_parallel",
+            c.is_parallel,
+            "parallel adapters (ParBnConfig) are not implemented",
+        )?;
+        refuse_true(
+            "use_gating",
+            c.use_gating,
+            "gated adapters (UniPELT) are not implemented",
+        )?;
+        refuse_true(
+            "phm_layer",
+            c.phm_layer,
+            "PHM (Compacter) layers are not implemented",
+        )?;
+        if let Some(v) = c.inv_adapter.as_ref().filter(|v| !v.is_null()) {
+            return Err(Refusal::new(
+                "inv_adapter",
+                format!("`{v}` is not supported: invertible adapters are not implemented"),
+            ));
+        }
+        if let Some(s) = c.stochastic_depth.filter(|&s| s != 0.0) {
+            return Err(Refusal::new(
+                "stochastic_depth",
+                format!("`{s}` is not supported: stochastic depth is not implemented"),
+            ));
+        }
+        // cross_adapter places adapters after decoder cross-attention; a BERT encoder has none, so
+        // the option changes nothing here (as in the Python library) and is accepted either way.
+        let placement = match (c.mh_adapter, c.output_adapter) {
+            (true, true) => Placement::Houlsby,
+            (false, true) => Placement::Pfeiffer,
+            (true, false) => Placement::Attention,
+            (false, false) => {
+                return Err(Refusal::new(
+                    "output_adapter",
+                    "mh_adapter and output_adapter are both false: the adapter has no site",
+                ))
+            }
+        };
+        let (bottleneck, layer_bottleneck) = match &c.reduction_factor {
+            Value::Object(map) => {
+                for k in map.keys() {
+                    let ok = k == "default" || k.parse::<usize>().is_ok_and(|l| l < layers);
+                    if !ok {
+                        return Err(Refusal::new(
+                            "reduction_factor",
+                            format!("key `{k}` is neither \"default\" nor a layer in 0..{layers}"),
+                        ));
+                    }
+                }
+                let default = match map.get("default") {
+                    Some(v) => Some(bottleneck_for(hidden, v)?),
+                    None => None,
+                };
+                let mut per_layer = BTreeMap::new();
+                for l in 0..layers {
+                    let m = match (map.get(&l.to_string()), default) {
+                        (Some(v), _) => bottleneck_for(hidden, v)?,
+                        (None, Some(m)) => m,
+                        (None, None) => {
+                            return Err(Refusal::new(
+                                "reduction_factor",
+                                format!("layer {l} has no entry and there is no \"default\""),
+                            ))
+                        }
+                    };
+                    per_layer.insert(l, m);
+                }
+                let base = default.or_else(|| per_layer.get(&0).copied()).unwrap_or(1);
+                per_layer.retain(|_, m| *m != base);
+                (base, per_layer)
+            }
+            v => (bottleneck_for(hidden, v)?, BTreeMap::new()),
+        };
+        let nonlinearity = Activation::parse(&c.non_linearity).ok_or_else(|| {
+            Refusal::new(
+                "non_linearity",
+                format!(
+                    "`\"{}\"` is not supported: expected one of {}",
+                    c.non_linearity,
+                    Activation::NAMES
+                ),
+            )
+        })?;
+        let residual = match &c.residual_before_ln {
+            None | Some(Value::Null) | Some(Value::Bool(true)) => Residual::Sublayer,
+            Some(Value::Bool(false)) => Residual::AdapterInput,
+            Some(Value::String(s)) if s == "post_add" => Residual::PostAdd,
+            Some(v) => {
+                return Err(Refusal::new(
+                    "residual_before_ln",
+                    format!("`{v}`: expected true, false or \"post_add\""),
+                ))
+            }
+        };
+        let scaling = match c.scaling.as_ref().filter(|v| !v.is_null()) {
+            None => Scaling::Fixed(1.0),
+            Some(v) => Scaling::from_json(v).map_err(|m| Refusal::new("scaling", m))?,
+        };
+        let init = match c.init_weights.as_deref() {
+            None | Some("bert") => Init::Bert,
+            Some("houlsby") => Init::Houlsby,
+            Some("mam_adapter") => Init::MamAdapter,
+            Some(v) => {
+                return Err(Refusal::new(
+                    "init_weights",
+                    format!("`\"{v}\"`: expected \"bert\", \"houlsby\" or \"mam_adapter\""),
+                ))
+            }
+        };
+        let dropout = c.dropout.unwrap_or(0.0);
+        let cfg = AdapterConfig {
+            placement,
+            bottleneck,
+            nonlinearity,
+            init_std: 1e-2,
+            leave_out: c.leave_out.clone().unwrap_or_default(),
+            layer_bottleneck,
+            original_ln_before: c.original_ln_before.unwrap_or(false),
+            original_ln_after: c.original_ln_after.unwrap_or(true),
+            residual,
+            ln_before: c.ln_before.unwrap_or(false),
+            ln_after: c.ln_after.unwrap_or(false),
+            adapter_residual_before_ln: c.adapter_residual_before_ln.unwrap_or(false),
+            scaling,
+            init,
+            dropout,
+        };
+        cfg.validate(hidden, layers)
+            .map_err(|e| Refusal::new("config", e.to_string()))?;
+        Ok(cfg)
+    }
+}
+
+/// A reduction factor whose `int(d // factor)` is exactly `m` in floating point.
+fn reduction_for(hidden: usize, m: usize) -> Value {
+    if hidden.is_multiple_of(m) {
+        json!((hidden / m) as f64)
+    } else {
+        json!(hidden as f64 / (m as f64 + 0.5))
+    }
+}
+
+impl From<ForBase<'_, AdapterConfig>> for BnConfig {
+    /// Every key AdapterHub 1.3 writes, so the Python library reads back exactly this adapter.
+    fn from(b: ForBase<'_, AdapterConfig>) -> BnConfig {
+        let (cfg, hidden) = (b.config, b.hidden);
+        let reduction_factor = if cfg.layer_bottleneck.is_empty() {
+            reduction_for(hidden, cfg.bottleneck)
+        } else {
+            let mut map = serde_json::Map::new();
+            map.insert("default".into(), reduction_for(hidden, cfg.bottleneck));
+            for (l, &m) in &cfg.layer_bottleneck {
+                map.insert(l.to_string(), reduction_for(hidden, m));
+            }
+            Value::Object(map)
+        };
+        BnConfig {
+            adapter_residual_before_ln: Some(cfg.adapter_residual_before_ln),
+            architecture: None,
+            cross_adapter: Some(false),
+            dropout: Some(cfg.dropout),
+            factorized_phm_w: Some(json!(true)),
+            factorized_phm_rule: Some(json!(false)),
+            hypercomplex_nonlinearity: Some(json!("glorot-uniform")),
+            init_weights: Some(cfg.init.hub_name().into()),
+            init_weights_seed: None,
+            inv_adapter: None,
+            inv_adapter_reduction_factor: None,
+            is_parallel: Some(false),
+            learn_phm: Some(json!(true)),
+            leave_out: Some(cfg.leave_out.clone()),
+            ln_after: Some(cfg.ln_after),
+            ln_before: Some(cfg.ln_before),
+            mh_adapter: matches!(cfg.placement, Placement::Houlsby | Placement::Attention),
+            non_linearity: cfg.nonlinearity.name().into(),
+            original_ln_after: Some(cfg.original_ln_after),
+            original_ln_before: Some(cfg.original_ln_before),
+            output_adapter: matches!(cfg.placement, Placement::Houlsby | Placement::Pfeiffer),
+            phm_bias: Some(json!(true)),
+            phm_c_init: Some(json!("normal")),
+            phm_dim: Some(json!(4)),
+            phm_init_range: Some(json!(0.0001)),
+            phm_layer: Some(false),
+            phm_rank: Some(json!(1)),
+            reduction_factor,
+            residual_before_ln: Some(match cfg.residual {
+                Residual::Sublayer => json!(true),
+                Residual::AdapterInput => json!(false),
+                Residual::PostAdd => json!("post_add"),
+            }),
+            scaling: serde_json::to_value(cfg.scaling).ok(),
+            shared_w_phm: Some(json!(false)),
+            shared_phm_rule: Some(json!(true)),
+            stochastic_depth: Some(0.0),
+            use_gating: Some(false),
+        }
+    }
+}
+
+/// AdapterHub's `head_config.json` `config` object for a classification (or, with one label,
+/// regression) head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubHeadConfig {
+    /// The activation between dense layers; absent means tanh, `null` none.
+    #[serde(default = "absent_activation")]
+    pub activation_function: Value,
+    /// Mean pooling, which AdapterHub lacks: written so that the Python library refuses the head
+    /// rather than silently pools differently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapterkit_pooling: Option<String>,
+    /// Biases on the dense layers.
+    #[serde(default)]
+    pub bias: Option<bool>,
+    /// Dropout (training only).
+    #[serde(default)]
+    pub dropout_prob: Option<Value>,
+    /// `"classification"` (the only head type implemented).
+    pub head_type: String,
+    /// Ids of the labels by name (absent for written `id2label` only).
+    #[serde(default, skip_serializing)]
+    pub id2label: Option<Value>,
+    /// Label name → class index.
+    #[serde(default)]
+    pub label2id: Option<BTreeMap<String, usize>>,
+    /// Dense layers.
+    #[serde(default)]
+    pub layers: Option<usize>,
+    /// Outputs (1 = regression).
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+    /// Whether the head reads the checkpoint's pooler.
+    #[serde(default)]
+    pub use_pooler: Option<bool>,
+}
+
+fn absent_activation() -> Value {
+    Value::String("tanh".into())
+}
+
+impl TryFrom<&HubHeadConfig> for HeadConfig {
+    type Error = Refusal;
+
+    fn try_from(c: &HubHeadConfig) -> Refused<HeadConfig> {
+        if c.head_type != "classification" {
+            return Err(Refusal::new(
+                "head_type",
+                format!(
+                    "`\"{}\"` is not supported: only \"classification\" heads (num_labels 1 = regression) are",
+                    c.head_type
+                ),
+            ));
+        }
+        let num_labels = c.num_labels.unwrap_or(2);
+        let layers = c.layers.unwrap_or(2);
+        if !(1..=MAX_HEAD_LAYERS).contains(&layers) {
+            return Err(Refusal::new(
+                "layers",
+                format!("{layers} is not in 1..={MAX_HEAD_LAYERS}"),
+            ));
+        }
+        let activation = match &c.activation_function {
+            Value::Null => None,
+            v => Some(v.as_str().and_then(Activation::parse).ok_or_else(|| {
+                Refusal::new(
+                    "activation_function",
+                    format!(
+                        "`{v}` is not supported: expected one of {}",
+                        Activation::NAMES
+                    ),
+                )
+            })?),
+        };
+        let pooling = match (
+            c.use_pooler.unwrap_or(false),
+            c.adapterkit_pooling.as_deref(),
+        ) {
+            (_, Some("mean")) => Pooling::Mean,
+            (_, Some(v)) => {
+                return Err(Refusal::new(
+                    "adapterkit_pooling",
+                    format!("`\"{v}\"`: expected \"mean\""),
+                ))
+            }
+            (true, None) => Pooling::Pooler,
+            (false, None) => Pooling::Cls,
+        };
+        let (kind, labels) = if num_labels == 1 {
+            (HeadKind::Regression, Vec::new())
+        } else {
+            let mut labels: Vec<String> = (0..num_labels).map(|i| format!("LABEL_{i}")).collect();
+            for (label, &id) in c.label2id.iter().flatten() {
+                let slot = labels.get_mut(id).ok_or_else(|| {
+                    Refusal::new(
+                        "label2id",
+                        format!("`{label}`: id `{id}` is not in 0..{num_labels}"),
+                    )
+                })?;
+                *slot = label.clone();
+            }
+            (HeadKind::Classification, labels)
+        };
+        let head = HeadConfig {
+            kind,
+            labels,
+            pooling,
+            layers,
+            activation,
+            bias: c.bias.unwrap_or(true),
+            pair: false,
+        };
+        head.validate()
+            .map_err(|e| Refusal::new("config", e.to_string()))?;
+        Ok(head)
+    }
+}
+
+impl From<&HeadConfig> for HubHeadConfig {
+    fn from(head: &HeadConfig) -> HubHeadConfig {
+        HubHeadConfig {
+            activation_function: head
+                .activation
+                .map_or(Value::Null, |a| Value::String(a.name().into())),
+            adapterkit_pooling: (head.pooling == Pooling::Mean).then(|| "mean".into()),
+            bias: Some(head.bias),
+            dropout_prob: None,
+            head_type: "classification".into(),
+            id2label: None,
+            label2id: match head.kind {
+                HeadKind::Classification => Some(
+                    head.labels
+                        .iter()
+                        .enumerate()
+                        .map(|(i, l)| (l.clone(), i))
+                        .collect(),
+                ),
+                HeadKind::Regression => None,
+            },
+            layers: Some(head.layers),
+            num_labels: Some(head.num_outputs()),
+            use_pooler: Some(head.pooling == Pooling::Pooler),
+        }
+    }
+}
+
+/// Parses JSON text as `T`, naming the file and the key path of any error
+/// (`config.mh_adapter: invalid type …`).
+pub fn parse<T: DeserializeOwned>(ctx: &str, text: &str) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        Error::config(ctx, path, e.into_inner().to_string())
+    })
+}
+
+/// Reads an adapter configuration given as AdapterHub JSON, either the whole `adapter_config.json`
+/// or its `config` object alone, for a base of `hidden` width and `layers` layers. `ctx` names
+/// the file in errors.
+pub fn adapter_config_from_hub(
+    ctx: &str,
+    value: &Value,
+    hidden: usize,
+    layers: usize,
+) -> Result<AdapterConfig> {
+    let inner = value.get("config").unwrap_or(value);
+    let config: BnConfig = serde_path_to_error::deserialize(inner).map_err(|e| {
+        let path = e.path().to_string();
+        Error::config(ctx, path, e.into_inner().to_string())
+    })?;
+    AdapterConfig::try_from(ForBase {
+        config: &config,
+        hidden,
+        layers,
+    })
+    .map_err(|r| r.in_file(ctx))
+}
+
+/// The AdapterHub name of a parameter alias the Python library also writes: with `ln_before` the
+/// norm is registered twice, as `adapter_norm_before` and as module 0 of `adapter_down`.
+pub fn ln_before_alias(name: &str) -> Option<String> {
+    name.strip_suffix("adapter_norm_before.weight")
+        .map(|p| format!("{p}adapter_down.0.weight"))
+        .or_else(|| {
+            name.strip_suffix("adapter_norm_before.bias")
+                .map(|p| format!("{p}adapter_down.0.bias"))
+        })
+}
