@@ -95,7 +95,7 @@ pub(super) fn ablation(base: &BaseModel, p: &Plan) -> Result<()> {
             ),
             "last removed layer j",
             "first removed layer i",
-            &grid,
+            grid.clone(),
         );
         std::fs::create_dir_all(&p.out)?;
         chart::write(&heat, &p.out, &format!("ablation_{task}"))?;
@@ -191,7 +191,7 @@ pub(super) fn init_sweep(base: &BaseModel, p: &Plan, epochs: usize) -> Result<()
         ),
         "init std (log scale)",
         "test accuracy (%)",
-        &series,
+        series,
         true,
     );
     std::fs::create_dir_all(&p.out)?;

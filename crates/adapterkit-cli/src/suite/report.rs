@@ -258,7 +258,7 @@ fn accuracy_figure(title: &str, points: &[FigPoint]) -> chart::Chart {
         } else {
             "accuracy (%)"
         },
-        &series,
+        series,
         true,
     )
 }
