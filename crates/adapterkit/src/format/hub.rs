@@ -574,10 +574,13 @@ impl From<&HeadConfig> for HubHeadConfig {
 /// (`config.mh_adapter: invalid type …`).
 pub fn parse<T: DeserializeOwned>(ctx: &str, text: &str) -> Result<T> {
     let mut de = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        Error::config(ctx, path, e.into_inner().to_string())
-    })
+    serde_path_to_error::deserialize(&mut de).map_err(|e| path_error(ctx, e))
+}
+
+/// A deserialisation error as a config error naming the file and the key path.
+fn path_error(ctx: &str, e: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let path = e.path().to_string();
+    Error::config(ctx, path, e.into_inner().to_string())
 }
 
 /// Reads an adapter configuration given as AdapterHub JSON, either the whole `adapter_config.json`
@@ -590,10 +593,8 @@ pub fn adapter_config_from_hub(
     layers: usize,
 ) -> Result<AdapterConfig> {
     let inner = value.get("config").unwrap_or(value);
-    let config: BnConfig = serde_path_to_error::deserialize(inner).map_err(|e| {
-        let path = e.path().to_string();
-        Error::config(ctx, path, e.into_inner().to_string())
-    })?;
+    let config: BnConfig =
+        serde_path_to_error::deserialize(inner).map_err(|e| path_error(ctx, e))?;
     AdapterConfig::try_from(ForBase {
         config: &config,
         hidden,
