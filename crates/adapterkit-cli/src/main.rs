@@ -4,6 +4,7 @@
 mod bench;
 mod chart;
 mod cmd;
+mod serve;
 mod suite;
 
 use clap::{Parser, Subcommand};
@@ -76,6 +77,9 @@ enum Command {
     /// Time fixed-shape training or inference steps; prints JSON with achieved GFLOP/s next to the
     /// same run's measured GEMM peak and the peak RSS.
     Bench(bench::BenchArgs),
+    /// Serve every adapter under a directory over HTTP on one shared base model; requests for
+    /// different adapters share batches (`POST /predict {"inputs", "adapter"}`, see README).
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() {
@@ -94,6 +98,15 @@ fn main() {
             std::env::set_var("RAYON_NUM_THREADS", t.to_string());
         }
     }
+    if let Command::Serve(a) = cli.command {
+        // Not on a pool worker: the batcher runs inference on its own pool's worker, and the
+        // async runtime's threads must not occupy one.
+        if let Err(e) = serve::serve(*a) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let run = move || match cli.command {
         Command::Fetch => cmd::fetch::fetch(),
         Command::Train(a) => cmd::train::train(*a),
@@ -103,6 +116,7 @@ fn main() {
         Command::Predict(a) => cmd::predict::predict(a),
         Command::Info(a) => cmd::info::info(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(_) => Ok(()),
         Command::Tasks => {
             for t in adapterkit::data::REGISTRY {
                 println!("{:<8} {}", t.name, t.description);

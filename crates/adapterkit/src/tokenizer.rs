@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
@@ -11,16 +12,31 @@ use tokenizers::{Model, Tokenizer, TruncationParams, TruncationStrategy};
 /// A checkpoint's tokenizer with padding and truncation under our control (batches pad themselves).
 pub struct TextTokenizer {
     inner: Tokenizer,
-    // A copy configured to truncate at the last length asked for: cloning the vocabulary on every
-    // call cost more than encoding a short sentence.
-    truncating: std::sync::Mutex<Option<(usize, Tokenizer)>>,
+    // Copies configured to truncate at the lengths asked for: cloning the vocabulary on every call
+    // cost more than encoding a short sentence. Shared by `Arc` so that concurrent callers (the
+    // server's request handlers) encode without holding the lock.
+    truncating: Mutex<Vec<(usize, Arc<Tokenizer>)>>,
+}
+
+/// How many truncation lengths keep a configured copy (adapters served together may differ).
+const CACHED_LENGTHS: usize = 8;
+
+/// One encoded input: token ids, segment ids, and whether it was cut to fit `max_len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// Token ids with [CLS]/[SEP].
+    pub ids: Vec<u32>,
+    /// Segment (token type) ids.
+    pub type_ids: Vec<u32>,
+    /// Whether tokens were dropped to fit the length.
+    pub truncated: bool,
 }
 
 impl Clone for TextTokenizer {
     fn clone(&self) -> Self {
         TextTokenizer {
             inner: self.inner.clone(),
-            truncating: std::sync::Mutex::new(None),
+            truncating: Mutex::new(Vec::new()),
         }
     }
 }
@@ -52,7 +68,7 @@ impl TextTokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(TextTokenizer {
             inner,
-            truncating: std::sync::Mutex::new(None),
+            truncating: Mutex::new(Vec::new()),
         })
     }
 
@@ -80,7 +96,7 @@ impl TextTokenizer {
         )));
         Ok(TextTokenizer {
             inner,
-            truncating: std::sync::Mutex::new(None),
+            truncating: Mutex::new(Vec::new()),
         })
     }
 
@@ -91,26 +107,20 @@ impl TextTokenizer {
         inputs: &[(String, Option<String>)],
         max_len: usize,
     ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        if max_len < 4 {
-            return Err(Error::config("tokenizer", "max_len", "must be at least 4"));
-        }
-        let mut cache = self
-            .truncating
-            .lock()
-            .map_err(|_| Error::Tokenizer("tokenizer cache lock poisoned".into()))?;
-        if cache.as_ref().is_none_or(|(len, _)| *len != max_len) {
-            let mut tok = self.inner.clone();
-            tok.with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                strategy: TruncationStrategy::LongestFirst,
-                ..Default::default()
-            }))
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            *cache = Some((max_len, tok));
-        }
-        let Some((_, tok)) = cache.as_ref() else {
-            return Err(Error::Tokenizer("tokenizer cache is empty".into()));
-        };
+        Ok(self
+            .encode_checked(inputs, max_len)?
+            .into_iter()
+            .map(|e| (e.ids, e.type_ids))
+            .collect())
+    }
+
+    /// [`TextTokenizer::encode_all`] that also says, per input, whether it was truncated.
+    pub fn encode_checked(
+        &self,
+        inputs: &[(String, Option<String>)],
+        max_len: usize,
+    ) -> Result<Vec<Encoded>> {
+        let tok = self.truncating_at(max_len)?;
         inputs
             .iter()
             .map(|(a, b)| {
@@ -119,9 +129,40 @@ impl TextTokenizer {
                     None => tok.encode(a.as_str(), true),
                 }
                 .map_err(|e| Error::Tokenizer(e.to_string()))?;
-                Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
+                Ok(Encoded {
+                    ids: enc.get_ids().to_vec(),
+                    type_ids: enc.get_type_ids().to_vec(),
+                    truncated: !enc.get_overflowing().is_empty(),
+                })
             })
             .collect()
+    }
+
+    /// The copy that truncates at `max_len`, made once per length.
+    fn truncating_at(&self, max_len: usize) -> Result<Arc<Tokenizer>> {
+        if max_len < 4 {
+            return Err(Error::config("tokenizer", "max_len", "must be at least 4"));
+        }
+        let mut cache = self
+            .truncating
+            .lock()
+            .map_err(|_| Error::Tokenizer("tokenizer cache lock poisoned".into()))?;
+        if let Some((_, t)) = cache.iter().find(|(len, _)| *len == max_len) {
+            return Ok(Arc::clone(t));
+        }
+        let mut tok = self.inner.clone();
+        tok.with_truncation(Some(TruncationParams {
+            max_length: max_len,
+            strategy: TruncationStrategy::LongestFirst,
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tok = Arc::new(tok);
+        if cache.len() >= CACHED_LENGTHS {
+            cache.remove(0);
+        }
+        cache.push((max_len, Arc::clone(&tok)));
+        Ok(tok)
     }
 
     /// Vocabulary size including added tokens.

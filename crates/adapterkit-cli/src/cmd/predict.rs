@@ -5,8 +5,15 @@ use super::*;
 #[derive(Args)]
 pub(crate) struct PredictArgs {
     /// Adapter directory written by `train`.
-    #[arg(long)]
-    adapter: PathBuf,
+    #[arg(long, required_unless_present = "server")]
+    adapter: Option<PathBuf>,
+    /// Ask a running `adapterkit serve` at this URL (http://HOST:PORT) instead of loading the
+    /// model here; the output is the same.
+    #[arg(long, conflicts_with_all = ["adapter", "model", "skip_adapter_layers", "max_len"])]
+    server: Option<String>,
+    /// With --server: the adapter's name there [default: the server's default adapter].
+    #[arg(long, requires = "server")]
+    name: Option<String>,
     /// Texts to classify; without them, lines are read from --input or stdin. For sentence-pair
     /// adapters, each input is `TEXT<TAB>PAIR`.
     texts: Vec<String>,
@@ -30,10 +37,9 @@ pub(crate) struct PredictArgs {
     max_len: Option<usize>,
 }
 
-pub(crate) fn predict(a: PredictArgs) -> Result<()> {
-    let base = load_base(&a.model)?;
-    let task = load_task(&base, &a.adapter)?;
-    let texts: Vec<String> = if !a.texts.is_empty() {
+/// The texts to predict: the arguments, else the lines of --input or stdin (blank lines dropped).
+fn read_texts(a: &PredictArgs) -> Result<Vec<String>> {
+    Ok(if !a.texts.is_empty() {
         a.texts.clone()
     } else {
         let reader: Box<dyn BufRead> = match &a.input {
@@ -50,8 +56,12 @@ pub(crate) fn predict(a: PredictArgs) -> Result<()> {
             }
         }
         v
-    };
-    let inputs: Vec<(String, Option<String>)> = if task.head.pair {
+    })
+}
+
+/// Splits `TEXT<TAB>PAIR` inputs for a pair adapter.
+fn split_pairs(texts: &[String], pair: bool) -> Result<Vec<(String, Option<String>)>> {
+    Ok(if pair {
         texts
             .iter()
             .enumerate()
@@ -65,7 +75,46 @@ pub(crate) fn predict(a: PredictArgs) -> Result<()> {
             .collect::<Result<_>>()?
     } else {
         texts.iter().map(|t| (t.clone(), None)).collect()
+    })
+}
+
+/// One output line: the text, the best label and every label's probability (or the value).
+fn line(
+    text: &str,
+    kind: HeadKind,
+    labels: &[String],
+    o: &[f32],
+    logits: Option<&[f32]>,
+) -> serde_json::Value {
+    let mut line = match kind {
+        HeadKind::Classification => {
+            let best = adapterkit::train::argmax(o);
+            let probs: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .zip(o)
+                .map(|(l, p)| (l.clone(), json!(p)))
+                .collect();
+            json!({"text": text, "label": labels.get(best), "probabilities": probs})
+        }
+        HeadKind::Regression => json!({"text": text, "value": o.first()}),
     };
+    if let Some(l) = logits {
+        line["logits"] = json!(l);
+    }
+    line
+}
+
+pub(crate) fn predict(a: PredictArgs) -> Result<()> {
+    if let Some(url) = &a.server {
+        return predict_remote(&a, url);
+    }
+    let base = load_base(&a.model)?;
+    let Some(dir) = &a.adapter else {
+        bail!("give --adapter DIR or --server URL");
+    };
+    let task = load_task(&base, dir)?;
+    let texts = read_texts(&a)?;
+    let inputs = split_pairs(&texts, task.head.pair)?;
     let max_len = a.max_len.unwrap_or(task.max_len);
     let encoded = base.tokenizer.encode_all(&inputs, max_len)?;
     let outputs = base.predict_encoded(&task, &encoded, a.batch_size, &a.skip_adapter_layers)?;
@@ -77,24 +126,112 @@ pub(crate) fn predict(a: PredictArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for (i, (text, o)) in texts.iter().zip(outputs).enumerate() {
-        let mut line = match task.head.kind {
-            HeadKind::Classification => {
-                let best = adapterkit::train::argmax(&o);
-                let probs: serde_json::Map<String, serde_json::Value> = task
-                    .head
-                    .labels
-                    .iter()
-                    .zip(&o)
-                    .map(|(l, p)| (l.clone(), json!(p)))
-                    .collect();
-                json!({"text": text, "label": task.head.labels[best], "probabilities": probs})
-            }
-            HeadKind::Regression => json!({"text": text, "value": o.first()}),
-        };
-        if let Some(l) = &logits {
-            line["logits"] = json!(l[i]);
+        let l = logits.as_ref().map(|l| l[i].as_slice());
+        writeln!(
+            out,
+            "{}",
+            line(text, task.head.kind, &task.head.labels, &o, l)
+        )?;
+    }
+    Ok(())
+}
+
+/// `predict --server`: the same output, from a running server's `/predict`.
+fn predict_remote(a: &PredictArgs, url: &str) -> Result<()> {
+    use crate::serve::client::HttpClient;
+    let mut client = HttpClient::new(url, std::time::Duration::from_secs(120))
+        .map_err(|e| anyhow::anyhow!("--server {e}"))?;
+    let r = client
+        .get("/adapters")
+        .with_context(|| format!("asking {url}/adapters"))?;
+    let adapters: serde_json::Value = serde_json::from_slice(&r.body)
+        .with_context(|| format!("{url}/adapters answered {}: {}", r.status, r.text()))?;
+    let info: serde_json::Value = serde_json::from_slice(
+        &client
+            .get("/info")
+            .with_context(|| format!("asking {url}/info"))?
+            .body,
+    )
+    .with_context(|| format!("{url}/info is not JSON"))?;
+    let name = match (&a.name, info["default_adapter"].as_str()) {
+        (Some(n), _) => n.clone(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => bail!("the server has no default adapter: give --name NAME"),
+    };
+    let Some(entry) = adapters
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["name"] == name.as_str()))
+    else {
+        bail!("the server at {url} serves no adapter `{name}`");
+    };
+    let labels: Vec<String> = entry["labels"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let kind = if entry["kind"] == "regression" {
+        HeadKind::Regression
+    } else {
+        HeadKind::Classification
+    };
+    let texts = read_texts(a)?;
+    let inputs = split_pairs(&texts, entry["pair"] == true)?;
+    let limit = info["limits"]["max_client_batch_size"]
+        .as_u64()
+        .unwrap_or(32) as usize;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let ask = |client: &mut HttpClient,
+               chunk: &[(String, Option<String>)],
+               raw: bool|
+     -> Result<Vec<Vec<f32>>> {
+        let items: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|(t, p)| match p {
+                Some(p) => json!([t, p]),
+                None => json!([t]),
+            })
+            .collect();
+        let body = json!({"inputs": items, "adapter": name, "raw_scores": raw}).to_string();
+        let r = client
+            .post_json("/predict", &[], &body)
+            .with_context(|| format!("asking {url}/predict"))?;
+        if r.status != 200 {
+            bail!("{url}/predict answered {}: {}", r.status, r.text());
         }
-        writeln!(out, "{line}")?;
+        let rows: Vec<Vec<crate::serve::client::Scored>> = serde_json::from_slice(&r.body)
+            .with_context(|| format!("{url}/predict answered something else than predictions"))?;
+        // Back to head order: the server sorts each row by score.
+        Ok(rows
+            .into_iter()
+            .map(|row| match kind {
+                HeadKind::Regression => row.iter().map(|p| p.score).collect(),
+                HeadKind::Classification => labels
+                    .iter()
+                    .map(|l| {
+                        row.iter()
+                            .find(|p| &p.label == l)
+                            .map_or(f32::NAN, |p| p.score)
+                    })
+                    .collect(),
+            })
+            .collect())
+    };
+    for (ci, chunk) in inputs.chunks(limit.max(1)).enumerate() {
+        let probs = ask(&mut client, chunk, false)?;
+        let logits = if a.logits {
+            Some(ask(&mut client, chunk, true)?)
+        } else {
+            None
+        };
+        for (i, o) in probs.iter().enumerate() {
+            let text = &texts[ci * limit.max(1) + i];
+            let l = logits.as_ref().map(|l| l[i].as_slice());
+            writeln!(out, "{}", line(text, kind, &labels, o, l))?;
+        }
     }
     Ok(())
 }

@@ -255,6 +255,15 @@ impl TaskModel {
         t
     }
 
+    /// Whether the task reads the base's embedding, attention and FFN weights unchanged, so that
+    /// its rows can share a batch with other such tasks (see `BaseModel::predict_mixed`).
+    pub fn shares_encoder(&self) -> bool {
+        !self
+            .params
+            .keys()
+            .any(|k| matches!(k.role(), Role::LayerWeight { .. } | Role::Embedding))
+    }
+
     /// The same task with parameters in `dtype` (f64 for gradient checks).
     pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<TaskModel> {
         let mut t = self.clone();
