@@ -80,6 +80,9 @@ enum Command {
     /// Serve every adapter under a directory over HTTP on one shared base model; requests for
     /// different adapters share batches (`POST /predict {"inputs", "adapter"}`, see README).
     Serve(Box<serve::ServeArgs>),
+    /// Load a running server from many concurrent clients and check every answer against the
+    /// expected one (bounded in requests and time); prints JSON with throughput and latency.
+    Loadgen(serve::loadgen::LoadgenArgs),
 }
 
 fn main() {
@@ -117,6 +120,7 @@ fn main() {
         Command::Info(a) => cmd::info::info(a),
         Command::Bench(a) => bench::run(a),
         Command::Serve(_) => Ok(()),
+        Command::Loadgen(a) => serve::loadgen::loadgen(a),
         Command::Tasks => {
             for t in adapterkit::data::REGISTRY {
                 println!("{:<8} {}", t.name, t.description);

@@ -44,6 +44,8 @@ pub(crate) struct Budget {
     pub max_tokens: usize,
     /// Requests taken together.
     pub max_requests: usize,
+    /// How long the first request of an empty queue waits for others to join its batch.
+    pub max_wait: Duration,
 }
 
 /// Row `row` of job `job`, its length and the batch class it may share a forward with.
@@ -85,6 +87,17 @@ pub(crate) fn run(base: Arc<BaseModel>, rx: Receiver<Job>, budget: Budget, metri
             match rx.recv() {
                 Ok(j) => pending.push_back(j),
                 Err(_) => return,
+            }
+            let deadline = Instant::now() + budget.max_wait;
+            while pending.len() < budget.max_requests {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(j) => pending.push_back(j),
+                    Err(_) => break,
+                }
             }
         }
         while let Ok(j) = rx.try_recv() {
@@ -153,7 +166,13 @@ fn run_jobs(base: &BaseModel, jobs: Vec<Job>, budget: Budget, metrics: &Metrics)
         let result = catch_unwind(AssertUnwindSafe(|| base.predict_mixed(&batch, false)));
         let took = t0.elapsed();
         let longest = cut.iter().map(|r| r.len).max().unwrap_or(0);
-        metrics.batch(cut.len(), cut.len() * longest, took);
+        let mut adapters: Vec<*const Served> = cut
+            .iter()
+            .map(|r| Arc::as_ptr(&jobs[r.job].served))
+            .collect();
+        adapters.sort();
+        adapters.dedup();
+        metrics.batch(cut.len(), cut.len() * longest, adapters.len(), took);
         let result = match result {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => Err(format!("inference failed: {e}")),

@@ -61,6 +61,7 @@ struct Inner {
     requests: BTreeMap<(String, u16), u64>,
     batch_rows: Histogram,
     batch_tokens: Histogram,
+    batch_adapters: Histogram,
     tokenization: Histogram,
     queue: Histogram,
     inference: Histogram,
@@ -80,6 +81,7 @@ impl Default for Metrics {
                 requests: BTreeMap::new(),
                 batch_rows: Histogram::new(&ROW_BUCKETS),
                 batch_tokens: Histogram::new(&TOKEN_BUCKETS),
+                batch_adapters: Histogram::new(&ROW_BUCKETS),
                 tokenization: Histogram::new(&TIME_BUCKETS),
                 queue: Histogram::new(&TIME_BUCKETS),
                 inference: Histogram::new(&TIME_BUCKETS),
@@ -102,9 +104,10 @@ impl Metrics {
         self.with(|m| *m.requests.entry((adapter.to_string(), status)).or_default() += 1);
     }
 
-    /// One forward: its rows and padded tokens, and how long it took.
-    pub fn batch(&self, rows: usize, tokens: usize, took: Duration) {
+    /// One forward: its rows, padded tokens and distinct adapters, and how long it took.
+    pub fn batch(&self, rows: usize, tokens: usize, adapters: usize, took: Duration) {
         self.with(|m| {
+            m.batch_adapters.observe(adapters as f64);
             m.batch_rows.observe(rows as f64);
             m.batch_tokens.observe(tokens as f64);
             m.inference.observe(took.as_secs_f64());
@@ -141,6 +144,11 @@ impl Metrics {
                 "adapterkit_batch_tokens",
                 "Padded tokens per forward of the base.",
             );
+            m.batch_adapters.render(
+                &mut out,
+                "adapterkit_batch_adapters",
+                "Distinct adapters per forward of the base.",
+            );
             m.tokenization.render(
                 &mut out,
                 "adapterkit_tokenization_seconds",
@@ -168,8 +176,8 @@ mod tests {
     #[test]
     fn histograms_are_cumulative_and_counters_keyed() {
         let m = Metrics::default();
-        m.batch(3, 96, Duration::from_millis(7));
-        m.batch(40, 1280, Duration::from_millis(70));
+        m.batch(3, 96, 2, Duration::from_millis(7));
+        m.batch(40, 1280, 1, Duration::from_millis(70));
         m.request("mr", 200);
         m.request("mr", 200);
         m.request("<unknown>", 404);

@@ -5,6 +5,7 @@
 mod api;
 mod batcher;
 pub(crate) mod client;
+pub(crate) mod loadgen;
 mod metrics;
 mod registry;
 
@@ -52,6 +53,10 @@ pub(crate) struct ServeArgs {
     /// Requests batched together at most.
     #[arg(long, default_value_t = 64)]
     max_batch_requests: usize,
+    /// Milliseconds the first request of an idle server waits for others to share its batch (0:
+    /// run at once; requests that arrive while a batch runs are batched anyway).
+    #[arg(long, default_value_t = 0)]
+    max_batch_wait_ms: u64,
     /// Requests accepted at once (queued or running); more are answered 429 with Retry-After.
     #[arg(long, default_value_t = 512)]
     max_concurrent_requests: usize,
@@ -157,6 +162,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     let budget = Budget {
         max_tokens: a.max_batch_tokens,
         max_requests: a.max_batch_requests,
+        max_wait: Duration::from_millis(a.max_batch_wait_ms),
     };
     let batcher = {
         let (base, metrics) = (Arc::clone(&base), Arc::clone(&metrics));
@@ -181,6 +187,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         limits: json!({
             "max_batch_tokens": a.max_batch_tokens,
             "max_batch_requests": a.max_batch_requests,
+            "max_batch_wait_ms": a.max_batch_wait_ms,
             "max_concurrent_requests": a.max_concurrent_requests,
             "max_client_batch_size": a.max_client_batch_size,
             "max_body_bytes": a.max_body_bytes,
@@ -201,8 +208,13 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                 .await
         })
         .context("serving")?;
-    // Every connection is closed, so every sender is gone; the batcher has answered them all.
-    if batcher.join().is_err() {
+    // Every connection is closed, so every request was answered; the batcher stops once the
+    // last handler's copy of the queue is gone.
+    let wait = Instant::now();
+    while !batcher.is_finished() && wait.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if batcher.is_finished() && batcher.join().is_err() {
         bail!("the batcher thread panicked");
     }
     eprintln!("shut down: every accepted request was answered");

@@ -70,6 +70,18 @@ pub(crate) fn load(base: &BaseModel, name: &str, dir: &Path) -> Result<Served> {
         .with_context(|| format!("loading adapter {}", dir.display()))?
         .detached();
     let shares_encoder = task.shares_encoder();
+    // A task trained with a length above the model's positions could only fail on a long input;
+    // serve it at the length the model can take.
+    let positions = base.config.max_position_embeddings;
+    let mut task = task;
+    if task.max_len > positions {
+        tracing::warn!(
+            "{}: trained with max_len {} but the model has {positions} positions; serving at {positions}",
+            dir.display(),
+            task.max_len
+        );
+        task.max_len = positions;
+    }
     let info = AdapterInfo {
         name: name.to_string(),
         task: task.name.clone(),
