@@ -46,6 +46,8 @@ pub(crate) struct Budget {
     pub max_requests: usize,
     /// How long the first request of an empty queue waits for others to join its batch.
     pub max_wait: Duration,
+    /// The fixed cost of one forward, in tokens, against which padding is weighed.
+    pub forward_cost: usize,
 }
 
 /// Row `row` of job `job`, its length and the batch class it may share a forward with.
@@ -57,24 +59,47 @@ struct RowRef {
     row: usize,
 }
 
-/// Cuts rows into forwards: rows of one class together, sorted by length (so rows of similar
-/// length share a forward and little is padding), each forward at most `max_tokens` padded tokens
-/// and never empty.
-fn plan(mut rows: Vec<RowRef>, max_tokens: usize) -> Vec<Vec<RowRef>> {
+/// Cuts rows into forwards: rows of one class together, sorted by length, and split where that
+/// pays: every forward costs its padded tokens (rows × longest row) plus `forward_cost` tokens
+/// for what does not scale with rows (weight packing, dispatch), and the split with the least
+/// total cost is taken (a short row is not padded to a long one's length when running it in a
+/// forward of its own costs less). No forward exceeds `max_tokens` padded tokens unless it is one
+/// row; none is empty.
+fn plan(mut rows: Vec<RowRef>, max_tokens: usize, forward_cost: usize) -> Vec<Vec<RowRef>> {
     rows.sort_by_key(|r| (r.class, r.len, r.job, r.row));
     let mut cuts: Vec<Vec<RowRef>> = Vec::new();
-    let mut cur: Vec<RowRef> = Vec::new();
-    for r in rows {
-        let fits = cur
-            .first()
-            .is_some_and(|f| f.class == r.class && (cur.len() + 1) * r.len <= max_tokens);
-        if !cur.is_empty() && !fits {
-            cuts.push(std::mem::take(&mut cur));
+    let mut rest = rows.as_slice();
+    while let Some(first) = rest.first() {
+        let n = rest.iter().take_while(|r| r.class == first.class).count();
+        let (class, tail) = rest.split_at(n);
+        rest = tail;
+        // best[j]: least cost of rows [0, j); from[j]: where its last forward starts.
+        let mut best = vec![usize::MAX; n + 1];
+        let mut from = vec![0; n + 1];
+        best[0] = 0;
+        for j in 1..=n {
+            let longest = class[j - 1].len;
+            for i in (0..j).rev() {
+                let padded = (j - i) * longest;
+                if padded > max_tokens && j - i > 1 {
+                    break;
+                }
+                let c = best[i].saturating_add(padded + forward_cost);
+                if c < best[j] {
+                    best[j] = c;
+                    from[j] = i;
+                }
+            }
         }
-        cur.push(r);
-    }
-    if !cur.is_empty() {
-        cuts.push(cur);
+        let mut bounds = Vec::new();
+        let mut j = n;
+        while j > 0 {
+            bounds.push((from[j], j));
+            j = from[j];
+        }
+        for (i, j) in bounds.into_iter().rev() {
+            cuts.push(class[i..j].to_vec());
+        }
     }
     cuts
 }
@@ -157,7 +182,7 @@ fn run_jobs(base: &BaseModel, jobs: Vec<Job>, budget: Budget, metrics: &Metrics)
     let mut failed: Vec<Option<String>> = vec![None; jobs.len()];
     let mut first_run: Vec<Option<Duration>> = vec![None; jobs.len()];
     let mut busy = vec![Duration::ZERO; jobs.len()];
-    for cut in plan(rows, budget.max_tokens) {
+    for cut in plan(rows, budget.max_tokens, budget.forward_cost) {
         let t0 = Instant::now();
         let batch: Vec<adapterkit::task::TaskRow<'_>> = cut
             .iter()
@@ -225,28 +250,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn plan_sorts_by_length_cuts_by_padded_tokens_and_keeps_classes_apart() {
-        let rows = vec![
-            r(0, 30, 0, 0),
-            r(0, 5, 1, 0),
-            r(1, 7, 2, 0),
-            r(0, 6, 1, 1),
-            r(0, 31, 0, 1),
-        ];
-        let cuts = plan(rows, 64);
-        let lens: Vec<Vec<(usize, usize)>> = cuts
-            .iter()
+    fn lens(cuts: &[Vec<RowRef>]) -> Vec<Vec<(usize, usize)>> {
+        cuts.iter()
             .map(|c| c.iter().map(|x| (x.class, x.len)).collect())
-            .collect();
-        // 5 and 6 fit (2 × 6 ≤ 64); 30 makes 3 × 30 > 64, so it starts a new cut; 30 and 31 fit
-        // (2 × 31); the other class never shares a cut.
+            .collect()
+    }
+
+    #[test]
+    fn plan_sorts_by_length_keeps_classes_apart_and_respects_the_budget() {
+        let rows = vec![r(0, 30, 0, 0), r(0, 5, 1, 0), r(1, 7, 2, 0), r(0, 6, 1, 1), r(0, 31, 0, 1)];
+        // A costly forward: everything of a class in one forward (4 × 31 = 124 ≤ 128).
         assert_eq!(
-            lens,
+            lens(&plan(rows.clone(), 128, 1000)),
+            vec![vec![(0, 5), (0, 6), (0, 30), (0, 31)], vec![(1, 7)]]
+        );
+        // A cheap forward: the short rows are not padded to 31 (2 × 6 + 2 × 31 + 2 × 10 = 94
+        // against 4 × 31 + 10 = 134).
+        assert_eq!(
+            lens(&plan(rows.clone(), 128, 10)),
             vec![vec![(0, 5), (0, 6)], vec![(0, 30), (0, 31)], vec![(1, 7)]]
         );
+        // The budget caps a forward: 3 × 31 > 64.
+        for cut in plan(rows, 64, 1000) {
+            let longest = cut.iter().map(|x| x.len).max().unwrap();
+            assert!(cut.len() * longest <= 64, "{cut:?}");
+        }
         // A row longer than the budget still runs, alone.
-        let cuts = plan(vec![r(0, 100, 0, 0), r(0, 100, 0, 1)], 64);
+        let cuts = plan(vec![r(0, 100, 0, 0), r(0, 100, 0, 1)], 64, 0);
         assert_eq!(cuts.len(), 2);
+        // Every row is planned exactly once.
+        let many: Vec<RowRef> = (0..50).map(|i| r(i % 3, 1 + (i * 7) % 40, i, 0)).collect();
+        let mut planned: Vec<usize> = plan(many, 200, 16).concat().iter().map(|x| x.job).collect();
+        planned.sort();
+        assert_eq!(planned, (0..50).collect::<Vec<_>>());
     }
 }

@@ -57,6 +57,10 @@ pub(crate) struct ServeArgs {
     /// run at once; requests that arrive while a batch runs are batched anyway).
     #[arg(long, default_value_t = 0)]
     max_batch_wait_ms: u64,
+    /// What one forward costs beyond its padded tokens, in tokens: rows of very different lengths
+    /// run in separate forwards when the padding saved is worth more.
+    #[arg(long, default_value_t = 64)]
+    forward_cost_tokens: usize,
     /// Requests accepted at once (queued or running); more are answered 429 with Retry-After.
     #[arg(long, default_value_t = 512)]
     max_concurrent_requests: usize,
@@ -163,6 +167,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         max_tokens: a.max_batch_tokens,
         max_requests: a.max_batch_requests,
         max_wait: Duration::from_millis(a.max_batch_wait_ms),
+        forward_cost: a.forward_cost_tokens,
     };
     let batcher = {
         let (base, metrics) = (Arc::clone(&base), Arc::clone(&metrics));
@@ -188,6 +193,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             "max_batch_tokens": a.max_batch_tokens,
             "max_batch_requests": a.max_batch_requests,
             "max_batch_wait_ms": a.max_batch_wait_ms,
+            "forward_cost_tokens": a.forward_cost_tokens,
             "max_concurrent_requests": a.max_concurrent_requests,
             "max_client_batch_size": a.max_client_batch_size,
             "max_body_bytes": a.max_body_bytes,
