@@ -60,6 +60,9 @@ pub struct BenchArgs {
     /// Use the composed reference ops instead of the fast ones (for A/B comparisons).
     #[arg(long)]
     reference_ops: bool,
+    /// Adapters the rows are spread over in the infer-mixed case.
+    #[arg(long, default_value_t = 8)]
+    adapters: usize,
     /// Also write the JSON result here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -75,6 +78,10 @@ pub enum Case {
     InferBase,
     /// Forward with one adapter and its head.
     InferAdapter,
+    /// Mixed-adapter inference as the server runs it (`predict_mixed`): the batch's rows spread
+    /// round-robin over --adapters adapters, against all rows through one adapter, interleaved
+    /// A B A B in this process; reports both medians and their ratio.
+    InferMixed,
     /// One short sentence at a time (batch 1, tokenization included) through one adapter: reports
     /// the median (p50) and p99 over --calls calls.
     Latency,
@@ -173,7 +180,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ),
         Case::FullTrain => (TrainableSet::Full, None, StepKind::FullTrain, 0),
         Case::InferBase => (TrainableSet::Head, None, StepKind::InferBase, 0),
-        Case::InferAdapter | Case::Latency => (
+        Case::InferAdapter | Case::Latency | Case::InferMixed => (
             TrainableSet::Adapters { layernorms: true },
             Some(adapter),
             StepKind::InferAdapter,
@@ -188,6 +195,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     if a.case == Case::Latency {
         return latency(&a, &base, &task);
+    }
+    if a.case == Case::InferMixed {
+        return mixed(&a, &base, &ids, &types);
     }
     let mut dropout_rng = Rng::new(2);
     let mut times = Vec::new();
@@ -210,7 +220,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let h = base.encode(None, &batch, &mut ForwardOptions::default())?;
                 let _ = h.narrow(1, 0, 1)?.sum_all()?.to_scalar::<f32>()?;
             }
-            Case::InferAdapter | Case::Latency => {
+            Case::InferAdapter | Case::Latency | Case::InferMixed => {
                 let logits = base.logits(&task, &batch, &mut ForwardOptions::default())?;
                 let _ = logits.sum_all()?.to_scalar::<f32>()?;
             }
@@ -276,6 +286,77 @@ fn latency(a: &BenchArgs, base: &BaseModel, task: &TaskModel) -> Result<()> {
         "gflop_per_step": step_flops(&base.config, StepKind::InferAdapter, 1, tokens, a.bottleneck, 2) / 1e9,
         "achieved_gflops": 0.0,
         "gemm_peak_gflops": gemm_peak()?,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    if let Some(p) = &a.json {
+        adapterkit::io::write_json(p, &out)?;
+    }
+    Ok(())
+}
+
+/// The infer-mixed case: one batch through one adapter (A) and spread over `--adapters` (B).
+fn mixed(a: &BenchArgs, base: &BaseModel, ids: &[u32], types: &[u32]) -> Result<()> {
+    if a.adapters == 0 {
+        anyhow::bail!("--adapters must be at least 1");
+    }
+    let tasks: Vec<TaskModel> = (0..a.adapters)
+        .map(|i| {
+            let adapter = AdapterConfig {
+                bottleneck: a.bottleneck,
+                ..AdapterConfig::default()
+            };
+            let head = HeadConfig::classification(vec!["a".into(), "b".into()]);
+            let set = TrainableSet::Adapters { layernorms: true };
+            TaskModel::new(
+                base,
+                &format!("t{i}"),
+                set,
+                Some(adapter),
+                head,
+                a.seq,
+                i as u64,
+            )
+        })
+        .collect::<adapterkit::Result<_>>()?;
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = (0..a.batch)
+        .map(|r| {
+            let span = r * a.seq..(r + 1) * a.seq;
+            (ids[span.clone()].to_vec(), types[span].to_vec())
+        })
+        .collect();
+    let single: Vec<adapterkit::task::TaskRow<'_>> = rows.iter().map(|r| (&tasks[0], r)).collect();
+    let spread: Vec<adapterkit::task::TaskRow<'_>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (&tasks[i % tasks.len()], r))
+        .collect();
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for i in 0..a.warmup + a.steps {
+        for (rows, times) in [(&single, &mut one), (&spread, &mut many)] {
+            let t = Instant::now();
+            base.predict_mixed(rows, false)?;
+            if i >= a.warmup {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let (m1, mn) = (
+        median(&one).unwrap_or(f64::NAN),
+        median(&many).unwrap_or(f64::NAN),
+    );
+    let out = json!({
+        "tool": "adapterkit",
+        "case": "InferMixed",
+        "cpu": crate::serve::loadgen::cpu_model(),
+        "batch": a.batch,
+        "seq": a.seq,
+        "adapters": a.adapters,
+        "one_adapter_seconds": one,
+        "spread_seconds": many,
+        "one_adapter_median_seconds": m1,
+        "spread_median_seconds": mn,
+        "throughput_spread_over_one": m1 / mn,
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{out}");

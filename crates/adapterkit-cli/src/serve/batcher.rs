@@ -258,7 +258,13 @@ mod tests {
 
     #[test]
     fn plan_sorts_by_length_keeps_classes_apart_and_respects_the_budget() {
-        let rows = vec![r(0, 30, 0, 0), r(0, 5, 1, 0), r(1, 7, 2, 0), r(0, 6, 1, 1), r(0, 31, 0, 1)];
+        let rows = vec![
+            r(0, 30, 0, 0),
+            r(0, 5, 1, 0),
+            r(1, 7, 2, 0),
+            r(0, 6, 1, 1),
+            r(0, 31, 0, 1),
+        ];
         // A costly forward: everything of a class in one forward (4 × 31 = 124 ≤ 128).
         assert_eq!(
             lens(&plan(rows.clone(), 128, 1000)),

@@ -151,6 +151,21 @@ impl BaseModel {
         opts: &mut ForwardOptions<'_>,
     ) -> Result<Tensor> {
         let skip = opts.skip_adapter_layers.contains(&layer);
+        if opts.dropout_rng.is_none() && routing.groups.len() > 1 {
+            let (backend, eps) = (self.backend, self.config.layer_norm_eps);
+            return routing.per_group_concurrent(&[sub, input], |g, t| {
+                let mut ctx = SiteContext {
+                    backend,
+                    eps,
+                    dropout: None,
+                };
+                let at = &g.view.sites[layer][site as usize];
+                match &at.adapter {
+                    Some(a) if !skip => a.exit(&mut ctx, &t[0], &t[1], at.layer_norm),
+                    _ => residual_norm(&ctx, &t[0], &t[1], at.layer_norm),
+                }
+            });
+        }
         let mut ctx = SiteContext {
             backend: self.backend,
             eps: self.config.layer_norm_eps,

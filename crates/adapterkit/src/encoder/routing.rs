@@ -88,4 +88,31 @@ impl<'a> Routing<'a> {
         }
         Ok(Tensor::cat(&outs, 0)?)
     }
+
+    /// [`Routing::per_group`] with the groups run concurrently (inference, where `f` needs no
+    /// mutable state). Each group's ops are small; run one after another, each op's parallel
+    /// region left a core waiting (2 threads: mixed batches ran 8–12% slower than one task's,
+    /// against 1–3% on one thread, measured), while groups side by side keep both busy.
+    pub fn per_group_concurrent(
+        &self,
+        inputs: &[&Tensor],
+        f: impl Fn(&RowGroup<'a>, &[Tensor]) -> Result<Tensor> + Sync,
+    ) -> Result<Tensor> {
+        use rayon::prelude::*;
+        if self.groups.len() == 1 {
+            return self.per_group(inputs, f);
+        }
+        let outs = self
+            .groups
+            .par_iter()
+            .map(|g| {
+                let part = inputs
+                    .iter()
+                    .map(|t| Ok(t.narrow(0, g.rows.start, g.rows.len())?))
+                    .collect::<Result<Vec<_>>>()?;
+                f(g, &part)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&outs, 0)?)
+    }
 }
