@@ -15,18 +15,10 @@ import subprocess
 import sys
 import time
 
+from compare import cpu_model
+
 TASKS = ["mr", "hedge", "amazon", "imdb", "yelp", "tweets", "sms", "bbc"]
 TOKEN = "bench-admin-token-0123456789abcdef"
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def sample(src, dst, n):

@@ -131,6 +131,15 @@ impl Server {
         Server { child, url: addr }
     }
 
+    /// `predict` on another thread, to be joined for its answer.
+    fn predict_in_background(&self, body: Value) -> std::thread::JoinHandle<HttpResponse> {
+        let url = self.url.clone();
+        std::thread::spawn(move || {
+            let mut c = HttpClient::new(&url, Duration::from_secs(60)).unwrap();
+            c.post_json("/predict", &[], &body.to_string()).unwrap()
+        })
+    }
+
     fn client(&self) -> HttpClient {
         HttpClient::new(&self.url, Duration::from_secs(60)).unwrap()
     }
@@ -410,16 +419,7 @@ fn a_full_queue_answers_429_and_a_slow_answer_504() {
         "--max-batch-wait-ms",
         "800",
     ]);
-    let url = server.url.clone();
-    let first = std::thread::spawn(move || {
-        let mut c = HttpClient::new(&url, Duration::from_secs(60)).unwrap();
-        c.post_json(
-            "/predict",
-            &[],
-            &json!({"inputs": "good", "adapter": "sent"}).to_string(),
-        )
-        .unwrap()
-    });
+    let first = server.predict_in_background(json!({"inputs": "good", "adapter": "sent"}));
     std::thread::sleep(Duration::from_millis(300));
     let r = server.predict(json!({"inputs": "good", "adapter": "sent"}));
     assert_eq!(r.status, 429, "{}", r.text());
@@ -491,16 +491,7 @@ fn adapters_load_and_unload_while_requests_are_in_flight() {
 #[test]
 fn sigterm_drains_accepted_requests() {
     let mut server = Server::start(&["--max-batch-wait-ms", "700"]);
-    let url = server.url.clone();
-    let pending = std::thread::spawn(move || {
-        let mut c = HttpClient::new(&url, Duration::from_secs(60)).unwrap();
-        c.post_json(
-            "/predict",
-            &[],
-            &json!({"inputs": "good", "adapter": "sent"}).to_string(),
-        )
-        .unwrap()
-    });
+    let pending = server.predict_in_background(json!({"inputs": "good", "adapter": "sent"}));
     std::thread::sleep(Duration::from_millis(250));
     let pid = server.child.id().to_string();
     assert!(Command::new("kill")
