@@ -135,6 +135,172 @@ pub fn take_tensor(
     Ok(t.to_dtype(candle_core::DType::F32)?.to_device(device)?)
 }
 
+/// Prefix of the staging directories [`replace_dir`] creates beside a target named `name`.
+fn staging_prefix(name: &str) -> String {
+    format!(".{name}.adapterkit-")
+}
+
+/// Whether process `pid` is gone (Linux; elsewhere every process counts as alive).
+fn process_gone(pid: u32) -> bool {
+    cfg!(target_os = "linux") && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes staging directories beside `dst` left by processes that died mid-save; an old
+/// directory moved aside by a save that died before the new one took its place is put back.
+fn clean_stale_staging(parent: &Path, name: &str, dst: &Path) {
+    let prefix = staging_prefix(name);
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(process_gone) {
+            if rest.ends_with("-old") && !dst.exists() {
+                let _ = std::fs::rename(e.path(), dst);
+            } else {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Swaps the directories `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`); `false`
+/// where the system or file system cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) = (
+        std::ffi::CString::new(a.as_os_str().as_bytes()),
+        std::ffi::CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: two valid NUL-terminated paths relative to the working directory; the call reads
+    // them and touches nothing else of this process.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> bool {
+    false
+}
+
+/// Flushes a directory's entries (its renames) to disk; best effort where unsupported.
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Replaces the directory `dst` as a whole with what `write` puts into a fresh staging directory
+/// beside it: the new directory takes the old one's place in one rename, so a crash at any moment
+/// leaves either the complete old or the complete new directory (plus, at worst, a hidden staging
+/// directory, removed by the next save to `dst`). A file of `dst` that `replaceable` does not
+/// accept makes it refuse before anything is written: the save would delete it.
+pub fn replace_dir(
+    dst: &Path,
+    replaceable: &dyn Fn(&str) -> bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let name = dst
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            Error::io(
+                dst,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the directory needs a UTF-8 name (not `..` or `/`)",
+                ),
+            )
+        })?
+        .to_string();
+    let parent = parent_dir(dst)?;
+    clean_stale_staging(&parent, &name, dst);
+    if dst.exists() {
+        if !dst.is_dir() {
+            return Err(Error::io(
+                dst,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists and is not a directory",
+                ),
+            ));
+        }
+        for e in std::fs::read_dir(dst).map_err(|e| Error::io(dst, e))? {
+            let e = e.map_err(|e| Error::io(dst, e))?;
+            let f = e.file_name().to_string_lossy().into_owned();
+            if !replaceable(&f) {
+                return Err(Error::io(
+                    dst,
+                    std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        format!(
+                            "holds `{f}`, which is not a file of an adapter directory; saving \
+                             replaces the whole directory, so move it or choose another output"
+                        ),
+                    ),
+                ));
+            }
+        }
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(&format!("{}{}-", staging_prefix(&name), std::process::id()))
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    write(staging.path())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // tempdir makes it private (0700); an adapter directory is meant to be shared and served.
+        std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(staging.path(), e))?;
+    }
+    sync_dir(staging.path());
+    let staged = staging.keep();
+    let result = if !dst.exists() {
+        std::fs::rename(&staged, dst).map_err(|e| Error::io(dst, e))
+    } else if exchange(&staged, dst) {
+        // `staged` now holds the old directory.
+        std::fs::remove_dir_all(&staged).map_err(|e| Error::io(&staged, e))
+    } else {
+        // No atomic exchange here: move the old one aside first. A crash between the renames
+        // leaves the old directory complete under its hidden name.
+        let old = parent.join(format!(
+            "{}{}-old",
+            staging_prefix(&name),
+            std::process::id()
+        ));
+        std::fs::rename(dst, &old)
+            .map_err(|e| Error::io(dst, e))
+            .and_then(|_| match std::fs::rename(&staged, dst) {
+                Ok(()) => std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e)),
+                Err(e) => {
+                    let _ = std::fs::rename(&old, dst);
+                    Err(Error::io(dst, e))
+                }
+            })
+    };
+    if result.is_err() && staged.exists() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    sync_dir(&parent);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,7 +120,8 @@ pub fn new_task(base: &BaseModel, spec: &RunSpec) -> Result<TaskModel> {
 }
 
 /// Trains `task` (from [`new_task`]) on `data`, evaluates it on the test set, then saves it to
-/// `spec.out`; evaluation comes before the save so that a failure leaves no new directory.
+/// `spec.out` with its record as `metrics.json`, both in one directory swap: a failure or a crash
+/// leaves the previous directory, weights and record together, as it was.
 pub fn run(
     base: &BaseModel,
     data: &TaskData,
@@ -130,17 +131,46 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let report = crate::train(base, &mut task, data, &spec.train, on_event)?;
     let test = evaluate(base, &task, &data.test, spec.train.eval_batch_size, &[])?;
-    task.save(&spec.out, &spec.base_name)?;
-    let bytes = crate::format::dir_size(&spec.out)?;
+    let mut record = None;
+    task.save_with(&spec.out, &spec.base_name, |staging| {
+        let r = make_record(
+            base,
+            data,
+            spec,
+            &task,
+            &report,
+            &test,
+            crate::format::dir_size(staging)?,
+        );
+        write_record(&staging.join(crate::format::files::METRICS), &r)?;
+        record = Some(r);
+        Ok(())
+    })?;
+    let record = record.ok_or_else(|| {
+        crate::error::Error::NotFound("the run record was not written (a bug)".into())
+    })?;
+    Ok(RunOutcome { record, task, test })
+}
+
+/// The record of a finished run whose directory takes `bytes`.
+fn make_record(
+    base: &BaseModel,
+    data: &TaskData,
+    spec: &RunSpec,
+    task: &TaskModel,
+    report: &crate::train::TrainReport,
+    test: &Evaluation,
+    bytes: u64,
+) -> RunRecord {
     let (trainable_params, base_params) = (task.num_params(), base.num_params());
-    let record = RunRecord {
+    RunRecord {
         adapter: task.adapter.clone(),
         adapter_dir: spec.out.clone(),
         adapter_dir_bytes: bytes,
         base_params,
         best_epoch: report.best_epoch,
         dev: report.best_dev,
-        epochs: report.epochs,
+        epochs: report.epochs.clone(),
         head: task.head.clone(),
         max_len: spec.max_len,
         method: spec.trainable.label(),
@@ -161,8 +191,7 @@ pub fn run(
         train_config: spec.train.clone(),
         trainable_params,
         trainable_percent: 100.0 * trainable_params as f64 / base_params as f64,
-    };
-    Ok(RunOutcome { record, task, test })
+    }
 }
 
 /// Writes `record` as `metrics.json` content: pretty JSON with every object's keys sorted.

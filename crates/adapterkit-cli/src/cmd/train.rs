@@ -85,7 +85,7 @@ pub(crate) struct TrainArgs {
     /// Output adapter directory [default: runs/<task>-<method>].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Metrics JSON path [default: <out>/metrics.json].
+    /// Also write the run record here (the directory always gets its own metrics.json).
     #[arg(long)]
     metrics: Option<PathBuf>,
     /// Use the composed reference ops instead of the fused kernels (slower; for checking).
@@ -304,11 +304,14 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         .with_context(|| format!("training and saving the adapter to {}", out.display()))?;
     bar.finish_and_clear();
     let r = &done.record;
-    let metrics_path = a
-        .metrics
-        .clone()
-        .unwrap_or_else(|| out.join("metrics.json"));
-    adapterkit::run::write_record(&metrics_path, r)?;
+    // The directory's own `metrics.json` was written with it; --metrics asks for a copy elsewhere.
+    let metrics_path = match &a.metrics {
+        Some(p) => {
+            adapterkit::run::write_record(p, r)?;
+            p.clone()
+        }
+        None => out.join(adapterkit::task::files::METRICS),
+    };
     println!(
         "{} on {}: dev {:.4} (epoch {}), test {:.4}; {} trainable params ({:.2}% of base); adapter dir {} ({:.2} MB); {:.0} s",
         r.method,

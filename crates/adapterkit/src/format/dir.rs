@@ -17,9 +17,28 @@ use std::path::{Path, PathBuf};
 
 impl TaskModel {
     /// Writes the task as an adapter directory (AdapterHub file and tensor names, plus our own
-    /// metadata and trained base parameters). Every file is written atomically; the metadata last.
+    /// metadata and trained base parameters). The directory is replaced as a whole: a crash at
+    /// any moment leaves the complete old or the complete new one (see [`crate::io::replace_dir`]).
     pub fn save(&self, dir: &Path, base_name: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        self.save_with(dir, base_name, |_| Ok(()))
+    }
+
+    /// [`TaskModel::save`], with `also` writing more files (the run record) into the new
+    /// directory before it takes the old one's place.
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        base_name: &str,
+        also: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        crate::io::replace_dir(dir, &files::replaceable, |staging| {
+            self.write_files(staging, base_name)?;
+            also(staging)
+        })
+    }
+
+    /// Writes every file of the directory into the empty directory `dir`; the metadata last.
+    fn write_files(&self, dir: &Path, base_name: &str) -> Result<()> {
         let [adapters, head, base] = self.split_params();
         if let Some(a) = &self.adapter {
             let bn = BnConfig::from(ForBase {
@@ -44,22 +63,6 @@ impl TaskModel {
         crate::io::save_safetensors(&dir.join(files::HEAD_WEIGHTS), &head)?;
         if !base.is_empty() {
             crate::io::save_safetensors(&dir.join(files::BASE_PARAMS), &base)?;
-        }
-        // Files of an earlier task saved here that this one does not have must go: the Python
-        // library would otherwise load a stale adapter next to this head.
-        // We never write the pickle formats, so any found here are stale too.
-        let mut stale = vec![files::ADAPTER_WEIGHTS_BIN, files::HEAD_WEIGHTS_BIN];
-        if self.adapter.is_none() {
-            stale.extend([files::ADAPTER_CONFIG, files::ADAPTER_WEIGHTS]);
-        }
-        if base.is_empty() {
-            stale.push(files::BASE_PARAMS);
-        }
-        for f in stale {
-            let p = dir.join(f);
-            if p.exists() {
-                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-            }
         }
         let meta = TaskMeta {
             format: FORMAT_VERSION,

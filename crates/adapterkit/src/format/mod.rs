@@ -32,6 +32,26 @@ pub mod files {
     pub const META: &str = "adapterkit.json";
     /// Our copies of trained base parameters (LayerNorms, top-k layers, …).
     pub const BASE_PARAMS: &str = "adapterkit_params.safetensors";
+    /// The run record `adapterkit train` writes with the directory.
+    pub const METRICS: &str = "metrics.json";
+
+    /// Whether a file found in an adapter directory is one a save may replace: ours, AdapterHub's,
+    /// the run record, or a temporary file of an interrupted write.
+    pub fn replaceable(name: &str) -> bool {
+        [
+            ADAPTER_CONFIG,
+            ADAPTER_WEIGHTS,
+            ADAPTER_WEIGHTS_BIN,
+            HEAD_CONFIG,
+            HEAD_WEIGHTS,
+            HEAD_WEIGHTS_BIN,
+            META,
+            BASE_PARAMS,
+            METRICS,
+        ]
+        .contains(&name)
+            || (name.starts_with(".adapterkit-") && name.ends_with(".tmp"))
+    }
 }
 
 /// Bytes the files of a directory take on disk.
