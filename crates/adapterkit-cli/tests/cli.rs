@@ -95,11 +95,42 @@ fn train_predict_info_on_a_user_csv() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
+    // One output line per input line, blank ones included, so that line i answers line i.
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["text"], "");
+    assert_eq!(lines[2]["text"], "bad plot");
     let p = &lines[0]["probabilities"];
     let sum = p["neg"].as_f64().unwrap() + p["pos"].as_f64().unwrap();
     assert!((sum - 1.0).abs() < 1e-5);
-    assert!(["neg", "pos"].contains(&lines[1]["label"].as_str().unwrap()));
+    assert!(["neg", "pos"].contains(&lines[2]["label"].as_str().unwrap()));
+
+    // A length the model cannot take is refused before training, naming the option.
+    let o = ak(
+        &[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--train-file",
+            csv.to_str().unwrap(),
+            "--header",
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "sentiment",
+            "--max-len",
+            "100",
+            "--out",
+            dir.join("never").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("--max-len 100"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!dir.join("never").exists());
 
     let o = ak(
         &[

@@ -37,7 +37,7 @@ pub(crate) struct PredictArgs {
     max_len: Option<usize>,
 }
 
-/// The texts to predict: the arguments, else the lines of --input or stdin (blank lines dropped).
+/// The texts to predict: the arguments, else every line of --input or stdin.
 fn read_texts(a: &PredictArgs) -> Result<Vec<String>> {
     Ok(if !a.texts.is_empty() {
         a.texts.clone()
@@ -49,11 +49,9 @@ fn read_texts(a: &PredictArgs) -> Result<Vec<String>> {
             None => Box::new(std::io::stdin().lock()),
         };
         let mut v = Vec::new();
+        // Blank lines are kept (and predicted) so that output line i answers input line i.
         for (i, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("reading input line {}", i + 1))?;
-            if !line.trim().is_empty() {
-                v.push(line);
-            }
+            v.push(line.with_context(|| format!("reading input line {}", i + 1))?);
         }
         v
     })

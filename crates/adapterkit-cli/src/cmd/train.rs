@@ -65,7 +65,7 @@ pub(crate) struct TrainArgs {
     /// Fraction of steps of linear warm-up.
     #[arg(long, default_value_t = 0.1)]
     warmup: f64,
-    /// Maximum tokens per input [default: the task's, else 128].
+    /// Maximum tokens per input [default: the task's, else 128; at most the model's positions].
     #[arg(long)]
     max_len: Option<usize>,
     /// Seed of init, data order and dropout.
@@ -205,14 +205,21 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         bias: true,
         pair: data.pair,
     };
-    let max_len = a.max_len.unwrap_or_else(|| {
-        a.data
+    let positions = base.config.max_position_embeddings;
+    let max_len = match a.max_len {
+        Some(n) if n > positions => bail!(
+            "--max-len {n} is above the model's {positions} positions (max_position_embeddings); use at most {positions}"
+        ),
+        Some(n) => n,
+        None => a
+            .data
             .task
             .as_deref()
             .and_then(|t| data::task_spec(t).ok())
             .map(|s| s.max_len)
             .unwrap_or(128)
-    });
+            .min(positions),
+    };
     let name = a.name.clone().unwrap_or_else(|| {
         data.name.replace(
             |c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-',

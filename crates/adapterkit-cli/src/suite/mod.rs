@@ -313,7 +313,8 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
     }
     let max_len = data::task_spec(&data.name)
         .map(|s| s.max_len)
-        .unwrap_or(128);
+        .unwrap_or(128)
+        .min(base.config.max_position_embeddings);
     let head = HeadConfig {
         pair: data.pair,
         ..HeadConfig::classification(data.labels.clone())

@@ -164,6 +164,16 @@ impl TaskModel {
         validate_name(name)?;
         head.validate()?;
         let cfg = &base.config;
+        if max_len < 4 || max_len > cfg.max_position_embeddings {
+            return Err(Error::config(
+                "task",
+                "max_len",
+                format!(
+                    "{max_len} must be in 4..={} (the model's max_position_embeddings)",
+                    cfg.max_position_embeddings
+                ),
+            ));
+        }
         let (d, layers) = (cfg.hidden_size, cfg.num_hidden_layers);
         let is_adapters = matches!(trainable, TrainableSet::Adapters { .. });
         if is_adapters != adapter.is_some() {
