@@ -51,6 +51,17 @@ pub enum Error {
         found: Vec<usize>,
     },
 
+    /// A stored tensor cannot be used as it is: not floating point, or holding NaN or infinity.
+    #[error("{path}: tensor `{name}` {message}")]
+    BadTensor {
+        /// The file the tensor came from.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// A configuration value is out of range or inconsistent.
     #[error("{context}: invalid value for `{field}`: {message}")]
     Config {

@@ -132,7 +132,35 @@ pub fn take_tensor(
             found: t.dims().to_vec(),
         });
     }
-    Ok(t.to_dtype(candle_core::DType::F32)?.to_device(device)?)
+    use candle_core::DType;
+    let bad = |message: String| Error::BadTensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        message,
+    };
+    if !matches!(
+        t.dtype(),
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64
+    ) {
+        return Err(bad(format!(
+            "is {:?}, expected floating point weights (f16, bf16, f32 or f64)",
+            t.dtype()
+        )));
+    }
+    let t = t.to_dtype(DType::F32)?;
+    // A NaN or infinite weight turns every prediction into NaN (or one class) without an error.
+    if let Some(i) = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .position(|v| !v.is_finite())
+    {
+        return Err(bad(format!(
+            "holds NaN or infinite values (first at flat index {i}): the file is damaged or \
+             the training that wrote it diverged"
+        )));
+    }
+    Ok(t.to_device(device)?)
 }
 
 /// Prefix of the staging directories [`replace_dir`] creates beside a target named `name`.
