@@ -44,31 +44,35 @@ fn train_predict_info_on_a_user_csv() {
     std::fs::write(&csv, rows).unwrap();
     let out = dir.join("adapter");
     let model = tiny();
-    let o = ak(
-        &[
+    let (model_s, csv_s) = (model.to_str().unwrap(), csv.to_str().unwrap());
+    let train_on_csv = |extra: &[&str]| {
+        let mut args = vec![
             "train",
             "--model",
-            model.to_str().unwrap(),
+            model_s,
             "--train-file",
-            csv.to_str().unwrap(),
+            csv_s,
             "--header",
             "--text-column",
             "sentence",
             "--label-column",
             "sentiment",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "8",
-            "--bottleneck",
-            "4",
-            "--lr",
-            "0.01",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+        ];
+        args.extend_from_slice(extra);
+        ak(&args, None)
+    };
+    let o = train_on_csv(&[
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--bottleneck",
+        "4",
+        "--lr",
+        "0.01",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let stdout = text(&o.stdout);
     assert!(
@@ -105,25 +109,12 @@ fn train_predict_info_on_a_user_csv() {
     assert!(["neg", "pos"].contains(&lines[2]["label"].as_str().unwrap()));
 
     // A length the model cannot take is refused before training, naming the option.
-    let o = ak(
-        &[
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--train-file",
-            csv.to_str().unwrap(),
-            "--header",
-            "--text-column",
-            "sentence",
-            "--label-column",
-            "sentiment",
-            "--max-len",
-            "100",
-            "--out",
-            dir.join("never").to_str().unwrap(),
-        ],
-        None,
-    );
+    let o = train_on_csv(&[
+        "--max-len",
+        "100",
+        "--out",
+        dir.join("never").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(
         text(&o.stderr).contains("--max-len 100"),

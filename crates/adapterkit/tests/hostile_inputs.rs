@@ -51,7 +51,10 @@ fn nan_weights_are_refused_naming_the_tensor() {
         Tensor::from_vec(v, t.dims(), t.device()).unwrap()
     });
     let err = TaskModel::load(&dir, &base).unwrap_err().to_string();
-    assert!(err.contains(name.trim_start_matches("bert.")) && err.contains("NaN"), "{err}");
+    assert!(
+        err.contains(name.trim_start_matches("bert.")) && err.contains("NaN"),
+        "{err}"
+    );
     assert!(err.contains("adapter.safetensors"), "{err}");
 }
 
@@ -60,5 +63,8 @@ fn integer_weights_are_refused() {
     let (dir, base) = saved("int");
     let name = tamper(&dir, |t| t.to_dtype(DType::I64).unwrap());
     let err = TaskModel::load(&dir, &base).unwrap_err().to_string();
-    assert!(err.contains(name.trim_start_matches("bert.")) && err.contains("I64"), "{err}");
+    assert!(
+        err.contains(name.trim_start_matches("bert.")) && err.contains("I64"),
+        "{err}"
+    );
 }
