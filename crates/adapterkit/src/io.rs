@@ -238,11 +238,11 @@ fn sync_dir(dir: &Path) {
 /// leaves either the complete old or the complete new directory (plus, at worst, a hidden staging
 /// directory, removed by the next save to `dst`). A file of `dst` that `replaceable` does not
 /// accept makes it refuse before anything is written: the save would delete it.
-pub fn replace_dir(
+pub fn replace_dir<R>(
     dst: &Path,
     replaceable: &dyn Fn(&str) -> bool,
-    write: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
+    write: impl FnOnce(&Path) -> Result<R>,
+) -> Result<R> {
     let name = dst
         .file_name()
         .and_then(|n| n.to_str())
@@ -289,7 +289,7 @@ pub fn replace_dir(
         .prefix(&format!("{}{}-", staging_prefix(&name), std::process::id()))
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
-    write(staging.path())?;
+    let made = write(staging.path())?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -326,7 +326,7 @@ pub fn replace_dir(
         let _ = std::fs::remove_dir_all(&staged);
     }
     sync_dir(&parent);
-    result
+    result.map(|()| made)
 }
 
 #[cfg(test)]

@@ -131,23 +131,11 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let report = crate::train(base, &mut task, data, &spec.train, on_event)?;
     let test = evaluate(base, &task, &data.test, spec.train.eval_batch_size, &[])?;
-    let mut record = None;
-    task.save_with(&spec.out, &spec.base_name, |staging| {
-        let r = make_record(
-            base,
-            data,
-            spec,
-            &task,
-            &report,
-            &test,
-            crate::format::dir_size(staging)?,
-        );
+    let record = task.save_with(&spec.out, &spec.base_name, |staging| {
+        let bytes = crate::format::dir_size(staging)?;
+        let r = make_record(base, data, spec, &task, &report, &test, bytes);
         write_record(&staging.join(crate::format::files::METRICS), &r)?;
-        record = Some(r);
-        Ok(())
-    })?;
-    let record = record.ok_or_else(|| {
-        crate::error::Error::NotFound("the run record was not written (a bug)".into())
+        Ok(r)
     })?;
     Ok(RunOutcome { record, task, test })
 }

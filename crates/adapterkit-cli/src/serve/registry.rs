@@ -66,14 +66,13 @@ pub(crate) fn validate_name(name: &str) -> std::result::Result<(), String> {
 
 /// Loads the adapter directory `dir` (ours or AdapterHub's) to be served as `name`.
 pub(crate) fn load(base: &BaseModel, name: &str, dir: &Path) -> Result<Served> {
-    let task = TaskModel::load(dir, base)
+    let mut task = TaskModel::load(dir, base)
         .with_context(|| format!("loading adapter {}", dir.display()))?
         .detached();
     let shares_encoder = task.shares_encoder();
     // A task trained with a length above the model's positions could only fail on a long input;
     // serve it at the length the model can take.
     let positions = base.config.max_position_embeddings;
-    let mut task = task;
     if task.max_len > positions {
         tracing::warn!(
             "{}: trained with max_len {} but the model has {positions} positions; serving at {positions}",

@@ -1,7 +1,7 @@
 //! The encoder's forward pass, as the paper's figure draws a layer: attention, the first adapter
 //! site, the FFN, the second adapter site; each site run per row group of its own task.
 
-use super::routing::Routing;
+use super::routing::{Routing, RowGroup};
 use super::{BaseModel, Batch};
 use crate::adapter::{residual_norm, SiteAdapter, SiteContext};
 use crate::error::{Error, Result};
@@ -151,32 +151,30 @@ impl BaseModel {
         opts: &mut ForwardOptions<'_>,
     ) -> Result<Tensor> {
         let skip = opts.skip_adapter_layers.contains(&layer);
+        // One group's exit: its adapter (unless skipped) and its residual + LayerNorm.
+        let exit = |g: &RowGroup<'_>, t: &[Tensor], ctx: &mut SiteContext<'_>| {
+            let at = &g.view.sites[layer][site as usize];
+            match &at.adapter {
+                Some(a) if !skip => a.exit(ctx, &t[0], &t[1], at.layer_norm),
+                _ => residual_norm(ctx, &t[0], &t[1], at.layer_norm),
+            }
+        };
+        let (backend, eps) = (self.backend, self.config.layer_norm_eps);
         if opts.dropout_rng.is_none() && routing.groups.len() > 1 {
-            let (backend, eps) = (self.backend, self.config.layer_norm_eps);
             return routing.per_group_concurrent(&[sub, input], |g, t| {
                 let mut ctx = SiteContext {
                     backend,
                     eps,
                     dropout: None,
                 };
-                let at = &g.view.sites[layer][site as usize];
-                match &at.adapter {
-                    Some(a) if !skip => a.exit(&mut ctx, &t[0], &t[1], at.layer_norm),
-                    _ => residual_norm(&ctx, &t[0], &t[1], at.layer_norm),
-                }
+                exit(g, t, &mut ctx)
             });
         }
         let mut ctx = SiteContext {
-            backend: self.backend,
-            eps: self.config.layer_norm_eps,
+            backend,
+            eps,
             dropout: opts.dropout_rng.as_deref_mut(),
         };
-        routing.per_group(&[sub, input], |g, t| {
-            let at = &g.view.sites[layer][site as usize];
-            match &at.adapter {
-                Some(a) if !skip => a.exit(&mut ctx, &t[0], &t[1], at.layer_norm),
-                _ => residual_norm(&ctx, &t[0], &t[1], at.layer_norm),
-            }
-        })
+        routing.per_group(&[sub, input], |g, t| exit(g, t, &mut ctx))
     }
 }

@@ -24,13 +24,13 @@ impl TaskModel {
     }
 
     /// [`TaskModel::save`], with `also` writing more files (the run record) into the new
-    /// directory before it takes the old one's place.
-    pub fn save_with(
+    /// directory before it takes the old one's place; returns what `also` returns.
+    pub fn save_with<R>(
         &self,
         dir: &Path,
         base_name: &str,
-        also: impl FnOnce(&Path) -> Result<()>,
-    ) -> Result<()> {
+        also: impl FnOnce(&Path) -> Result<R>,
+    ) -> Result<R> {
         crate::io::replace_dir(dir, &files::replaceable, |staging| {
             self.write_files(staging, base_name)?;
             also(staging)
