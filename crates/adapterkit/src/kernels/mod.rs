@@ -76,22 +76,61 @@ pub fn supported(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
-/// Runs `f` compiled for AVX2 + FMA when the CPU has them: the element-wise loops inside are then
-/// vectorised 8 wide with fused multiply-adds instead of the 4-wide SSE2 of the baseline target.
+/// A loop body to compile for several vector widths. Implementations mark `run` as
+/// `#[inline(always)]`: that forces the body into each width's compiled copy. A closure passed to
+/// [`simd`] is inlined only when the compiler finds it small, else it is compiled once for the
+/// baseline (SSE2) and every width calls that copy; the attention softmax ran that way, scalar.
+pub(crate) trait Wide {
+    /// What the body returns.
+    type Out;
+    /// The body.
+    fn run(self) -> Self::Out;
+}
+
+/// A closure as a [`Wide`] body (inlined only when small; see [`Wide`]).
+struct Closure<F>(F);
+
+impl<R, F: FnOnce() -> R> Wide for Closure<F> {
+    type Out = R;
+    #[inline(always)]
+    fn run(self) -> R {
+        (self.0)()
+    }
+}
+
+/// Runs `f` compiled for the widest vectors the CPU has (see [`wide`]).
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    wide(Closure(f))
+}
+
+/// Runs `body` compiled for the widest vectors the CPU has: AVX-512 (16 lanes) or AVX2 + FMA (8
+/// lanes), instead of the 4-wide SSE2 of the baseline target. The bodies do not reorder
+/// floating-point operations, so every width gives the same bits.
+#[inline(always)]
+pub(crate) fn wide<W: Wide>(body: W) -> W::Out {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
-            f()
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512<W: Wide>(body: W) -> W::Out {
+            body.run()
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return unsafe { wide(f) };
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<W: Wide>(body: W) -> W::Out {
+            body.run()
+        }
+        let avx2_fma =
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        if avx2_fma && gemm512::enabled() {
+            // SAFETY: the CPU has AVX2, FMA and AVX-512F (`enabled` checked the last).
+            return unsafe { avx512(body) };
+        }
+        if avx2_fma {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { avx2(body) };
         }
     }
-    f()
+    body.run()
 }
 
 fn take_out(out: &std::sync::Mutex<Option<Tensor>>, what: &str) -> CResult<Tensor> {
