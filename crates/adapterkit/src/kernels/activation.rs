@@ -143,16 +143,11 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::zeros(x.len());
         y.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(x.par_chunks(MIN_TASK_ELEMS))
             .for_each(|(y, x)| {
-                simd(|| {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        let (e, _) = erf_and_gauss(x * FRAC_1_SQRT_2);
-                        *y = 0.5 * x * (1.0 + e);
-                    }
-                })
+                super::wide(super::Call(gelu_rows, (y, x)));
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -180,21 +175,34 @@ impl CustomOp2 for GeluBackward {
     ) -> CResult<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "gelu backward")?;
         let g = f32_slice(s2, l2, "gelu backward")?;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::zeros(x.len());
         dx.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(
                 x.par_chunks(MIN_TASK_ELEMS)
                     .zip(g.par_chunks(MIN_TASK_ELEMS)),
             )
             .for_each(|(dx, (x, g))| {
-                simd(|| {
-                    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                        let (e, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
-                        *dx = g * (0.5 * (1.0 + e) + x * INV_SQRT_2PI * gauss);
-                    }
-                })
+                super::wide(super::Call(gelu_backward_rows, (dx, x, g)));
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `y = gelu(x)` over one parallel task's elements.
+#[inline(always)]
+fn gelu_rows((y, x): (&mut [f32], &[f32])) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        let (e, _) = erf_and_gauss(x * FRAC_1_SQRT_2);
+        *y = 0.5 * x * (1.0 + e);
+    }
+}
+
+/// `dx = g · gelu'(x)` over one parallel task's elements.
+#[inline(always)]
+fn gelu_backward_rows((dx, x, g): (&mut [f32], &[f32], &[f32])) {
+    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        let (e, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
+        *dx = g * (0.5 * (1.0 + e) + x * INV_SQRT_2PI * gauss);
     }
 }
 
@@ -272,7 +280,7 @@ pub(crate) fn act_grad(act: Activation, z: f32) -> f32 {
 /// so each arm vectorises.
 pub(crate) fn activate(act: Activation, z: &[f32]) -> Vec<f32> {
     fn run(z: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-        let mut out = vec![0f32; z.len()];
+        let mut out = super::zeros(z.len());
         out.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(z.par_chunks(MIN_TASK_ELEMS))
             .for_each(|(o, z)| simd(|| o.iter_mut().zip(z).for_each(|(o, &z)| *o = f(z))));

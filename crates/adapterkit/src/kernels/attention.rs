@@ -25,7 +25,7 @@ impl Heads {
     /// [b, s, h, dh] → [b, h, s, dh]
     fn split(&self, src: &[f32]) -> Vec<f32> {
         let Heads { s, h, dh, .. } = *self;
-        let mut dst = vec![0f32; src.len()];
+        let mut dst = super::zeros(src.len());
         dst.par_chunks_mut(s * dh)
             .enumerate()
             .for_each(|(bh, block)| {
@@ -41,7 +41,7 @@ impl Heads {
     /// [b, h, s, dh] → [b, s, h, dh]
     fn merge(&self, src: &[f32]) -> Vec<f32> {
         let Heads { s, h, dh, .. } = *self;
-        let mut dst = vec![0f32; src.len()];
+        let mut dst = super::zeros(src.len());
         dst.par_chunks_mut(h * dh)
             .enumerate()
             .for_each(|(bt, row)| {
@@ -107,7 +107,7 @@ impl CustomOp1 for SplitPart {
         let Heads { s, h, dh, .. } = self.heads;
         let d = h * dh;
         let off = self.part * d;
-        let mut dst = vec![0f32; src.len() / 3];
+        let mut dst = super::zeros(src.len() / 3);
         dst.par_chunks_mut(s * dh)
             .enumerate()
             .for_each(|(bh, block)| {
@@ -147,7 +147,7 @@ impl CustomOp3 for MergeQkv {
         ];
         let Heads { b, s, h, dh } = self.heads;
         let d = h * dh;
-        let mut dst = vec![0f32; b * s * 3 * d];
+        let mut dst = super::zeros(b * s * 3 * d);
         dst.par_chunks_mut(3 * d).enumerate().for_each(|(bt, row)| {
             let (bi, t) = (bt / s, bt % s);
             for (p, src) in parts.iter().enumerate() {

@@ -60,7 +60,7 @@ impl Dropout {
     }
 
     pub(crate) fn apply(&self, x: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::zeros(x.len());
         y.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(x.par_chunks(MIN_TASK_ELEMS))
             .enumerate()

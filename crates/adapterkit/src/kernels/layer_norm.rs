@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension: the fused forward and backward, and the composed reference.
 
-use super::{f32_slice, rows_per_task, simd, Backend, CResult};
+use super::{f32_slice, rows_per_task, wide, Backend, CResult, Call};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -50,19 +50,12 @@ impl CustomOp3 for LayerNorm {
         let gamma = f32_slice(s2, l2, "layer norm")?;
         let beta = f32_slice(s3, l3, "layer norm")?;
         let d = gamma.len();
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::zeros(x.len());
         let chunk = rows_per_task(d) * d;
         y.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(y, x)| {
-                simd(|| {
-                    for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                        let (mean, rstd) = moments(x, self.eps);
-                        for i in 0..d {
-                            y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
-                        }
-                    }
-                })
+                wide(Call(norm_rows, (y, x, gamma, beta, self.eps)));
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -88,12 +81,28 @@ impl CustomOp3 for LayerNorm {
     }
 }
 
+/// Mean and 1/σ of a row. The sums keep one partial per vector lane: a single running sum is a
+/// serial chain of adds the compiler may not reorder, which kept LayerNorm scalar.
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / d;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let mean = lane_sum(x, |v| v) / d;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / d;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Σ f(x_i) with one partial sum per vector lane.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let full = x.len() - x.len() % LANES;
+    let mut acc = [0f32; LANES];
+    for c in x[..full].chunks_exact(LANES) {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + x[full..].iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Output rows 0..n: dx; row n: dgamma; row n+1: dbeta.
@@ -126,34 +135,7 @@ impl CustomOp3 for LayerNormBackward {
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-            .map(|(dx, (x, dy))| {
-                simd(|| {
-                    let mut dg = vec![0f32; d];
-                    let mut db = vec![0f32; d];
-                    let mut xhat = vec![0f32; d];
-                    for ((dx, x), dy) in dx
-                        .chunks_exact_mut(d)
-                        .zip(x.chunks_exact(d))
-                        .zip(dy.chunks_exact(d))
-                    {
-                        let (mean, rstd) = moments(x, self.eps);
-                        let (mut s1, mut s2) = (0f32, 0f32);
-                        for i in 0..d {
-                            xhat[i] = (x[i] - mean) * rstd;
-                            let g = dy[i] * gamma[i];
-                            s1 += g;
-                            s2 += g * xhat[i];
-                            dg[i] += dy[i] * xhat[i];
-                            db[i] += dy[i];
-                        }
-                        let (m1, m2) = (s1 / d as f32, s2 / d as f32);
-                        for i in 0..d {
-                            dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
-                        }
-                    }
-                    (dg, db)
-                })
-            })
+            .map(|(dx, (x, dy))| wide(Call(norm_backward_rows, (dx, x, dy, gamma, self.eps))))
             .collect();
         let (dgamma, dbeta) = tail.split_at_mut(d);
         for (dg, db) in partials {
@@ -164,6 +146,51 @@ impl CustomOp3 for LayerNormBackward {
         }
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
     }
+}
+
+/// `y = (x − mean) / σ · γ + β` for each row of one parallel task.
+#[inline(always)]
+fn norm_rows((y, x, gamma, beta, eps): (&mut [f32], &[f32], &[f32], &[f32], f32)) {
+    let d = gamma.len().min(beta.len());
+    for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let (mean, rstd) = moments(x, eps);
+        for i in 0..d {
+            y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+        }
+    }
+}
+
+/// The input gradient of each row of one parallel task into `dx`; returns the task's partial
+/// sums of the γ and β gradients.
+#[inline(always)]
+fn norm_backward_rows(
+    (dx, x, dy, gamma, eps): (&mut [f32], &[f32], &[f32], &[f32], f32),
+) -> (Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    let mut dg = vec![0f32; d];
+    let mut db = vec![0f32; d];
+    let mut xhat = vec![0f32; d];
+    for ((dx, x), dy) in dx
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(dy.chunks_exact(d))
+    {
+        let (mean, rstd) = moments(x, eps);
+        let (mut s1, mut s2) = (0f32, 0f32);
+        for i in 0..d {
+            xhat[i] = (x[i] - mean) * rstd;
+            let g = dy[i] * gamma[i];
+            s1 += g;
+            s2 += g * xhat[i];
+            dg[i] += dy[i] * xhat[i];
+            db[i] += dy[i];
+        }
+        let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+        for i in 0..d {
+            dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
+        }
+    }
+    (dg, db)
 }
 
 /// LayerNorm over the last dimension, fused forward and backward (gradients for x, γ and β).

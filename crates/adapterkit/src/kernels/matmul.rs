@@ -50,7 +50,7 @@ impl CustomOp2 for PlainProduct {
                 "plain product: [{m}, {k}] · [{k2}, {n}] do not fit"
             )));
         }
-        let mut out = vec![0f32; m * n];
+        let mut out = super::zeros(m * n);
         gemm_into(
             &mut out,
             m,
@@ -95,9 +95,7 @@ impl CustomOp3 for Affine {
                 l3.dims()
             )));
         }
-        let mut out = vec![0f32; m * n];
-        out.par_chunks_mut(n.max(1))
-            .for_each(|r| r.copy_from_slice(b));
+        let mut out = super::rows_of(b, m);
         gemm_into(
             &mut out,
             m,
@@ -163,7 +161,7 @@ impl CustomOp2 for BatchedMatmul {
         } else {
             (bc as isize, 1)
         };
-        let mut out = vec![0f32; batch * m * n];
+        let mut out = super::zeros(batch * m * n);
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
             let lhs = &a[i * ar * ac..(i + 1) * ar * ac];
             let rhs = &b[i * br * bc..(i + 1) * br * bc];

@@ -1,7 +1,7 @@
 //! The attention softmax (scale, additive mask, softmax in one pass) with its backward, and the
 //! composed softmax reference.
 
-use super::{activation::fast_exp, f32_slice, rows_per_task, simd, wide, Backend, CResult, Wide};
+use super::{activation::fast_exp, f32_slice, rows_per_task, wide, Backend, CResult, Call, Wide};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -50,7 +50,7 @@ impl CustomOp2 for AttentionSoftmax {
         let scores = f32_slice(s1, l1, "attention softmax")?;
         let mask = f32_slice(s2, l2, "attention softmax")?;
         let k = *l1.dims().last().unwrap_or(&1);
-        let mut p = vec![0f32; scores.len()];
+        let mut p = super::zeros(scores.len());
         let rows_task = rows_per_task(k);
         let chunk = rows_task * k;
         p.par_chunks_mut(chunk)
@@ -173,25 +173,29 @@ impl CustomOp2 for SoftmaxBackward {
         let p = f32_slice(s1, l1, "softmax backward")?;
         let dp = f32_slice(s2, l2, "softmax backward")?;
         let k = *l1.dims().last().unwrap_or(&1);
-        let mut ds = vec![0f32; p.len()];
+        let mut ds = super::zeros(p.len());
         let chunk = rows_per_task(k) * k;
         ds.par_chunks_mut(chunk)
             .zip(p.par_chunks(chunk).zip(dp.par_chunks(chunk)))
             .for_each(|(ds, (p, dp))| {
-                simd(|| {
-                    for ((ds, p), dp) in ds
-                        .chunks_exact_mut(k)
-                        .zip(p.chunks_exact(k))
-                        .zip(dp.chunks_exact(k))
-                    {
-                        let dot = dot(p, dp);
-                        for i in 0..k {
-                            ds[i] = self.scale * p[i] * (dp[i] - dot);
-                        }
-                    }
-                })
+                wide(Call(softmax_backward_rows, (ds, p, dp, k, self.scale)));
             });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
+    }
+}
+
+/// `ds = scale · p ⊙ (dp − p · dp)` for each row of one parallel task.
+#[inline(always)]
+fn softmax_backward_rows((ds, p, dp, k, scale): (&mut [f32], &[f32], &[f32], usize, f32)) {
+    for ((ds, p), dp) in ds
+        .chunks_exact_mut(k)
+        .zip(p.chunks_exact(k))
+        .zip(dp.chunks_exact(k))
+    {
+        let dot = dot(p, dp);
+        for i in 0..k {
+            ds[i] = scale * p[i] * (dp[i] - dot);
+        }
     }
 }
 
