@@ -110,6 +110,24 @@ pub enum Error {
         classes: usize,
     },
 
+    /// A training checkpoint cannot be resumed: unreadable, or written by a different run.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        message: String,
+    },
+
+    /// Training produced NaN or infinity; the message names the step and the likely cause.
+    #[error("training stopped at step {step}: {message}")]
+    Diverged {
+        /// The 0-based step whose loss or gradient was not finite.
+        step: usize,
+        /// What was checked and what to change.
+        message: String,
+    },
+
     /// A requested item (task, adapter, split) does not exist.
     #[error("{0}")]
     NotFound(String),

@@ -7,7 +7,9 @@ use crate::encoder::BaseModel;
 use crate::error::Result;
 use crate::head::HeadConfig;
 use crate::task::{TaskModel, TrainableSet};
-use crate::train::{evaluate, EpochReport, EvalMetrics, Evaluation, Event, TrainConfig};
+use crate::train::{
+    evaluate, Checkpointing, EpochReport, EvalMetrics, Evaluation, Event, TrainConfig,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +34,50 @@ pub struct RunSpec {
     pub base_name: String,
     /// The seed of the data split, recorded only.
     pub split_seed: u64,
+    /// Resumable checkpoints during training, if asked for.
+    pub checkpoint: Option<CheckpointPlan>,
+}
+
+/// Where a run saves resumable checkpoints, how often, and whether it continues from one.
+#[derive(Debug, Clone)]
+pub struct CheckpointPlan {
+    /// The checkpoint directory; removed once the run's directory is saved.
+    pub dir: PathBuf,
+    /// Steps between checkpoints (0: only after each epoch).
+    pub every: usize,
+    /// Continue the interrupted run whose checkpoint is in `dir`.
+    pub resume: bool,
+}
+
+/// What identifies a run for resuming it: its options, the base and the data (hashed). The output
+/// directory is not part of it, so a run may be resumed into another one.
+pub fn run_identity(base: &BaseModel, data: &TaskData, spec: &RunSpec) -> serde_json::Value {
+    let set = |s: &crate::data::LabelledSet| {
+        let labels: Vec<String> = s.labels.iter().map(usize::to_string).collect();
+        let targets: Vec<[u8; 4]> = s.targets.iter().map(|t| t.to_le_bytes()).collect();
+        crate::train::checkpoint::fingerprint(
+            s.inputs
+                .iter()
+                .flat_map(|(a, b)| {
+                    [
+                        a.as_bytes(),
+                        b.as_deref().map_or(&[0xfe][..], str::as_bytes),
+                    ]
+                })
+                .chain(labels.iter().map(|l| l.as_bytes()))
+                .chain(targets.iter().map(|t| &t[..])),
+        )
+    };
+    serde_json::json!({
+        "name": spec.name,
+        "trainable": spec.trainable,
+        "adapter": spec.adapter,
+        "head": spec.head,
+        "max_len": spec.max_len,
+        "train_config": spec.train,
+        "base": crate::task::BaseFingerprint::of(base),
+        "data": { "name": data.name, "train": set(&data.train), "dev": set(&data.dev) },
+    })
 }
 
 /// Example counts of the three sets.
@@ -129,7 +175,14 @@ pub fn run(
     mut task: TaskModel,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<RunOutcome> {
-    let report = crate::train(base, &mut task, data, &spec.train, on_event)?;
+    let ckpt = spec.checkpoint.as_ref().map(|c| Checkpointing {
+        dir: c.dir.clone(),
+        every: c.every,
+        resume: c.resume,
+        run: run_identity(base, data, spec),
+    });
+    let report =
+        crate::train::train_with(base, &mut task, data, &spec.train, ckpt.as_ref(), on_event)?;
     let test = evaluate(base, &task, &data.test, spec.train.eval_batch_size, &[])?;
     let record = task.save_with(&spec.out, &spec.base_name, |staging| {
         let bytes = crate::format::dir_size(staging)?;
@@ -137,6 +190,14 @@ pub fn run(
         write_record(&staging.join(crate::format::files::METRICS), &r)?;
         Ok(r)
     })?;
+    // The saved directory now holds the outcome; the checkpoint would only resume a finished run.
+    if let Some(c) = &ckpt {
+        if let Err(e) = std::fs::remove_dir_all(&c.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %c.dir.display(), error = %e, "could not remove the checkpoint");
+            }
+        }
+    }
     Ok(RunOutcome { record, task, test })
 }
 

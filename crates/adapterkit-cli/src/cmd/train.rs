@@ -88,6 +88,18 @@ pub(crate) struct TrainArgs {
     /// Also write the run record here (the directory always gets its own metrics.json).
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Save a resumable checkpoint every N steps (and after each epoch) into --checkpoint-dir, so
+    /// that `--resume` can continue after a crash or a kill; removed once the run is saved.
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<usize>,
+    /// Checkpoint directory [default: <out>.checkpoint].
+    #[arg(long, requires = "checkpoint_every")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Continue the interrupted run whose checkpoint is in DIR: give the same options as the
+    /// interrupted command (a differing one is refused by name). The result is bit-identical to an
+    /// uninterrupted run. Checkpoints go on into DIR (every 50 steps unless --checkpoint-every).
+    #[arg(long, value_name = "DIR", conflicts_with = "checkpoint_dir")]
+    resume: Option<PathBuf>,
     /// Use the composed reference ops instead of the fused kernels (slower; for checking).
     #[arg(long)]
     reference_ops: bool,
@@ -240,6 +252,23 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("{}-{}", data.name, trainable.label()))
     });
+    let checkpoint = match (&a.resume, a.checkpoint_every) {
+        (Some(dir), every) => Some(adapterkit::run::CheckpointPlan {
+            dir: dir.clone(),
+            every: every.unwrap_or(50),
+            resume: true,
+        }),
+        (None, Some(every)) => Some(adapterkit::run::CheckpointPlan {
+            dir: a.checkpoint_dir.clone().unwrap_or_else(|| {
+                let mut name = out.file_name().unwrap_or_default().to_os_string();
+                name.push(".checkpoint");
+                out.with_file_name(name)
+            }),
+            every,
+            resume: false,
+        }),
+        (None, None) => None,
+    };
     let spec = adapterkit::run::RunSpec {
         name,
         trainable: trainable.clone(),
@@ -254,6 +283,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         split_seed: a.data.split_seed,
+        checkpoint,
     };
     let task = adapterkit::run::new_task(&base, &spec)?;
     let base_params = base.num_params();

@@ -304,8 +304,21 @@ pub struct RunSpec<'a> {
     pub keep_dir: Option<PathBuf>,
 }
 
+/// Steps between the resumable checkpoints of a cached suite run: an interrupted `suite run` loses
+/// at most this many steps of the run it was in.
+const CHECKPOINT_EVERY: usize = 50;
+
 /// Trains one (task, method, lr, seed) and measures it.
 pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, TaskModel)> {
+    train_one_with(base, spec, None)
+}
+
+/// [`train_one`], checkpointing into `checkpoint` (and continuing from a checkpoint there).
+fn train_one_with(
+    base: &BaseModel,
+    spec: &RunSpec<'_>,
+    checkpoint: Option<&Path>,
+) -> Result<(RunRecord, TaskModel)> {
     let data = spec.data;
     let (trainable, mut adapter) = setup(spec.method);
     if let (Some(a), Some(s)) = (adapter.as_mut(), spec.init_std) {
@@ -335,6 +348,11 @@ pub fn train_one(base: &BaseModel, spec: &RunSpec<'_>) -> Result<(RunRecord, Tas
         out: spec.keep_dir.clone().unwrap_or_else(|| tmp.clone()),
         base_name: "all-MiniLM-L6-v2".into(),
         split_seed: 0,
+        checkpoint: checkpoint.map(|dir| adapterkit::run::CheckpointPlan {
+            dir: dir.to_path_buf(),
+            every: CHECKPOINT_EVERY,
+            resume: dir.join(adapterkit::train::checkpoint::STATE).is_file(),
+        }),
     };
     let task = adapterkit::run::new_task(base, &run)?;
     let done = adapterkit::run::run(base, data, &run, task, &mut |_| {})?;
@@ -381,16 +399,25 @@ fn cached_run(base: &BaseModel, out: &Path, spec: &RunSpec<'_>) -> Result<RunRec
         check_cached(&r, spec.data, &path)?;
         return Ok(r);
     }
+    let checkpoint = path.with_extension("checkpoint");
+    let resuming = checkpoint
+        .join(adapterkit::train::checkpoint::STATE)
+        .is_file();
     eprintln!(
-        "[{}] {} {} lr {:e} seed {} ({} epochs) …",
+        "[{}] {} {} lr {:e} seed {} ({} epochs){} …",
         chrono_now(),
         spec.data.name,
         spec.method.name,
         spec.lr,
         spec.seed,
-        spec.epochs
+        spec.epochs,
+        if resuming {
+            ", resuming its checkpoint"
+        } else {
+            ""
+        }
     );
-    let (record, _) = train_one(base, spec)?;
+    let (record, _) = train_one_with(base, spec, Some(&checkpoint))?;
     eprintln!(
         "    dev {:.4} test {:.4} ({:.0} s)",
         record.dev,

@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+pub mod checkpoint;
+pub use checkpoint::Checkpointing;
+use checkpoint::{Progress, Snapshot};
+
 /// Optimisation settings; defaults follow the Houlsby reference code.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -158,6 +162,7 @@ pub enum Event {
 }
 
 struct AdamSlot {
+    name: String,
     var: Var,
     m: Vec<f32>,
     v: Vec<f32>,
@@ -180,6 +185,7 @@ impl AdamW {
             *t = var.as_tensor().clone();
             let n = t.elem_count();
             slots.push(AdamSlot {
+                name: name.name().to_string(),
                 var,
                 m: vec![0.0; n],
                 v: vec![0.0; n],
@@ -193,8 +199,51 @@ impl AdamW {
         })
     }
 
+    /// The first and second moments by parameter name, for a checkpoint.
+    fn moments(&self) -> Result<[BTreeMap<String, Tensor>; 2]> {
+        let mut out: [BTreeMap<String, Tensor>; 2] = Default::default();
+        for s in &self.slots {
+            let shape = s.var.as_tensor().shape().clone();
+            out[0].insert(
+                s.name.clone(),
+                Tensor::from_slice(&s.m, &shape, &candle_core::Device::Cpu)?,
+            );
+            out[1].insert(
+                s.name.clone(),
+                Tensor::from_slice(&s.v, &shape, &candle_core::Device::Cpu)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Continues from saved moments and step counter (names and shapes checked against `dir`'s).
+    fn restore(&mut self, snap: &mut Snapshot, dir: &std::path::Path) -> Result<()> {
+        for s in &mut self.slots {
+            let dims = s.var.as_tensor().dims().to_vec();
+            s.m = to_vec_f32(&checkpoint::take(
+                &mut snap.adam_m,
+                dir,
+                "adam_m",
+                &s.name,
+                &dims,
+            )?)?;
+            s.v = to_vec_f32(&checkpoint::take(
+                &mut snap.adam_v,
+                dir,
+                "adam_v",
+                &s.name,
+                &dims,
+            )?)?;
+        }
+        checkpoint::all_taken(&snap.adam_m, dir, "adam_m")?;
+        checkpoint::all_taken(&snap.adam_v, dir, "adam_v")?;
+        self.t = snap.progress.adam_t;
+        Ok(())
+    }
+
     /// One update at learning rate `lr`; returns the gradient norm before clipping. A parameter
-    /// without a gradient in `grads` counts as zero gradient.
+    /// without a gradient in `grads` counts as zero gradient. A norm that is not finite leaves
+    /// parameters and moments untouched (the caller stops and says why).
     pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<f64> {
         let cfg = &self.cfg;
         let mut gvecs = Vec::with_capacity(self.slots.len());
@@ -208,6 +257,9 @@ impl AdamW {
             gvecs.push(g);
         }
         let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
         let clip = if norm > cfg.max_grad_norm {
             (cfg.max_grad_norm / (norm + 1e-6)) as f32
         } else {
@@ -483,6 +535,22 @@ pub fn train(
     cfg: &TrainConfig,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<TrainReport> {
+    train_with(base, task, data, cfg, None, on_event)
+}
+
+/// The best epoch so far: its number, dev metrics and parameters.
+type Best = (usize, EvalMetrics, BTreeMap<crate::task::ParamKey, Tensor>);
+
+/// [`train`], saving a resumable checkpoint as `ckpt` says, or continuing from one. A resumed run
+/// ends with the same parameters, bit for bit, as the run it continues would have.
+pub fn train_with(
+    base: &BaseModel,
+    task: &mut TaskModel,
+    data: &TaskData,
+    cfg: &TrainConfig,
+    ckpt: Option<&Checkpointing>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<TrainReport> {
     if data.train.is_empty() || data.dev.is_empty() {
         return Err(Error::config(
             "data",
@@ -507,12 +575,44 @@ pub fn train(
             batch_labels(set, &all, classes, what)?;
         }
     }
+    // A checkpoint to resume is read and checked before the expensive work starts.
+    let mut resumed = match ckpt {
+        Some(c) if c.resume => Some(Snapshot::load(&c.dir, &c.run)?),
+        _ => None,
+    };
     let start = Instant::now();
     let train_enc = tokenize_set(base, &data.train, task.max_len)?;
     let dev_enc = tokenize_set(base, &data.dev, task.max_len)?;
     let lengths: Vec<usize> = train_enc.iter().map(|e| e.0.len()).collect();
 
+    let mut best: Option<Best> = None;
+    if let (Some(snap), Some(c)) = (resumed.as_mut(), ckpt) {
+        best = restore_params(task, snap, &c.dir)?;
+    }
     let mut opt = AdamW::new(task, cfg)?;
+    let mut p = match (resumed, ckpt) {
+        (Some(mut snap), Some(c)) => {
+            opt.restore(&mut snap, &c.dir)?;
+            snap.progress
+        }
+        _ => Progress {
+            format: 1,
+            run: ckpt.map(|c| c.run.clone()).unwrap_or_default(),
+            step: 0,
+            epoch: 1,
+            batches_done: 0,
+            order_rng: Rng::derive(cfg.seed, "order").state(),
+            dropout_rng: Rng::derive(cfg.seed, "dropout").state(),
+            loss_sum: 0.0,
+            seen: 0,
+            epoch_seconds: 0.0,
+            seconds: 0.0,
+            adam_t: 0,
+            epochs: Vec::new(),
+            best: None,
+        },
+    };
+    let seconds_before = p.seconds;
     let layers = base.config.num_hidden_layers;
     let cache = match (cfg.cache_frozen_prefix, task.frozen_prefix_layers(layers)) {
         (true, k) if k > 0 => Some(PrefixCache::build(
@@ -531,19 +631,40 @@ pub fn train(
         total = total.min(ms);
     }
     let warmup = ((total as f64) * cfg.warmup_frac).round() as usize;
-    let mut order_rng = Rng::derive(cfg.seed, "order");
-    let mut dropout_rng = Rng::derive(cfg.seed, "dropout");
-    let mut step = 0usize;
-    let mut epochs = Vec::new();
-    let mut best: Option<(usize, EvalMetrics, BTreeMap<crate::task::ParamKey, Tensor>)> = None;
+    let mut order_rng = Rng::from_state(p.order_rng);
+    let mut dropout_rng = Rng::from_state(p.dropout_rng);
+    let save =
+        |p: &mut Progress, dropout: &Rng, opt: &AdamW, task: &TaskModel, best: &Option<Best>| {
+            let Some(c) = ckpt else { return Ok(()) };
+            p.dropout_rng = dropout.state();
+            p.adam_t = opt.t;
+            p.seconds = seconds_before + start.elapsed().as_secs_f64();
+            p.best = best.as_ref().map(|b| (b.0, b.1));
+            let [adam_m, adam_v] = opt.moments()?;
+            let names = |m: &BTreeMap<crate::task::ParamKey, Tensor>| {
+                m.iter()
+                    .map(|(k, v)| (k.name().to_string(), v.clone()))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            Snapshot {
+                progress: p.clone(),
+                params: names(&task.params),
+                adam_m,
+                adam_v,
+                best: best.as_ref().map(|b| names(&b.2)).unwrap_or_default(),
+            }
+            .save(&c.dir)
+        };
 
-    'outer: for epoch in 1..=cfg.epochs {
+    while p.epoch <= cfg.epochs && p.step < total {
+        let epoch = p.epoch;
+        p.order_rng = order_rng.state();
+        let batches = bucketed_batches(&lengths, cfg.batch_size, &mut order_rng);
         let t0 = Instant::now();
-        let mut loss_sum = 0.0;
-        let mut seen = 0usize;
-        let mut nb = 0usize;
-        for rows in bucketed_batches(&lengths, cfg.batch_size, &mut order_rng) {
-            if step >= total {
+        let epoch_seconds = |p: &Progress| p.epoch_seconds + t0.elapsed().as_secs_f64();
+        let seconds_at_start = p.epoch_seconds;
+        for rows in batches.iter().skip(p.batches_done) {
+            if p.step >= total {
                 break;
             }
             let loss = batch_loss_from(
@@ -551,47 +672,64 @@ pub fn train(
                 task,
                 &train_enc,
                 &data.train,
-                &rows,
+                rows,
                 Some(&mut dropout_rng),
                 cache.as_ref(),
             )?;
             let loss_v = f64::from(loss.to_scalar::<f32>()?);
+            let lr = cfg.lr * lr_factor(p.step, total, warmup);
             if !loss_v.is_finite() {
-                return Err(Error::config(
-                    "train",
-                    "lr",
-                    format!("loss became {loss_v} at step {step}; lower the learning rate"),
+                return Err(divergence(
+                    p.step, "loss", loss_v, task, data, rows, cfg, lr, ckpt,
                 ));
             }
             let grads = loss.backward()?;
-            let lr = cfg.lr * lr_factor(step, total, warmup);
-            opt.step(&grads, lr)?;
+            let norm = opt.step(&grads, lr)?;
+            if !norm.is_finite() {
+                return Err(divergence(
+                    p.step,
+                    "gradient norm",
+                    norm,
+                    task,
+                    data,
+                    rows,
+                    cfg,
+                    lr,
+                    ckpt,
+                ));
+            }
             drop(grads);
-            step += 1;
-            nb += 1;
-            seen += rows.len();
-            loss_sum += loss_v;
+            p.step += 1;
+            p.batches_done += 1;
+            p.seen += rows.len();
+            p.loss_sum += loss_v;
+            let run_seconds = t0.elapsed().as_secs_f64();
             on_event(&Event::Step {
-                step,
+                step: p.step,
                 total,
                 loss: loss_v,
                 lr,
-                examples_per_second: seen as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                examples_per_second: p.seen as f64 / (seconds_at_start + run_seconds).max(1e-9),
             });
+            if ckpt.is_some_and(|c| c.every > 0 && p.step % c.every == 0) {
+                let mut saved = p.clone();
+                saved.epoch_seconds = epoch_seconds(&p);
+                save(&mut saved, &dropout_rng, &opt, task, &best)?;
+            }
         }
-        if nb == 0 {
-            break 'outer;
+        if p.batches_done == 0 {
+            break;
         }
-        let train_seconds = t0.elapsed().as_secs_f64();
+        let train_seconds = epoch_seconds(&p);
         let frozen = task.detached();
         let dev =
             evaluate_encoded(base, &frozen, &data.dev, &dev_enc, cfg.eval_batch_size, &[])?.metrics;
         let report = EpochReport {
             epoch,
-            train_loss: loss_sum / nb as f64,
+            train_loss: p.loss_sum / p.batches_done as f64,
             dev,
             train_seconds,
-            examples_per_second: seen as f64 / train_seconds.max(1e-9),
+            examples_per_second: p.seen as f64 / train_seconds.max(1e-9),
         };
         tracing::info!(
             epoch,
@@ -609,19 +747,109 @@ pub fn train(
                 .collect::<Result<BTreeMap<_, _>>>()?;
             best = Some((epoch, dev, snapshot));
         }
-        epochs.push(report);
-        if step >= total {
-            break;
+        p.epochs.push(report);
+        p.epoch += 1;
+        p.batches_done = 0;
+        p.loss_sum = 0.0;
+        p.seen = 0;
+        p.epoch_seconds = 0.0;
+        if p.epoch <= cfg.epochs && p.step < total {
+            // The next epoch starts from here: its batches are drawn from the order state now.
+            p.order_rng = order_rng.state();
+            save(&mut p, &dropout_rng, &opt, task, &best)?;
         }
     }
     let (best_epoch, best_dev, params) =
         best.ok_or_else(|| Error::config("train", "max_steps", "no training step was taken"))?;
     task.params = params;
     Ok(TrainReport {
-        epochs,
+        epochs: p.epochs,
         best_epoch,
         best_dev,
-        steps: step,
-        seconds: start.elapsed().as_secs_f64(),
+        steps: p.step,
+        seconds: seconds_before + start.elapsed().as_secs_f64(),
     })
+}
+
+/// Puts a checkpoint's trained values into `task` and returns its best epoch so far.
+fn restore_params(
+    task: &mut TaskModel,
+    snap: &mut Snapshot,
+    dir: &std::path::Path,
+) -> Result<Option<Best>> {
+    for (key, t) in task.params.iter_mut() {
+        *t = checkpoint::take(&mut snap.params, dir, "param", key.name(), t.dims())?;
+    }
+    checkpoint::all_taken(&snap.params, dir, "param")?;
+    let Some((epoch, dev)) = snap.progress.best else {
+        return Ok(None);
+    };
+    let params = task
+        .params
+        .iter()
+        .map(|(key, t)| {
+            let v = checkpoint::take(&mut snap.best, dir, "best", key.name(), t.dims())?;
+            Ok((key.clone(), v))
+        })
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    checkpoint::all_taken(&snap.best, dir, "best")?;
+    Ok(Some((epoch, dev, params)))
+}
+
+/// Why training produced a non-finite `what` (`value`) at `step`: names the first non-finite
+/// trained parameter, else a bad regression target of the batch, else the learning rate.
+#[allow(clippy::too_many_arguments)]
+fn divergence(
+    step: usize,
+    what: &str,
+    value: f64,
+    task: &TaskModel,
+    data: &TaskData,
+    rows: &[usize],
+    cfg: &TrainConfig,
+    lr: f64,
+    ckpt: Option<&Checkpointing>,
+) -> Error {
+    let kept = match ckpt {
+        Some(c) if c.dir.join(checkpoint::STATE).is_file() => {
+            format!(" The last checkpoint, in {}, is kept.", c.dir.display())
+        }
+        _ => String::new(),
+    };
+    let bad_param = task.params.iter().find_map(|(k, t)| {
+        let v = to_vec_f32(t).ok()?;
+        v.iter()
+            .position(|x| !x.is_finite())
+            .map(|i| (k.name().to_string(), i, v[i]))
+    });
+    let message = if let Some((name, i, x)) = bad_param {
+        format!(
+            "the {what} is {value} because trained parameter `{name}` holds {x} (element {i}); \
+             it was finite when training started, so an update overflowed: lower the learning \
+             rate (peak {:e}, {lr:.3e} at this step).{kept}",
+            cfg.lr
+        )
+    } else if let Some((row, t)) = task
+        .head
+        .kind
+        .eq(&HeadKind::Regression)
+        .then(|| {
+            rows.iter()
+                .map(|&r| (r, data.train.targets.get(r).copied().unwrap_or(0.0)))
+                .find(|(_, t)| !t.is_finite() || f64::from(*t).abs() > 1e19)
+        })
+        .flatten()
+    {
+        format!(
+            "the {what} is {value} because training example {row} has target {t}; the squared \
+             error overflows in f32: remove or rescale that target.{kept}"
+        )
+    } else {
+        format!(
+            "the {what} is {value} with finite parameters and targets: the optimisation diverged. \
+             Lower the learning rate (peak {:e}, {lr:.3e} at this step).{kept}",
+            cfg.lr
+        )
+    };
+    Error::Diverged { step, message }
 }
