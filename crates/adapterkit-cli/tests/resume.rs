@@ -200,7 +200,16 @@ fn a_diverging_run_names_the_step_and_the_learning_rate_and_keeps_its_checkpoint
     let dir = setup("nan");
     let o = run(
         &dir,
-        &["--out", "out", "--lr", "1e30", "--checkpoint-every", "1"],
+        &[
+            "--out",
+            "out",
+            "--lr",
+            "1e30",
+            "--weight-decay",
+            "0",
+            "--checkpoint-every",
+            "1",
+        ],
     );
     let err = text(&o.stderr);
     assert!(!o.status.success());

@@ -89,10 +89,52 @@ impl BertConfig {
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
         ];
+        // Bounds far above any BERT-family model: a size field is checked before anything of that
+        // size is allocated (a typo of 1e9 layers must be an error, not an abort).
+        let limit = |field: &str| match field {
+            "num_hidden_layers" | "num_attention_heads" => 1 << 10,
+            "type_vocab_size" => 1 << 10,
+            "hidden_size" | "max_position_embeddings" => 1 << 16,
+            "intermediate_size" => 1 << 18,
+            _ => 1 << 24,
+        };
         for (field, v) in positive {
             if v == 0 {
                 return Err(Error::config(context, field, "must be a positive integer"));
             }
+            if v > limit(field) {
+                return Err(Error::config(
+                    context,
+                    field,
+                    format!(
+                        "{v} is above {} (no BERT-family model is that large)",
+                        limit(field)
+                    ),
+                ));
+            }
+        }
+        if self.pad_token_id as usize >= self.vocab_size {
+            return Err(Error::config(
+                context,
+                "pad_token_id",
+                format!(
+                    "{} is not below vocab_size {}",
+                    self.pad_token_id, self.vocab_size
+                ),
+            ));
+        }
+        if !(self.layer_norm_eps.is_finite()
+            && self.layer_norm_eps > 0.0
+            && self.layer_norm_eps < 1.0)
+        {
+            return Err(Error::config(
+                context,
+                "layer_norm_eps",
+                format!(
+                    "{} must be a small positive number (BERT: 1e-12)",
+                    self.layer_norm_eps
+                ),
+            ));
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::config(

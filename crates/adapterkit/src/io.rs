@@ -233,16 +233,12 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Replaces the directory `dst` as a whole with what `write` puts into a fresh staging directory
-/// beside it: the new directory takes the old one's place in one rename, so a crash at any moment
-/// leaves either the complete old or the complete new directory (plus, at worst, a hidden staging
-/// directory, removed by the next save to `dst`). A file of `dst` that `replaceable` does not
-/// accept makes it refuse before anything is written: the save would delete it.
-pub fn replace_dir<R>(
+/// Checks that [`replace_dir`] can replace `dst` (a UTF-8 name, not a file, no foreign files, a
+/// writable parent), before the work whose result goes there; returns its name and parent.
+pub fn check_replace_target(
     dst: &Path,
     replaceable: &dyn Fn(&str) -> bool,
-    write: impl FnOnce(&Path) -> Result<R>,
-) -> Result<R> {
+) -> Result<(String, std::path::PathBuf)> {
     let name = dst
         .file_name()
         .and_then(|n| n.to_str())
@@ -257,7 +253,11 @@ pub fn replace_dir<R>(
         })?
         .to_string();
     let parent = parent_dir(dst)?;
-    clean_stale_staging(&parent, &name, dst);
+    // A directory we cannot write in is found now, not after the work whose result goes there.
+    tempfile::Builder::new()
+        .prefix(".adapterkit-probe-")
+        .tempfile_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
     if dst.exists() {
         if !dst.is_dir() {
             return Err(Error::io(
@@ -285,6 +285,21 @@ pub fn replace_dir<R>(
             }
         }
     }
+    Ok((name, parent))
+}
+
+/// Replaces the directory `dst` as a whole with what `write` puts into a fresh staging directory
+/// beside it: the new directory takes the old one's place in one rename, so a crash at any moment
+/// leaves either the complete old or the complete new directory (plus, at worst, a hidden staging
+/// directory, removed by the next save to `dst`). A file of `dst` that `replaceable` does not
+/// accept makes it refuse before anything is written: the save would delete it.
+pub fn replace_dir<R>(
+    dst: &Path,
+    replaceable: &dyn Fn(&str) -> bool,
+    write: impl FnOnce(&Path) -> Result<R>,
+) -> Result<R> {
+    let (name, parent) = check_replace_target(dst, replaceable)?;
+    clean_stale_staging(&parent, &name, dst);
     let staging = tempfile::Builder::new()
         .prefix(&format!("{}{}-", staging_prefix(&name), std::process::id()))
         .tempdir_in(&parent)

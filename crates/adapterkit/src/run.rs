@@ -175,6 +175,11 @@ pub fn run(
     mut task: TaskModel,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<RunOutcome> {
+    // Where the results go is checked before the work: a bad output costs no training.
+    TaskModel::check_save_target(&spec.out)?;
+    if let Some(c) = &spec.checkpoint {
+        crate::io::check_replace_target(&c.dir, &crate::train::checkpoint::is_checkpoint_file)?;
+    }
     let ckpt = spec.checkpoint.as_ref().map(|c| Checkpointing {
         dir: c.dir.clone(),
         every: c.every,

@@ -169,6 +169,52 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The id of token `tok`, if the vocabulary has it.
+    pub fn token_id(&self, tok: &str) -> Option<u32> {
+        self.inner.token_to_id(tok)
+    }
+
+    /// Checks that the tokenizer in `dir` fits the model `config` describes: its ids index the
+    /// embedding table, and padding and unknown words map to the ids the model was trained with.
+    /// A `vocab.txt` missing a line shifts every id after it, which no later check would notice.
+    pub fn check_fits(&self, dir: &Path, config: &crate::config::BertConfig) -> Result<()> {
+        let from_vocab = !dir.join("tokenizer.json").exists();
+        let file = dir.join(if from_vocab {
+            "vocab.txt"
+        } else {
+            "tokenizer.json"
+        });
+        // The ids' span, not the token count: a vocab.txt may repeat a line (the later id wins).
+        let n = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        let bad = |m: String| Error::Tokenizer(format!("{}: {m}", file.display()));
+        if n > config.vocab_size || (from_vocab && n != config.vocab_size) {
+            return Err(bad(format!(
+                "token ids 0 to {}, but config.json has vocab_size {}; the vocabulary does not \
+                 belong to this model (a missing or extra line shifts every token id)",
+                n.saturating_sub(1),
+                config.vocab_size
+            )));
+        }
+        if from_vocab && self.token_id("[UNK]").is_none() {
+            return Err(bad("lacks `[UNK]`".into()));
+        }
+        if let Some(id) = self
+            .token_id("[PAD]")
+            .filter(|&id| id != config.pad_token_id)
+        {
+            return Err(bad(format!(
+                "`[PAD]` has id {id}, but config.json has pad_token_id {}",
+                config.pad_token_id
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn lowercase_setting(dir: &Path) -> Result<bool> {

@@ -106,10 +106,19 @@ pub(crate) fn predict(a: PredictArgs) -> Result<()> {
     if let Some(url) = &a.server {
         return predict_remote(&a, url);
     }
+    if a.batch_size == 0 {
+        bail!("--batch-size 0: give at least 1");
+    }
     let base = load_base(&a.model)?;
     let Some(dir) = &a.adapter else {
         bail!("give --adapter DIR or --server URL");
     };
+    let positions = base.config.max_position_embeddings;
+    if let Some(n) = a.max_len.filter(|&n| n > positions || n < 4) {
+        bail!(
+            "--max-len {n}: expected 4 to the model's {positions} positions (max_position_embeddings)"
+        );
+    }
     let task = load_task(&base, dir)?;
     let texts = read_texts(&a)?;
     let inputs = split_pairs(&texts, task.head.pair)?;

@@ -44,7 +44,8 @@ pub(crate) struct TrainArgs {
     /// Head input.
     #[arg(long, value_enum, default_value = "cls")]
     pooling: PoolingArg,
-    /// Head depth: 1 (linear) or 2 (dense + tanh + linear, AdapterHub's default).
+    /// Head depth as AdapterHub's `layers`: 1 (linear), 2 (dense + tanh + linear, AdapterHub's
+    /// default), up to 8 (more dense + tanh layers of the hidden width).
     #[arg(long, default_value_t = 2)]
     head_layers: usize,
     /// Train a regression head (labels are numbers) instead of classification.
@@ -288,8 +289,11 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let task = adapterkit::run::new_task(&base, &spec)?;
     let base_params = base.num_params();
     let trainable_params = task.num_params();
+    let bottleneck = spec.adapter.as_ref().map_or(String::new(), |c| {
+        format!(" (bottleneck {}, hidden {d})", c.bottleneck)
+    });
     eprintln!(
-        "training {} on {} ({} train / {} dev / {} test), {} trainable parameters = {:.2}% of the base's {}",
+        "training {}{bottleneck} on {} ({} train / {} dev / {} test), {} trainable parameters = {:.2}% of the base's {}",
         trainable.label(),
         data.name,
         data.train.len(),

@@ -332,7 +332,17 @@ impl AdapterConfig {
                 "must be a positive number",
             ));
         }
-        Ok(((hidden as f64 / factor).floor() as usize).max(1))
+        let m = (hidden as f64 / factor).floor() as usize;
+        if m == 0 {
+            return Err(Error::config(
+                "adapter",
+                "reduction_factor",
+                format!(
+                    "{factor} leaves no bottleneck: hidden size {hidden} / {factor} is below 1"
+                ),
+            ));
+        }
+        Ok(m)
     }
 
     /// The sites this placement uses in each layer.

@@ -10,7 +10,7 @@ mod registry;
 mod split;
 
 use read::data_err;
-pub use read::{read_examples, Columns, Example, Format};
+pub use read::{normalise_label, read_examples, Columns, Example, Format};
 pub use registry::{task_spec, TaskSpec, REGISTRY};
 pub use split::{stratified_split, Split};
 
@@ -215,6 +215,7 @@ pub fn load_files(
     };
     let train_ex = read_examples(train, fmt(train)?, cols)?;
     let regression = labels == Labels::Regression;
+    let infer = labels == Labels::Infer;
     let names = match labels {
         Labels::Given(l) => l,
         Labels::Regression => Vec::new(),
@@ -225,6 +226,9 @@ pub fn load_files(
             l
         }
     };
+    if infer && !cols.header && matches!(fmt(train)?, Format::Csv | Format::Tsv) {
+        looks_like_header(train, &train_ex)?;
+    }
     if !regression && names.len() < 2 {
         return Err(data_err(
             train,
@@ -280,6 +284,27 @@ pub fn load_files(
             .map(Path::to_path_buf)
             .collect(),
     })
+}
+
+/// Refuses a header-less file whose first line looks like a header: its label occurs nowhere
+/// else (`sentiment` among `pos`/`neg`), so it would become a class of one example.
+fn looks_like_header(path: &Path, examples: &[Example]) -> Result<()> {
+    let Some(first) = examples.first().filter(|e| e.line == 1) else {
+        return Ok(());
+    };
+    let once = examples[1..].iter().all(|e| e.label != first.label);
+    if once && examples.len() >= 10 {
+        return Err(data_err(
+            path,
+            1,
+            format!(
+                "label `{}` occurs only on the first line, which looks like a header row: pass \
+                 --header (or remove the line)",
+                first.label
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Length-bucketed batches: shuffle, sort within pools of 50 batches by length, shuffle the batches.

@@ -71,6 +71,14 @@ pub(super) fn data_err(path: &Path, line: usize, message: impl Into<String>) -> 
 /// Reads every example of a file.
 pub fn read_examples(path: &Path, format: Format, cols: &Columns) -> Result<Vec<Example>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes
+        .strip_prefix("\u{feff}".as_bytes())
+        .unwrap_or(&bytes)
+        .iter()
+        .all(u8::is_ascii_whitespace)
+    {
+        return Err(data_err(path, 0, "the file is empty: it holds no examples"));
+    }
     let examples = match format {
         Format::Csv | Format::Tsv => read_delimited(path, &bytes, format, cols)?,
         Format::Jsonl => {
@@ -119,6 +127,24 @@ pub fn read_examples(path: &Path, format: Format, cols: &Columns) -> Result<Vec<
     Ok(examples)
 }
 
+/// The one form of a label, whatever the file's format: trimmed, and a whole number written as an
+/// integer (`1`, `1.0` and `" 1 "` are one class, as a CSV and a JSONL file of the same data agree).
+pub fn normalise_label(raw: &str) -> String {
+    let t = raw.trim();
+    // Integers as written stay (`007` may be a name); numbers written as floats become integers.
+    let integer = t
+        .strip_prefix('-')
+        .unwrap_or(t)
+        .bytes()
+        .all(|b| b.is_ascii_digit());
+    match t.parse::<f64>() {
+        Ok(v) if !integer && v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 => {
+            format!("{}", v as i64)
+        }
+        _ => t.to_string(),
+    }
+}
+
 fn json_scalar(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::String(s) => Some(s.clone()),
@@ -162,8 +188,9 @@ fn json_example(
     if cols.drop_empty && text.trim().is_empty() && label.as_deref().unwrap_or("").is_empty() {
         return Ok(None);
     }
-    let label =
-        label.ok_or_else(|| data_err(path, line, format!("field `{}` is null", cols.label)))?;
+    let label = label
+        .map(|l| normalise_label(&l))
+        .ok_or_else(|| data_err(path, line, format!("field `{}` is null", cols.label)))?;
     let pair = match &cols.pair {
         Some(p) => {
             Some(field(p)?.ok_or_else(|| data_err(path, line, format!("field `{p}` is null")))?)
@@ -227,11 +254,33 @@ fn read_delimited(
         None => None,
     };
     let mut out = Vec::new();
+    // Every record has the header's width (or the first record's): a different count means a
+    // field was split or merged (an unquoted comma), which would silently shift the columns.
+    let mut width = headers.as_ref().map(|h| (h.len(), 1usize));
     for rec in rdr.records() {
         let rec = rec.map_err(|e| csv_err(path, e))?;
         let line = rec.position().map(|p| p.line() as usize).unwrap_or(0);
         if rec.len() == 1 && rec.get(0).map(str::trim).unwrap_or("").is_empty() {
             continue;
+        }
+        match width {
+            None => width = Some((rec.len(), line)),
+            Some((w, from)) if w != rec.len() => {
+                return Err(data_err(
+                    path,
+                    line,
+                    format!(
+                        "{} columns, but line {from} has {w}{}",
+                        rec.len(),
+                        if format == Format::Csv {
+                            "; a text holding a comma must be quoted (\"like, this\")"
+                        } else {
+                            "; a text holding a tab breaks a TSV record"
+                        }
+                    ),
+                ))
+            }
+            Some(_) => {}
         }
         let get = |i: usize, what: &str| -> Result<String> {
             rec.get(i)
@@ -248,7 +297,7 @@ fn read_delimited(
                 })
         };
         let text = get(ti, "text")?;
-        let label = get(li, "label")?.trim().to_string();
+        let label = normalise_label(&get(li, "label")?);
         if cols.drop_empty && text.trim().is_empty() && label.is_empty() {
             continue;
         }

@@ -2,7 +2,7 @@
 //! by the checkpoint's own tensor names and validated against the config's shapes.
 
 use crate::config::BertConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::keys::{Leaf, ParamKey, Role};
 use crate::rng::Rng;
 use candle_core::{Device, Tensor};
@@ -200,10 +200,34 @@ impl BertWeights {
         raw: HashMap<String, Tensor>,
         source: &Path,
     ) -> Result<Self> {
-        let all = raw
+        let all: HashMap<String, Tensor> = raw
             .into_iter()
             .map(|(k, v)| (canonical_name(&k), v))
             .collect();
+        let held = all
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix("encoder.layer.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |l| l + 1);
+        if held != config.num_hidden_layers {
+            return Err(Error::config(
+                "config.json",
+                "num_hidden_layers",
+                format!(
+                    "{} layers, but {} holds {held} (encoder.layer.0 to {}); the configuration \
+                     does not belong to these weights",
+                    config.num_hidden_layers,
+                    source.display(),
+                    held.saturating_sub(1)
+                ),
+            ));
+        }
         Self::build(
             config,
             Loader {

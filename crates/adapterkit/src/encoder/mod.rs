@@ -67,6 +67,7 @@ impl BaseModel {
             })?;
         let raw = crate::io::load_tensors(&weights_path)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
+        tokenizer.check_fits(dir, &config)?;
         let mut model = Self::from_tensors(config, raw, tokenizer, dir, &weights_path)?;
         if !device.same_device(&Device::Cpu) {
             model.weights = model.weights.to_device(device)?;

@@ -23,6 +23,11 @@ impl TaskModel {
         self.save_with(dir, base_name, |_| Ok(()))
     }
 
+    /// Checks that [`TaskModel::save`] can write `dir`, before the training whose result goes there.
+    pub fn check_save_target(dir: &Path) -> Result<()> {
+        crate::io::check_replace_target(dir, &files::replaceable).map(|_| ())
+    }
+
     /// [`TaskModel::save`], with `also` writing more files (the run record) into the new
     /// directory before it takes the old one's place; returns what `also` returns.
     pub fn save_with<R>(

@@ -580,7 +580,15 @@ pub fn parse<T: DeserializeOwned>(ctx: &str, text: &str) -> Result<T> {
 /// A deserialisation error as a config error naming the file and the key path.
 fn path_error(ctx: &str, e: serde_path_to_error::Error<serde_json::Error>) -> Error {
     let path = e.path().to_string();
-    Error::config(ctx, path, e.into_inner().to_string())
+    let inner = e.into_inner();
+    // A file that is not JSON at all has no field at fault.
+    if inner.is_syntax() || inner.is_eof() {
+        return Error::Json {
+            path: ctx.into(),
+            source: inner,
+        };
+    }
+    Error::config(ctx, path, inner.to_string())
 }
 
 /// Reads an adapter configuration given as AdapterHub JSON, either the whole `adapter_config.json`

@@ -266,6 +266,24 @@ impl BaseModel {
         skip_adapter_layers: &[usize],
         probabilities: bool,
     ) -> Result<Vec<Vec<f32>>> {
+        let layers = self.config.num_hidden_layers;
+        if let Some(l) = skip_adapter_layers.iter().find(|&&l| l >= layers) {
+            return Err(Error::config(
+                "skip_adapter_layers",
+                "layer",
+                format!(
+                    "layer {l} does not exist: the model has layers 0 to {}",
+                    layers - 1
+                ),
+            ));
+        }
+        if task.adapter.is_none() && !skip_adapter_layers.is_empty() {
+            return Err(Error::config(
+                "skip_adapter_layers",
+                "layer",
+                format!("task `{}` has no adapters to skip", task.name),
+            ));
+        }
         let frozen = task.detached();
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| encoded[i].0.len());

@@ -187,10 +187,24 @@ impl TaskModel {
             if k == 0 || k > layers {
                 return Err(Error::config(
                     "task",
-                    "k",
-                    format!("must be in 1..={layers}"),
+                    "top_k",
+                    format!("{k} must be in 1..={layers} (the base's layers)"),
                 ));
             }
+        }
+        if let Some(a) = adapter
+            .as_ref()
+            .filter(|a| (0..layers).all(|l| !a.has_layer(l)))
+        {
+            return Err(Error::config(
+                "adapter",
+                "leave_out",
+                format!(
+                    "{:?} leaves out every layer of the base (0..{layers}): no adapter would be \
+                     trained; use --method layernorm or --method head for that",
+                    a.leave_out
+                ),
+            ));
         }
         if head.pooling == crate::head::Pooling::Pooler
             && base.weight("pooler.dense.weight").is_none()

@@ -135,6 +135,11 @@ impl Snapshot {
     }
 }
 
+/// Whether `file` belongs in a checkpoint directory (anything else there is not ours to replace).
+pub fn is_checkpoint_file(file: &str) -> bool {
+    file == STATE || file == TENSORS
+}
+
 /// Takes tensor `name` of checkpoint group `group`, checking its shape; the error names both.
 pub(crate) fn take(
     map: &mut BTreeMap<String, Tensor>,

@@ -53,6 +53,64 @@ pub struct TrainConfig {
     pub cache_frozen_prefix: bool,
 }
 
+impl TrainConfig {
+    /// Checks every setting before any work: the error names the setting and its range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, message: String| Err(Error::config("train", field, message));
+        if self.batch_size == 0 || self.epochs == 0 || self.eval_batch_size == 0 {
+            return bad("epochs/batch_size", "must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("{} must be a positive number", self.lr));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(
+                "weight_decay",
+                format!("{} must be a number of at least 0", self.weight_decay),
+            );
+        }
+        if self.lr * self.weight_decay >= 1.0 {
+            return bad(
+                "weight_decay",
+                format!(
+                    "lr {} × weight_decay {} = {} must be below 1: AdamW shrinks each weight by \
+                     that fraction per step",
+                    self.lr,
+                    self.weight_decay,
+                    self.lr * self.weight_decay
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.warmup_frac) {
+            return bad(
+                "warmup",
+                format!(
+                    "{} is a fraction of the steps: expected 0 to 1",
+                    self.warmup_frac
+                ),
+            );
+        }
+        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(field, format!("{b} must be in [0, 1)"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", format!("{} must be a positive number", self.eps));
+        }
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
+            return bad(
+                "max_grad_norm",
+                format!("{} must be a positive number", self.max_grad_norm),
+            );
+        }
+        if self.max_steps == Some(0) {
+            return bad("max_steps", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -558,16 +616,7 @@ pub fn train_with(
             "training and dev sets must not be empty",
         ));
     }
-    if cfg.batch_size == 0 || cfg.epochs == 0 {
-        return Err(Error::config(
-            "train",
-            "epochs/batch_size",
-            "must be at least 1",
-        ));
-    }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-        return Err(Error::config("train", "lr", "must be a positive number"));
-    }
+    cfg.validate()?;
     if task.head.kind == HeadKind::Classification {
         let classes = task.head.num_outputs();
         for (set, what) in [(&data.train, "training"), (&data.dev, "dev")] {
