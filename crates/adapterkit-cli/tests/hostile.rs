@@ -1157,13 +1157,12 @@ fn adapter_cases(c: &mut Corpus, trained: &Path) {
         c,
         "adapter weight extra",
         &|d| {
-            edit_safetensors(&d.join("adapter.safetensors"), |h, _| {
-                let (k, v) = h
-                    .iter()
-                    .next()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .unwrap();
-                h.insert(format!("{k}.stray"), v);
+            edit_safetensors(&d.join("adapter.safetensors"), |h, data| {
+                let k = h.keys().find(|k| !k.starts_with("__")).unwrap().clone();
+                let n = data.len() as u64;
+                let stray = json!({"dtype": "F32", "shape": [2], "data_offsets": [n, n + 8]});
+                data.extend([0u8; 8]);
+                h.insert(format!("{k}.stray"), stray);
             })
         },
         err(&["adapter.safetensors", "stray"]),
@@ -1177,6 +1176,20 @@ fn adapter_cases(c: &mut Corpus, trained: &Path) {
             std::fs::write(&p, &b[..b.len() - 9]).unwrap();
         },
         err(&["adapter.safetensors"]),
+    );
+    case(
+        c,
+        "only the AdapterHub files of a run that trained LayerNorms",
+        &|d| {
+            for f in ["adapterkit.json", "adapterkit_params.safetensors"] {
+                std::fs::remove_file(d.join(f)).unwrap();
+            }
+        },
+        err(&[
+            "trained base parameters",
+            "adapterkit_params.safetensors",
+            "copy the whole directory",
+        ]),
     );
     case(
         c,

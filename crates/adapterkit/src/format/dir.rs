@@ -97,6 +97,11 @@ impl TaskModel {
             model_type: Some(self.base.model_type.clone()),
             name: Some(self.name.clone()),
             version: Some(HUB_VERSION.into()),
+            adapterkit_base_params: self
+                .params
+                .keys()
+                .any(|k| !matches!(k.role(), Role::Adapter { .. } | Role::Head))
+                .then(|| files::BASE_PARAMS.to_string()),
         }
     }
 
@@ -227,6 +232,17 @@ impl TaskModel {
     /// only a head loads as a head-only task. Every tensor in the weight files must be used.
     pub fn load_adapterhub(dir: &Path, base: &BaseModel) -> Result<Self> {
         let hub = HubDir::read(dir, base)?;
+        if let Some(f) = &hub.base_params {
+            return Err(Error::Incompatible {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "written by adapterkit for a run that also trained base parameters (in `{f}`, \
+                     with `{}`), which are not here: without them it would predict differently \
+                     from the trained run; copy the whole directory",
+                    files::META
+                ),
+            });
+        }
         let (adapter, name) = match &hub.adapter {
             Some((a, n)) => (Some(a.clone()), n.clone()),
             None => (None, hub.head_name.clone()),
@@ -272,6 +288,8 @@ struct HubDir {
     head_name: String,
     /// The adapter and its name, when the directory has one.
     adapter: Option<(AdapterConfig, String)>,
+    /// Our file of trained base parameters that the configurations say the run has.
+    base_params: Option<String>,
 }
 
 impl HubDir {
@@ -315,6 +333,7 @@ impl HubDir {
         let head_name = file
             .name
             .ok_or_else(|| Error::config(&ctx, "name", "missing: expected the head's name"))?;
+        let mut base_params = file.adapterkit_base_params;
 
         let adapter_path = dir.join(files::ADAPTER_CONFIG);
         let adapter = if adapter_path.exists() {
@@ -330,6 +349,7 @@ impl HubDir {
             let name = file.name.ok_or_else(|| {
                 Error::config(&ctx, "name", "missing: expected the adapter's name")
             })?;
+            base_params = base_params.or(file.adapterkit_base_params);
             Some((cfg, name))
         } else {
             None
@@ -346,6 +366,7 @@ impl HubDir {
             head,
             head_name,
             adapter,
+            base_params,
         })
     }
 

@@ -39,6 +39,11 @@ pub struct HubFile<C> {
     /// The library version that wrote it.
     #[serde(default)]
     pub version: Option<String>,
+    /// Our file of trained base parameters (LayerNorms, top layers) that the run needs besides
+    /// AdapterHub's files, when it has one: a copy without it would predict differently.
+    /// AdapterHub keeps extra top-level keys of these files (its `meta_dict`) and ignores them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapterkit_base_params: Option<String>,
 }
 
 /// AdapterHub's `BnConfig` (bottleneck adapter options, as of adapters 1.3), every key as the
