@@ -890,7 +890,7 @@ fn divergence(
         .flatten()
     {
         format!(
-            "the {what} is {value} because training example {row} has target {t}; the squared \
+            "the {what} is {value} because training example {row} has target {t:e}; the squared \
              error overflows in f32: remove or rescale that target.{kept}"
         )
     } else {
