@@ -219,6 +219,10 @@ fn adapterhub_configs_and_directories_through_the_cli() {
     for (tag, spec) in [
         ("preset", "seq_bn".to_string()),
         ("file", cfg.to_str().unwrap().to_string()),
+        (
+            "string",
+            "scaled_par_bn[reduction_factor=4, leave_out=[0]]".to_string(),
+        ),
     ] {
         let out = dir.join(tag);
         let o = ak(
@@ -245,7 +249,13 @@ fn adapterhub_configs_and_directories_through_the_cli() {
             &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        if tag == "file" {
+        if tag == "string" {
+            // AdapterHub's scaled_par_bn preset with the string's keys over it.
+            assert_eq!(written["config"]["is_parallel"], true);
+            assert_eq!(written["config"]["scaling"], "learned");
+            assert_eq!(written["config"]["reduction_factor"], 4.0);
+            assert_eq!(written["config"]["leave_out"], serde_json::json!([0]));
+        } else if tag == "file" {
             assert_eq!(written["config"]["ln_before"], true);
             assert_eq!(written["config"]["scaling"], "learned");
             assert_eq!(written["config"]["residual_before_ln"], false);
@@ -258,7 +268,7 @@ fn adapterhub_configs_and_directories_through_the_cli() {
     // A bad key in the user's config is named with its value.
     std::fs::write(
         &cfg,
-        r#"{"mh_adapter": true, "output_adapter": true, "reduction_factor": 4, "non_linearity": "relu", "is_parallel": true}"#,
+        r#"{"mh_adapter": true, "output_adapter": true, "reduction_factor": 4, "non_linearity": "relu", "use_gating": true}"#,
     )
     .unwrap();
     let o = ak(
@@ -276,7 +286,7 @@ fn adapterhub_configs_and_directories_through_the_cli() {
     );
     let err = text(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("is_parallel") && err.contains("true"),
+        !o.status.success() && err.contains("use_gating") && err.contains("true"),
         "{err}"
     );
     // A directory saved by the Python library predicts, with its label names and raw logits.

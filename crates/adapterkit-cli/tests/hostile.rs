@@ -498,6 +498,28 @@ fn data_cases(c: &mut Corpus) {
         &["--regression"],
         err(&["rn.csv:22", "not a number"]),
     );
+    c.data(
+        "regression target overflowing the squared error",
+        "big.csv",
+        format!(
+            "sentence,sentiment\n{}",
+            rows(40, &|i| format!(
+                "\"t {i}\",{}\n",
+                if i % 5 == 2 {
+                    "3e30".to_string()
+                } else {
+                    i.to_string()
+                }
+            ))
+        )
+        .as_bytes(),
+        &["--regression", "--batch-size", "64"],
+        err(&[
+            "training stopped at step 0",
+            "has target 3e30",
+            "rescale that target",
+        ]),
+    );
     let dev = c.write(
         "data/dev-unknown/dev.csv",
         "sentence,sentiment\n\"a\",pos\n\"b\",maybe\n",
@@ -942,6 +964,24 @@ fn option_cases(c: &mut Corpus) {
             "adapter config missing file",
             vec!["--adapter-config".into(), "/nonexistent.json".into()],
             err(&["--adapter-config `/nonexistent.json`"]),
+        ),
+        (
+            "adapter config string with a value that is no literal",
+            vec!["--adapter-config".into(), "par_bn[scaling=wild]".into()],
+            err(&["par_bn[scaling=wild]", "`wild`", "not a Python literal"]),
+        ),
+        (
+            "adapter config string with an unknown key",
+            vec!["--adapter-config".into(), "par_bn[reduction=4]".into()],
+            err(&["--adapter-config par_bn[reduction=4]", "reduction"]),
+        ),
+        (
+            "adapter config string of a method not implemented",
+            vec![
+                "--adapter-config".into(),
+                "prefix_tuning[prefix_length=30]".into(),
+            ],
+            err(&["prefix_tuning", "not implemented"]),
         ),
     ];
     for (name, extra, expect) in opts {

@@ -18,6 +18,8 @@ const CASES: &[&str] = &[
     "lns_learned_scaling",
     "post_add_attention_only",
     "channel_scaling",
+    "parallel",
+    "parallel_channel_lns",
 ];
 
 fn case_dir(name: &str) -> PathBuf {
@@ -137,6 +139,20 @@ fn adapterhub_configs_are_read_as_written() {
     assert_eq!(a.scaling, Scaling::Channel);
     assert_eq!(a.bottleneck, 12); // int(32 // 2.5)
     assert!(!c.head.bias);
+
+    let par = load("parallel");
+    let a = par.adapter.as_ref().unwrap();
+    assert!(a.parallel && a.original_ln_after);
+    assert_eq!(a.placement, Placement::Pfeiffer);
+    assert_eq!(a.scaling, Scaling::Fixed(4.0));
+    assert_eq!(a.bottleneck, 8);
+    assert_eq!(a.nonlinearity.name(), "relu");
+
+    let pc = load("parallel_channel_lns");
+    let a = pc.adapter.as_ref().unwrap();
+    assert!(a.parallel && a.ln_after && !a.original_ln_after);
+    assert_eq!(a.placement, Placement::Houlsby);
+    assert_eq!(a.scaling, Scaling::Channel);
 }
 
 #[test]
@@ -186,7 +202,6 @@ fn edited_error(case: &str, tag: &str, edit: impl Fn(&mut serde_json::Value)) ->
 #[test]
 fn unsupported_adapterhub_options_are_named() {
     let cases: &[(&str, serde_json::Value, &str)] = &[
-        ("is_parallel", serde_json::json!(true), "true"),
         ("use_gating", serde_json::json!(true), "true"),
         ("phm_layer", serde_json::json!(true), "true"),
         ("inv_adapter", serde_json::json!("nice"), "nice"),

@@ -263,8 +263,22 @@ fn adapterhub_arrangements_get_gradients_matching_finite_differences() {
             nonlinearity: adapterkit::kernels::Activation::GeluNew,
             ..adapters(5e-2)
         },
+        // Parallel adapters (He et al.): AdapterHub's par_bn, and one at both sites with its own
+        // LayerNorms and learned scaling.
+        AdapterConfig {
+            init: adapterkit::adapter::Init::TruncatedNormal,
+            init_std: 5e-2,
+            ..AdapterConfig::parallel(8, Scaling::Fixed(4.0))
+        },
+        AdapterConfig {
+            parallel: true,
+            ln_before: true,
+            ln_after: true,
+            scaling: Scaling::Learned,
+            ..adapters(5e-2)
+        },
     ];
-    for (cfg, tensors_per_site) in general.into_iter().zip([9, 7]) {
+    for (cfg, tensors_per_site) in general.into_iter().zip([9, 7, 4, 9]) {
         let sites = cfg.sites().len();
         let task = TaskModel::new(
             &base,
@@ -793,8 +807,8 @@ fn saving_over_another_task_leaves_none_of_its_files() {
 #[test]
 fn a_batch_mixing_adapters_gives_each_row_what_it_gets_alone() {
     let base = tiny_base();
-    // Three tasks that share the encoder: Houlsby adapters with LayerNorms, Pfeiffer adapters
-    // with an AdapterHub arrangement, and a head-only probe. Large inits so that the tasks'
+    // Four tasks that share the encoder: Houlsby adapters with LayerNorms, Pfeiffer adapters
+    // with an AdapterHub arrangement, parallel adapters, and a head-only probe. Large inits so that the tasks'
     // outputs differ by far more than the tolerance.
     let houlsby = adapter_task(&base, "houlsby", 0.3, 1);
     let pfeiffer = TaskModel::new(
@@ -814,6 +828,21 @@ fn a_batch_mixing_adapters_gives_each_row_what_it_gets_alone() {
     )
     .unwrap();
     let probe = TaskModel::new(&base, "probe", TrainableSet::Head, None, head(), 32, 3).unwrap();
+    let parallel = TaskModel::new(
+        &base,
+        "parallel",
+        TrainableSet::Adapters { layernorms: true },
+        Some(AdapterConfig {
+            placement: Placement::Houlsby,
+            init: adapterkit::adapter::Init::TruncatedNormal,
+            init_std: 0.3,
+            ..AdapterConfig::parallel(6, adapterkit::adapter::Scaling::Channel)
+        }),
+        head(),
+        32,
+        5,
+    )
+    .unwrap();
     let texts = [
         "the movie was good",
         "bad",
@@ -827,7 +856,7 @@ fn a_batch_mixing_adapters_gives_each_row_what_it_gets_alone() {
         texts.iter().map(|t| (t.to_string(), None)).collect();
     let encoded = base.tokenizer.encode_all(&inputs, 32).unwrap();
     let tasks = [
-        &houlsby, &pfeiffer, &houlsby, &probe, &pfeiffer, &probe, &houlsby,
+        &houlsby, &pfeiffer, &parallel, &probe, &pfeiffer, &probe, &parallel,
     ];
     let rows: Vec<_> = tasks.iter().zip(&encoded).map(|(t, e)| (*t, e)).collect();
     for backend in [adapterkit::Backend::Fused, adapterkit::Backend::Reference] {

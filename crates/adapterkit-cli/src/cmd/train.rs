@@ -22,8 +22,11 @@ pub(crate) struct TrainArgs {
     #[arg(long, value_enum, default_value = "houlsby")]
     placement: PlacementArg,
     /// An AdapterHub adapter configuration that defines the adapter architecture: a path to an
-    /// `adapter_config.json` (or a bare BnConfig object), or `double_seq_bn` / `seq_bn` for
-    /// AdapterHub's Houlsby / Pfeiffer defaults (reduction factor 16, swish / relu, "bert" init).
+    /// `adapter_config.json` (or a bare BnConfig object), or a preset as AdapterHub names it,
+    /// optionally with keys over it as AdapterHub's strings: `double_seq_bn` / `seq_bn` (Houlsby /
+    /// Pfeiffer: reduction factor 16, swish / relu, "bert" init), `par_bn` (parallel beside the
+    /// FFN, factor 2, relu, scaling 4) or `scaled_par_bn` (learned scaling), e.g.
+    /// `par_bn[reduction_factor=6]`.
     #[arg(long, conflicts_with_all = ["placement", "bottleneck", "reduction_factor", "nonlinearity", "leave_out"])]
     adapter_config: Option<String>,
     /// Adapter bottleneck size m.
@@ -114,28 +117,18 @@ fn default_lr(m: Method) -> f64 {
     }
 }
 
-/// `--adapter-config`: an AdapterHub preset name, or a JSON file in AdapterHub's format.
+/// `--adapter-config`: an AdapterHub preset or configuration string, or a JSON file in
+/// AdapterHub's format.
 fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<AdapterConfig> {
-    let preset = |mh: bool, nl: &str, ln_before: bool| {
-        serde_json::json!({
-            "mh_adapter": mh, "output_adapter": true, "reduction_factor": 16,
-            "non_linearity": nl, "original_ln_before": ln_before, "original_ln_after": true,
-            "residual_before_ln": true, "init_weights": "bert"
-        })
-    };
-    let (ctx, value) = match spec {
-        "double_seq_bn" | "houlsby" => (
-            "--adapter-config double_seq_bn".to_string(),
-            preset(true, "swish", false),
-        ),
-        "seq_bn" | "pfeiffer" => (
-            "--adapter-config seq_bn".to_string(),
-            preset(false, "relu", true),
-        ),
-        path => {
-            let path = Path::new(path);
+    let (ctx, value) = match adapterkit::format::preset::from_string(spec)? {
+        Some(v) => (format!("--adapter-config {spec}"), v),
+        None => {
+            let path = Path::new(spec);
             let v = adapterkit::io::read_json::<serde_json::Value>(path).with_context(|| {
-                format!("--adapter-config `{spec}`: not a preset (double_seq_bn, seq_bn) and not a readable JSON file")
+                format!(
+                    "--adapter-config `{spec}`: not a preset ({}) and not a readable JSON file",
+                    adapterkit::format::preset::BOTTLENECK_PRESETS.join(", ")
+                )
             })?;
             (path.display().to_string(), v)
         }

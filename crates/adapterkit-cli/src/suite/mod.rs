@@ -9,7 +9,7 @@ mod report;
 mod status;
 
 use crate::chart;
-use adapterkit::adapter::AdapterConfig;
+use adapterkit::adapter::{AdapterConfig, Scaling};
 use adapterkit::data::{self, TaskData};
 use adapterkit::kernels::Activation;
 use adapterkit::train::{evaluate, EvalMetrics, TrainConfig};
@@ -65,7 +65,7 @@ pub struct CommonArgs {
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// Methods, comma-separated [default: all]: full, head, top-1, top-2, layernorm, houlsby-m2,
-    /// houlsby-m8, houlsby-m64, houlsby-m256, pfeiffer-m64.
+    /// houlsby-m8, houlsby-m64, houlsby-m256, pfeiffer-m64, parallel-m64.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Seeds per best setting.
@@ -180,6 +180,11 @@ pub const METHODS: &[Method] = &[
         family: "pfeiffer",
         lrs: ADAPTER_LRS,
     },
+    Method {
+        name: "parallel-m64",
+        family: "parallel",
+        lrs: ADAPTER_LRS,
+    },
 ];
 
 fn method(name: &str) -> Result<&'static Method> {
@@ -210,6 +215,11 @@ fn setup(m: &Method) -> (TrainableSet, Option<AdapterConfig>) {
         "pfeiffer-m64" => (
             TrainableSet::Adapters { layernorms: true },
             Some(AdapterConfig::pfeiffer(64, Activation::Gelu)),
+        ),
+        // AdapterHub's par_bn (He et al. 2022) at m = 64: beside the FFN, scaling 4, ReLU.
+        "parallel-m64" => (
+            TrainableSet::Adapters { layernorms: true },
+            Some(AdapterConfig::parallel(64, Scaling::Fixed(4.0))),
         ),
         n => {
             let b = n.trim_start_matches("houlsby-m").parse().unwrap_or(64);

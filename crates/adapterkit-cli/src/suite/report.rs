@@ -231,25 +231,32 @@ type FigPoint = (&'static str, &'static str, f64, f64, f64);
 /// full fine-tuning when it is among the points (the paper's Figure 3), else absolute.
 fn accuracy_figure(title: &str, points: &[FigPoint]) -> chart::Chart {
     let full = points.iter().find(|x| x.1 == "full").map(|x| x.3);
-    let series: Vec<chart::Series> = ["houlsby", "pfeiffer", "top-k", "layernorm", "head"]
-        .iter()
-        .map(|fam| {
-            let mine: Vec<&FigPoint> = points.iter().filter(|x| x.0 == *fam).collect();
-            chart::Series {
-                name: fam.to_string(),
-                points: mine
-                    .iter()
-                    .map(|x| (x.2, x.3 - full.unwrap_or(0.0), x.1.to_string()))
-                    .collect(),
-                errors: if mine.iter().any(|x| x.4 > 0.0) {
-                    mine.iter().map(|x| x.4).collect()
-                } else {
-                    Vec::new()
-                },
-            }
-        })
-        .filter(|s| !s.points.is_empty())
-        .collect();
+    let series: Vec<chart::Series> = [
+        "houlsby",
+        "pfeiffer",
+        "parallel",
+        "top-k",
+        "layernorm",
+        "head",
+    ]
+    .iter()
+    .map(|fam| {
+        let mine: Vec<&FigPoint> = points.iter().filter(|x| x.0 == *fam).collect();
+        chart::Series {
+            name: fam.to_string(),
+            points: mine
+                .iter()
+                .map(|x| (x.2, x.3 - full.unwrap_or(0.0), x.1.to_string()))
+                .collect(),
+            errors: if mine.iter().any(|x| x.4 > 0.0) {
+                mine.iter().map(|x| x.4).collect()
+            } else {
+                Vec::new()
+            },
+        }
+    })
+    .filter(|s| !s.points.is_empty())
+    .collect();
     chart::line_plot(
         title,
         "trained parameters per task (log scale)",

@@ -1,11 +1,12 @@
 //! The bottleneck adapter at a site: the plain Houlsby adapter (one fused kernel) and every
-//! AdapterHub `BnConfig` arrangement (composed step by step as AdapterHub's `Adapter` module runs).
+//! AdapterHub `BnConfig` arrangement, sequential or parallel (composed step by step as AdapterHub's
+//! `Adapter` and `ParallelAdapter` modules run).
 
 use super::site::{residual_norm, SiteAdapter, SiteContext};
 use super::{AdapterConfig, Part, Residual, Scaling, Site};
 use crate::error::{Error, Result};
 use crate::kernels::{adapter, dropout, layer_norm, linear};
-use crate::kernels::{LinearView, NormView};
+use crate::kernels::{Backend, LinearView, NormView};
 use crate::keys::ParamKey;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -73,6 +74,35 @@ impl<'a> BottleneckAdapter<'a> {
     }
 }
 
+impl BottleneckAdapter<'_> {
+    /// The adapter's own path from its input `x`: `ln_before`, down projection, nonlinearity, up
+    /// projection, scaling and (in training) dropout; no skip connection.
+    fn branch(&self, ctx: &mut SiteContext<'_>, x: &Tensor) -> Result<Tensor> {
+        let (cfg, backend) = (self.config, ctx.backend);
+        let x = match self.norm_before {
+            Some(n) => own_norm(backend, x, n)?,
+            None => x.clone(),
+        };
+        let down = linear(backend, &x, self.down.w, Some(self.down.b))?;
+        let down = cfg.nonlinearity.apply(backend, &down)?;
+        let up = linear(backend, &down, self.up.w, Some(self.up.b))?;
+        let up = match (cfg.scaling, self.scale) {
+            (_, Some(s)) => up.broadcast_mul(s)?,
+            (Scaling::Fixed(f), None) if f != 1.0 => (up * f)?,
+            _ => up,
+        };
+        match ctx.dropout.as_deref_mut() {
+            Some(rng) => dropout(backend, &up, cfg.dropout, rng),
+            None => Ok(up),
+        }
+    }
+}
+
+/// A LayerNorm of the adapter's own (`ln_before` / `ln_after`).
+fn own_norm(backend: Backend, x: &Tensor, n: NormView<'_>) -> Result<Tensor> {
+    layer_norm(backend, x, n.gamma, n.beta, ADAPTER_LN_EPS)
+}
+
 impl SiteAdapter for BottleneckAdapter<'_> {
     fn exit(
         &self,
@@ -93,9 +123,22 @@ impl SiteAdapter for BottleneckAdapter<'_> {
             )?;
             return residual_norm(ctx, &adapted, input, norm);
         }
-        let original_norm = |x: &Tensor| layer_norm(backend, x, norm.gamma, norm.beta, ctx.eps);
-        let own_norm =
-            |x: &Tensor, n: NormView<'_>| layer_norm(backend, x, n.gamma, n.beta, ADAPTER_LN_EPS);
+        let eps = ctx.eps;
+        let original_norm = |x: &Tensor| layer_norm(backend, x, norm.gamma, norm.beta, eps);
+        if cfg.parallel {
+            // AdapterHub's ParallelAdapter: the branch reads the block input; its output (after
+            // `ln_after`) joins the sub-layer's, then the original residual + LayerNorm.
+            let mut out = self.branch(ctx, input)?;
+            if let Some(n) = self.norm_after {
+                out = own_norm(backend, &out, n)?;
+            }
+            out = out.add(sub)?;
+            return if cfg.original_ln_after {
+                original_norm(&out.add(input)?)
+            } else {
+                Ok(out)
+            };
+        }
         let mut h = sub.clone();
         let mut residual = (cfg.residual == Residual::Sublayer).then(|| h.clone());
         if cfg.original_ln_before {
@@ -109,27 +152,12 @@ impl SiteAdapter for BottleneckAdapter<'_> {
             Some(r) => r,
             None => h.clone(),
         };
-        let x = match self.norm_before {
-            Some(n) => own_norm(&h, n)?,
-            None => h,
-        };
-        let down = linear(backend, &x, self.down.w, Some(self.down.b))?;
-        let down = cfg.nonlinearity.apply(backend, &down)?;
-        let mut up = linear(backend, &down, self.up.w, Some(self.up.b))?;
-        up = match (cfg.scaling, self.scale) {
-            (_, Some(s)) => up.broadcast_mul(s)?,
-            (Scaling::Fixed(f), None) if f != 1.0 => (up * f)?,
-            _ => up,
-        };
-        let mut out = match ctx.dropout.as_deref_mut() {
-            Some(rng) => dropout(backend, &up, cfg.dropout, rng)?,
-            None => up,
-        };
+        let mut out = self.branch(ctx, &h)?;
         if cfg.adapter_residual_before_ln {
             out = out.add(&residual)?;
         }
         if let Some(n) = self.norm_after {
-            out = own_norm(&out, n)?;
+            out = own_norm(backend, &out, n)?;
         }
         if !cfg.adapter_residual_before_ln {
             out = out.add(&residual)?;

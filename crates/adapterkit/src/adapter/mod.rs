@@ -212,6 +212,12 @@ pub struct AdapterConfig {
     /// Dropout on the adapter's output in training (`dropout`).
     #[serde(default)]
     pub dropout: f64,
+    /// Beside the sub-layer instead of after it (He et al. 2022; AdapterHub's `is_parallel`): the
+    /// adapter reads the block input and its output joins the sub-layer's before the original
+    /// residual + LayerNorm. `original_ln_before`, `residual_before_ln` and
+    /// `adapter_residual_before_ln` then have no effect, as in AdapterHub.
+    #[serde(default)]
+    pub parallel: bool,
 }
 
 fn default_placement() -> Placement {
@@ -254,6 +260,7 @@ impl Default for AdapterConfig {
             scaling: Scaling::Fixed(1.0),
             init: Init::TruncatedNormal,
             dropout: 0.0,
+            parallel: false,
         }
     }
 }
@@ -267,6 +274,21 @@ impl AdapterConfig {
             bottleneck,
             nonlinearity,
             original_ln_before: true,
+            ..AdapterConfig::default()
+        }
+    }
+
+    /// AdapterHub's `par_bn` arrangement (He et al. 2022): one adapter beside the FFN, reading the
+    /// FFN's input, its output scaled by `scaling` (4 in AdapterHub's preset, or learned) and added
+    /// to the FFN's; ReLU, Kaiming-uniform down and zero up projection.
+    pub fn parallel(bottleneck: usize, scaling: Scaling) -> Self {
+        AdapterConfig {
+            placement: Placement::Pfeiffer,
+            bottleneck,
+            nonlinearity: Activation::Relu,
+            scaling,
+            init: Init::MamAdapter,
+            parallel: true,
             ..AdapterConfig::default()
         }
     }
@@ -370,7 +392,8 @@ impl AdapterConfig {
     /// Whether this is the plain adapter `x + up(f(down(x)))` followed by the original residual +
     /// LayerNorm, which the fused kernel computes.
     pub fn is_plain(&self) -> bool {
-        !self.original_ln_before
+        !self.parallel
+            && !self.original_ln_before
             && self.original_ln_after
             && self.residual == Residual::Sublayer
             && !self.ln_before

@@ -84,7 +84,7 @@ pub struct BnConfig {
     /// Invertible adapter size (only with `inv_adapter`).
     #[serde(default)]
     pub inv_adapter_reduction_factor: Option<Value>,
-    /// Parallel adapter (refused).
+    /// A parallel adapter (`ParBnConfig`), beside the sub-layer.
     #[serde(default)]
     pub is_parallel: Option<bool>,
     /// PHM option (only with `phm_layer`).
@@ -229,11 +229,6 @@ impl TryFrom<ForBase<'_, BnConfig>> for AdapterConfig {
             }
         }
         refuse_true(
-            "is_parallel",
-            c.is_parallel,
-            "parallel adapters (ParBnConfig) are not implemented",
-        )?;
-        refuse_true(
             "use_gating",
             c.use_gating,
             "gated adapters (UniPELT) are not implemented",
@@ -356,6 +351,7 @@ impl TryFrom<ForBase<'_, BnConfig>> for AdapterConfig {
             scaling,
             init,
             dropout,
+            parallel: c.is_parallel.unwrap_or(false),
         };
         cfg.validate(hidden, layers)
             .map_err(|e| Refusal::new("config", e.to_string()))?;
@@ -398,7 +394,7 @@ impl From<ForBase<'_, AdapterConfig>> for BnConfig {
             init_weights_seed: None,
             inv_adapter: None,
             inv_adapter_reduction_factor: None,
-            is_parallel: Some(false),
+            is_parallel: Some(cfg.parallel),
             learn_phm: Some(json!(true)),
             leave_out: Some(cfg.leave_out.clone()),
             ln_after: Some(cfg.ln_after),

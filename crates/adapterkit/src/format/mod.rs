@@ -11,6 +11,7 @@
 mod dir;
 pub mod hub;
 mod meta;
+pub mod preset;
 
 pub use meta::{AdapterInit, TaskMeta, FORMAT_VERSION};
 
