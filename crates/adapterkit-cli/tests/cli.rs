@@ -223,6 +223,8 @@ fn adapterhub_configs_and_directories_through_the_cli() {
             "string",
             "scaled_par_bn[reduction_factor=4, leave_out=[0]]".to_string(),
         ),
+        ("lora", "lora[r=4, alpha=16, output_lora=True]".to_string()),
+        ("ia3", "ia3".to_string()),
     ] {
         let out = dir.join(tag);
         let o = ak(
@@ -249,7 +251,36 @@ fn adapterhub_configs_and_directories_through_the_cli() {
             &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        if tag == "string" {
+        if tag == "lora" || tag == "ia3" {
+            // AdapterHub's LoRAConfig, with the string's keys over the preset's.
+            let c = &written["config"];
+            assert_eq!(c["architecture"], "lora");
+            if tag == "lora" {
+                assert_eq!(
+                    (c["r"].clone(), c["alpha"].clone()),
+                    (serde_json::json!(4), serde_json::json!(16))
+                );
+                assert_eq!(c["output_lora"], true);
+                assert_eq!(c["composition_mode"], "add");
+            } else {
+                assert_eq!(c["composition_mode"], "scale");
+                assert_eq!(c["attn_matrices"], serde_json::json!(["k", "v"]));
+            }
+            // And it predicts.
+            let o = ak(
+                &[
+                    "predict",
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--adapter",
+                    out.to_str().unwrap(),
+                    "the film was good",
+                ],
+                None,
+            );
+            assert!(o.status.success(), "{tag}: {}", text(&o.stderr));
+            assert!(text(&o.stdout).contains("\"label\""), "{}", text(&o.stdout));
+        } else if tag == "string" {
             // AdapterHub's scaled_par_bn preset with the string's keys over it.
             assert_eq!(written["config"]["is_parallel"], true);
             assert_eq!(written["config"]["scaling"], "learned");

@@ -1,7 +1,7 @@
 //! The one run recipe, shared by `adapterkit train` and the paper's suite: a spec in (what to
 //! train, on which data, how), the trained task, its test evaluation and a typed record out.
 
-use crate::adapter::AdapterConfig;
+use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig};
 use crate::data::TaskData;
 use crate::encoder::BaseModel;
 use crate::error::Result;
@@ -20,8 +20,10 @@ pub struct RunSpec {
     pub name: String,
     /// Which parameters train.
     pub trainable: TrainableSet,
-    /// The adapters, for the adapter methods.
+    /// The bottleneck adapters, for the adapter methods.
     pub adapter: Option<AdapterConfig>,
+    /// LoRA / (IA)³, for the adapter methods (instead of `adapter`).
+    pub lora: Option<LoraConfig>,
     /// The prediction head.
     pub head: HeadConfig,
     /// Maximum input length in word pieces.
@@ -68,7 +70,7 @@ pub fn run_identity(base: &BaseModel, data: &TaskData, spec: &RunSpec) -> serde_
                 .chain(targets.iter().map(|t| &t[..])),
         )
     };
-    serde_json::json!({
+    let mut fp = serde_json::json!({
         "name": spec.name,
         "trainable": spec.trainable,
         "adapter": spec.adapter,
@@ -77,7 +79,12 @@ pub fn run_identity(base: &BaseModel, data: &TaskData, spec: &RunSpec) -> serde_
         "train_config": spec.train,
         "base": crate::task::BaseFingerprint::of(base),
         "data": { "name": data.name, "train": set(&data.train), "dev": set(&data.dev) },
-    })
+    });
+    // Only when present, so checkpoints of runs without LoRA keep their fingerprint.
+    if let (Some(l), Some(o)) = (&spec.lora, fp.as_object_mut()) {
+        o.insert("lora".into(), serde_json::json!(l));
+    }
+    fp
 }
 
 /// Example counts of the three sets.
@@ -96,6 +103,9 @@ pub struct SplitSizes {
 pub struct RunRecord {
     /// The adapter configuration, for the adapter methods.
     pub adapter: Option<AdapterConfig>,
+    /// The LoRA / (IA)³ configuration, for runs of those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
     /// The saved task directory.
     pub adapter_dir: PathBuf,
     /// Its size on disk.
@@ -154,11 +164,16 @@ pub struct RunOutcome {
 
 /// The new task `spec` describes, before training: to report its size before the work starts.
 pub fn new_task(base: &BaseModel, spec: &RunSpec) -> Result<TaskModel> {
-    TaskModel::new(
+    let method = match (&spec.adapter, &spec.lora) {
+        (Some(a), _) => Some(AdapterMethod::Bottleneck(a.clone())),
+        (None, Some(l)) => Some(AdapterMethod::Lora(l.clone())),
+        (None, None) => None,
+    };
+    TaskModel::with_method(
         base,
         &spec.name,
         spec.trainable.clone(),
-        spec.adapter.clone(),
+        method,
         spec.head.clone(),
         spec.max_len,
         spec.train.seed,
@@ -219,6 +234,7 @@ fn make_record(
     let (trainable_params, base_params) = (task.num_params(), base.num_params());
     RunRecord {
         adapter: task.adapter.clone(),
+        lora: task.lora.clone(),
         adapter_dir: spec.out.clone(),
         adapter_dir_bytes: bytes,
         base_params,

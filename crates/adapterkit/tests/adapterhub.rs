@@ -3,6 +3,7 @@
 
 mod common;
 
+use adapterkit::adapter::lora::{Composition, LoraInit, Projection};
 use adapterkit::adapter::{Placement, Residual, Scaling};
 use adapterkit::task::files;
 use adapterkit::{BaseModel, Batch, Error, ForwardOptions, HeadKind, TaskModel};
@@ -20,6 +21,9 @@ const CASES: &[&str] = &[
     "channel_scaling",
     "parallel",
     "parallel_channel_lns",
+    "lora_qv",
+    "lora_all",
+    "ia3",
 ];
 
 fn case_dir(name: &str) -> PathBuf {
@@ -91,7 +95,14 @@ fn adapterhub_directories_give_pythons_logits() {
         println!("{case}: max abs diff {diff:.2e}");
         assert!(diff < 1e-5, "{case}: max abs diff {diff}");
         // The adapters matter: without them the logits move well beyond the tolerance.
-        let bare = logits(&base, &task, &batch, &[0, 1]);
+        let bare = if task.lora.is_some() {
+            let mut bare = task.clone();
+            bare.lora = None;
+            bare.unmerge();
+            logits(&base, &bare, &batch, &[])
+        } else {
+            logits(&base, &task, &batch, &[0, 1])
+        };
         assert!(
             max_abs_diff(&bare, &want) > 1e-3,
             "{case}: adapters had no effect"
@@ -148,6 +159,26 @@ fn adapterhub_configs_are_read_as_written() {
     assert_eq!(a.bottleneck, 8);
     assert_eq!(a.nonlinearity.name(), "relu");
 
+    let lq = load("lora_qv");
+    let l = lq.lora.as_ref().unwrap();
+    assert_eq!(l.targets, [Projection::Query, Projection::Value]);
+    assert_eq!((l.r, l.alpha, l.composition), (4, 8.0, Composition::Add));
+    assert!(lq.adapter.is_none() && lq.is_merged() && !lq.shares_encoder());
+    let la = load("lora_all");
+    let l = la.lora.as_ref().unwrap();
+    assert_eq!(l.targets.len(), 5);
+    assert_eq!(l.leave_out, [0]);
+    let ia = load("ia3");
+    let l = ia.lora.as_ref().unwrap();
+    assert_eq!(
+        l.targets,
+        [Projection::Key, Projection::Value, Projection::Intermediate]
+    );
+    assert_eq!(
+        (l.r, l.composition, l.init),
+        (1, Composition::Scale, LoraInit::Ia3)
+    );
+
     let pc = load("parallel_channel_lns");
     let a = pc.adapter.as_ref().unwrap();
     assert!(a.parallel && a.ln_after && !a.original_ln_after);
@@ -167,6 +198,7 @@ fn adapterhub_tasks_round_trip_through_our_format() {
         // Ours: through adapterkit.json.
         let again = TaskModel::load(&dir, &base).unwrap();
         assert_eq!(again.adapter, task.adapter, "{case}");
+        assert_eq!(again.lora, task.lora, "{case}");
         assert_eq!(
             max_abs_diff(&logits(&base, &again, &batch, &[]), &before),
             0.0
@@ -175,6 +207,7 @@ fn adapterhub_tasks_round_trip_through_our_format() {
         std::fs::remove_file(dir.join(files::META)).unwrap();
         let hub = TaskModel::load(&dir, &base).unwrap();
         assert_eq!(hub.adapter, task.adapter, "{case}");
+        assert_eq!(hub.lora, task.lora, "{case}");
         assert_eq!(hub.head, task.head, "{case}");
         assert_eq!(
             max_abs_diff(&logits(&base, &hub, &batch, &[]), &before),
@@ -246,6 +279,41 @@ fn unsupported_adapterhub_options_are_named() {
         msg.contains("post_add") && msg.contains("original_ln_before"),
         "{msg}"
     );
+}
+
+#[test]
+fn unsupported_lora_options_are_named() {
+    let cases: &[(&str, serde_json::Value, &str)] = &[
+        ("use_dora", serde_json::json!(true), "DoRA"),
+        ("use_gating", serde_json::json!(true), "true"),
+        ("vera_d", serde_json::json!(0.1), "0.1"),
+        ("dropout", serde_json::json!(0.1), "merged"),
+        ("composition_mode", serde_json::json!("mul"), "mul"),
+        ("attn_matrices", serde_json::json!(["q", "o"]), "\"o\""),
+        ("init_weights", serde_json::json!("vera"), "vera"),
+        ("r", serde_json::json!(0), "at least 1"),
+        (
+            "r",
+            serde_json::json!(64),
+            "above the smallest adapted width",
+        ),
+        ("leave_out", serde_json::json!([0, 1]), "every layer"),
+        ("lora_frobnicate", serde_json::json!(1), "lora_frobnicate"),
+    ];
+    for (key, value, shown) in cases {
+        let msg = edited_error("lora_qv", key, |v| {
+            v["config"][*key] = value.clone();
+        });
+        assert!(
+            msg.contains(shown) && msg.contains("adapter_config.json"),
+            "{key}: {msg}"
+        );
+    }
+    // (IA)³ is rank 1.
+    let msg = edited_error("ia3", "ia3-rank", |v| {
+        v["config"]["r"] = serde_json::json!(2);
+    });
+    assert!(msg.contains("r = 1"), "{msg}");
 }
 
 #[test]

@@ -2,13 +2,14 @@
 //! save/load round trips and hostile inputs.
 
 mod common;
-use adapterkit::adapter::{param_name, Site};
+use adapterkit::adapter::lora::{Composition, LoraInit, Projection};
+use adapterkit::adapter::{param_name, AdapterMethod, LoraConfig, Site};
 use adapterkit::data::{LabelledSet, TaskData};
 use adapterkit::task::files;
 use adapterkit::train::{batch_loss, evaluate};
 use adapterkit::{
-    AdapterConfig, BaseModel, BertConfig, Error, ForwardOptions, HeadConfig, Placement, TaskModel,
-    TrainConfig, TrainableSet,
+    AdapterConfig, BaseModel, Batch, BertConfig, Error, ForwardOptions, HeadConfig, Placement,
+    TaskModel, TrainConfig, TrainableSet,
 };
 use candle_core::{DType, Tensor, Var};
 use common::*;
@@ -299,6 +300,147 @@ fn adapterhub_arrangements_get_gradients_matching_finite_differences() {
     }
 }
 
+/// A LoRA / (IA)³ task on `base` with random (non-zero) tensors, LayerNorms trained.
+fn lora_task(base: &BaseModel, name: &str, lora: LoraConfig, seed: u64) -> TaskModel {
+    TaskModel::with_method(
+        base,
+        name,
+        TrainableSet::Adapters { layernorms: true },
+        Some(AdapterMethod::Lora(LoraConfig {
+            init: if lora.composition == Composition::Add {
+                LoraInit::Bert
+            } else {
+                lora.init
+            },
+            ..lora
+        })),
+        head(),
+        32,
+        seed,
+    )
+    .unwrap()
+}
+
+/// LoRA on every projection, and (IA)³ with its rescaling vectors moved off one.
+fn lora_cases(base: &BaseModel) -> Vec<TaskModel> {
+    let all = LoraConfig {
+        targets: vec![
+            Projection::Query,
+            Projection::Key,
+            Projection::Value,
+            Projection::Intermediate,
+            Projection::Output,
+        ],
+        ..LoraConfig::lora(4, 8.0)
+    };
+    let mut ia3 = lora_task(base, "ia3", LoraConfig::ia3(), 3);
+    let names: Vec<String> = ia3.params.keys().map(|k| k.to_string()).collect();
+    for n in names.iter().filter(|n| n.contains(".loras.")) {
+        let t = &ia3.params[n.as_str()];
+        let moved = Tensor::rand(0.2f32, 2.0, t.shape(), t.device()).unwrap();
+        ia3.set_param(n, moved).unwrap();
+    }
+    // LoRA's "bert" init (std 0.02) is near zero: ten times that changes the outputs clearly.
+    let mut lora = lora_task(base, "lora", all, 2);
+    let names: Vec<String> = lora.params.keys().map(|k| k.to_string()).collect();
+    for n in names.iter().filter(|n| n.contains(".loras.")) {
+        let t = (&lora.params[n.as_str()] * 10.0).unwrap();
+        lora.set_param(n, t).unwrap();
+    }
+    vec![lora, ia3]
+}
+
+#[test]
+fn lora_and_ia3_get_gradients_matching_finite_differences() {
+    let base = tiny_base().to_dtype(DType::F64).unwrap();
+    // Per layer: LoRA A and B on 5 projections; (IA)³ one vector on 3. Plus 10 LayerNorm tensors.
+    for (task, per_layer) in lora_cases(&base).into_iter().zip([10, 3]) {
+        let task = task.to_dtype(DType::F64).unwrap();
+        assert_eq!(gradient_check(&base, &task), (2 * per_layer + 10) * 3);
+    }
+}
+
+#[test]
+fn merged_lora_gives_the_unmerged_forward_and_merges_into_the_weights() {
+    let base = tiny_base();
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
+    let plain = TaskModel::new(&base, "plain", TrainableSet::Head, None, head(), 32, 2).unwrap();
+    for task in lora_cases(&base) {
+        assert!(!task.is_merged());
+        let unmerged = base.logits_encoded(&task, &enc, 8, &[]).unwrap();
+        let mut merged_task = task.clone();
+        merged_task.merge(&base).unwrap();
+        assert!(merged_task.is_merged());
+        let batch = Batch::select(&enc, &[0, 1, 2], 0, &base.device).unwrap();
+        let mut opts = ForwardOptions::default();
+        let a = base.logits(&task, &batch, &mut opts).unwrap();
+        let b = base.logits(&merged_task, &batch, &mut opts).unwrap();
+        let d = max_abs_diff(&a, &b);
+        assert!(d < 1e-5, "{}: merged and unmerged differ by {d}", task.name);
+        // LoRA changes the encoder's output: without it, that moves well beyond the tolerance.
+        let mut bare = task.clone();
+        bare.lora = None;
+        let h = base.encode(Some(&task), &batch, &mut opts).unwrap();
+        let h_bare = base.encode(Some(&bare), &batch, &mut opts).unwrap();
+        let moved = max_abs_diff(&h, &h_bare);
+        assert!(moved > 1e-2, "{}: LoRA had no effect ({moved})", task.name);
+        // Saved and loaded, a LoRA task comes back merged, with the same outputs.
+        let dir = tmpdir(&format!("lora-{}", task.name));
+        task.save(&dir, "tiny-bert").unwrap();
+        let loaded = TaskModel::load(&dir, &base).unwrap();
+        assert!(loaded.is_merged() && loaded.lora == task.lora);
+        let again = base.logits_encoded(&loaded, &enc, 8, &[]).unwrap();
+        assert_eq!(again, unmerged, "{}", task.name);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Its rows cannot share a batch with tasks that read the base's projections.
+        let rows = vec![(&plain, &enc[0]), (&loaded, &enc[1])];
+        let msg = base.predict_mixed(&rows, true).unwrap_err().to_string();
+        assert!(msg.contains(&task.name) && msg.contains("LoRA"), "{msg}");
+        // Skipping layers is for bottleneck adapters.
+        let msg = base
+            .logits_encoded(&loaded, &enc, 8, &[0])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("LoRA"), "{msg}");
+    }
+}
+
+#[test]
+fn lora_training_moves_only_its_tensors_and_the_head() {
+    let base = tiny_base();
+    let before = snapshot(&base);
+    let data = toy_data();
+    let mut task = TaskModel::with_method(
+        &base,
+        "lora",
+        TrainableSet::Adapters { layernorms: false },
+        Some(AdapterMethod::Lora(LoraConfig::lora(4, 8.0))),
+        head(),
+        32,
+        5,
+    )
+    .unwrap();
+    // AdapterHub's LoRA init: B starts at zero, so the fresh task is the base exactly.
+    let b_name = "encoder.layer.0.attention.self.query.loras.lora.lora_B";
+    assert_eq!(max_abs(&task.params[b_name]), 0.0);
+    let a_before = task.params["encoder.layer.0.attention.self.query.loras.lora.lora_A"].clone();
+    let report = adapterkit::train(&base, &mut task, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+    assert!(report.steps > 0);
+    assert!(max_abs(&task.params[b_name]) > 0.0, "lora_B did not move");
+    let a_after = &task.params["encoder.layer.0.attention.self.query.loras.lora.lora_A"];
+    assert!(
+        max_abs_diff(&a_before, a_after) > 0.0,
+        "lora_A did not move"
+    );
+    // Only LoRA tensors and the head are the task's: no LayerNorm or projection copies.
+    assert!(task
+        .params
+        .keys()
+        .all(|k| k.name().contains(".loras.") || k.name().starts_with("heads.")));
+    assert_eq!(snapshot(&base), before, "training wrote to the base");
+}
+
 /// Checks every trainable tensor's gradient is finite and non-zero, and three entries of each
 /// adapter and LayerNorm tensor against central finite differences; returns the entries checked.
 fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
@@ -332,7 +474,8 @@ fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
             "{name}: non-finite gradient"
         );
         assert!(gv.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
-        let is_adapter_or_ln = name.contains(".adapters.") || name.contains("LayerNorm");
+        let is_adapter_or_ln =
+            name.contains(".adapters.") || name.contains(".loras.") || name.contains("LayerNorm");
         if !is_adapter_or_ln {
             continue;
         }

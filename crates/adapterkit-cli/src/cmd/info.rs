@@ -30,6 +30,7 @@ pub(crate) fn info(a: InfoArgs) -> Result<()> {
             "name": task.name,
             "method": task.trainable.label(),
             "adapter": task.adapter,
+            "lora": task.lora,
             "head": task.head,
             "trainable_params": n,
             "percent_of_base": 100.0 * n as f64 / base_params as f64,

@@ -7,6 +7,7 @@ pub(crate) mod predict;
 pub(crate) mod split;
 pub(crate) mod train;
 
+use adapterkit::adapter::AdapterMethod;
 use adapterkit::data::{self, Columns, Format, TaskData};
 use adapterkit::kernels::Activation;
 use adapterkit::train::{evaluate, Event};

@@ -25,8 +25,9 @@ pub(crate) struct TrainArgs {
     /// `adapter_config.json` (or a bare BnConfig object), or a preset as AdapterHub names it,
     /// optionally with keys over it as AdapterHub's strings: `double_seq_bn` / `seq_bn` (Houlsby /
     /// Pfeiffer: reduction factor 16, swish / relu, "bert" init), `par_bn` (parallel beside the
-    /// FFN, factor 2, relu, scaling 4) or `scaled_par_bn` (learned scaling), e.g.
-    /// `par_bn[reduction_factor=6]`.
+    /// FFN, factor 2, relu, scaling 4), `scaled_par_bn` (learned scaling), `lora` (query and
+    /// value, r=8, alpha=8) or `ia3` (rescaled keys, values and FFN activations), e.g.
+    /// `par_bn[reduction_factor=6]` or `lora[r=8,alpha=16,intermediate_lora=True]`.
     #[arg(long, conflicts_with_all = ["placement", "bottleneck", "reduction_factor", "nonlinearity", "leave_out"])]
     adapter_config: Option<String>,
     /// Adapter bottleneck size m.
@@ -119,7 +120,7 @@ fn default_lr(m: Method) -> f64 {
 
 /// `--adapter-config`: an AdapterHub preset or configuration string, or a JSON file in
 /// AdapterHub's format.
-fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<AdapterConfig> {
+fn adapter_config_arg(spec: &str, base: &adapterkit::BertConfig) -> Result<AdapterMethod> {
     let (ctx, value) = match adapterkit::format::preset::from_string(spec)? {
         Some(v) => (format!("--adapter-config {spec}"), v),
         None => {
@@ -127,14 +128,14 @@ fn adapter_config_arg(spec: &str, hidden: usize, layers: usize) -> Result<Adapte
             let v = adapterkit::io::read_json::<serde_json::Value>(path).with_context(|| {
                 format!(
                     "--adapter-config `{spec}`: not a preset ({}) and not a readable JSON file",
-                    adapterkit::format::preset::BOTTLENECK_PRESETS.join(", ")
+                    adapterkit::format::preset::PRESETS.join(", ")
                 )
             })?;
             (path.display().to_string(), v)
         }
     };
-    Ok(adapterkit::format::hub::adapter_config_from_hub(
-        &ctx, &value, hidden, layers,
+    Ok(adapterkit::format::hub::method_from_hub(
+        &ctx, &value, base,
     )?)
 }
 
@@ -152,10 +153,9 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         Method::TopK => TrainableSet::TopK { k: a.top_k },
         Method::Layernorm => TrainableSet::Layernorm,
     };
-    let adapter = if a.method == Method::Adapters {
-        let layers = base.config.num_hidden_layers;
+    let method = if a.method == Method::Adapters {
         match &a.adapter_config {
-            Some(spec) => Some(adapter_config_arg(spec, d, layers)?),
+            Some(spec) => Some(adapter_config_arg(spec, &base.config)?),
             None => {
                 let bottleneck = match a.reduction_factor {
                     Some(rf) => AdapterConfig::bottleneck_from_reduction(d, rf)?,
@@ -184,11 +184,16 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
                 };
                 cfg.init_std = a.init_std;
                 cfg.leave_out = a.leave_out.clone();
-                Some(cfg)
+                Some(AdapterMethod::Bottleneck(cfg))
             }
         }
     } else {
         None
+    };
+    let (adapter, lora) = match method {
+        Some(AdapterMethod::Bottleneck(c)) => (Some(c), None),
+        Some(AdapterMethod::Lora(l)) => (None, Some(l)),
+        None => (None, None),
     };
     let head = HeadConfig {
         kind: if a.regression {
@@ -267,6 +272,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
         name,
         trainable: trainable.clone(),
         adapter,
+        lora,
         head,
         max_len,
         train: cfg,
@@ -282,9 +288,20 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let task = adapterkit::run::new_task(&base, &spec)?;
     let base_params = base.num_params();
     let trainable_params = task.num_params();
-    let bottleneck = spec.adapter.as_ref().map_or(String::new(), |c| {
-        format!(" (bottleneck {}, hidden {d})", c.bottleneck)
-    });
+    let bottleneck = match (&spec.adapter, &spec.lora) {
+        (Some(c), _) => format!(" (bottleneck {}, hidden {d})", c.bottleneck),
+        (None, Some(l)) => format!(
+            " ({} r={} alpha={} on {:?})",
+            match l.composition {
+                adapterkit::adapter::lora::Composition::Add => "LoRA",
+                adapterkit::adapter::lora::Composition::Scale => "(IA)³",
+            },
+            l.r,
+            l.alpha,
+            l.targets
+        ),
+        (None, None) => String::new(),
+    };
     eprintln!(
         "training {}{bottleneck} on {} ({} train / {} dev / {} test), {} trainable parameters = {:.2}% of the base's {}",
         trainable.label(),

@@ -9,7 +9,8 @@ mod report;
 mod status;
 
 use crate::chart;
-use adapterkit::adapter::{AdapterConfig, Scaling};
+use adapterkit::adapter::lora::Projection;
+use adapterkit::adapter::{AdapterConfig, AdapterMethod, LoraConfig, Scaling};
 use adapterkit::data::{self, TaskData};
 use adapterkit::kernels::Activation;
 use adapterkit::train::{evaluate, EvalMetrics, TrainConfig};
@@ -65,7 +66,7 @@ pub struct CommonArgs {
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// Methods, comma-separated [default: all]: full, head, top-1, top-2, layernorm, houlsby-m2,
-    /// houlsby-m8, houlsby-m64, houlsby-m256, pfeiffer-m64, parallel-m64.
+    /// houlsby-m8, houlsby-m64, houlsby-m256, pfeiffer-m64, parallel-m64, lora-r8, lora-r8-all, ia3.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Seeds per best setting.
@@ -185,6 +186,21 @@ pub const METHODS: &[Method] = &[
         family: "parallel",
         lrs: ADAPTER_LRS,
     },
+    Method {
+        name: "lora-r8",
+        family: "lora",
+        lrs: ADAPTER_LRS,
+    },
+    Method {
+        name: "lora-r8-all",
+        family: "lora",
+        lrs: ADAPTER_LRS,
+    },
+    Method {
+        name: "ia3",
+        family: "ia3",
+        lrs: &[1e-3, 3e-3, 1e-2],
+    },
 ];
 
 fn method(name: &str) -> Result<&'static Method> {
@@ -200,11 +216,25 @@ fn method(name: &str) -> Result<&'static Method> {
     })
 }
 
-/// Trainable set and adapter configuration of a method.
-fn setup(m: &Method) -> (TrainableSet, Option<AdapterConfig>) {
+/// Trainable set and adapter method of a method.
+fn setup(m: &Method) -> (TrainableSet, Option<AdapterMethod>) {
     let houlsby = |b: usize| AdapterConfig {
         bottleneck: b,
         ..AdapterConfig::default()
+    };
+    // The adapter rows train the LayerNorms too (the Houlsby paper's recipe); LoRA and (IA)³
+    // train only their own tensors and the head, as their papers do.
+    let adapters = |a: AdapterConfig| {
+        (
+            TrainableSet::Adapters { layernorms: true },
+            Some(AdapterMethod::Bottleneck(a)),
+        )
+    };
+    let lora = |l: LoraConfig| {
+        (
+            TrainableSet::Adapters { layernorms: false },
+            Some(AdapterMethod::Lora(l)),
+        )
     };
     match m.name {
         "full" => (TrainableSet::Full, None),
@@ -212,22 +242,25 @@ fn setup(m: &Method) -> (TrainableSet, Option<AdapterConfig>) {
         "top-1" => (TrainableSet::TopK { k: 1 }, None),
         "top-2" => (TrainableSet::TopK { k: 2 }, None),
         "layernorm" => (TrainableSet::Layernorm, None),
-        "pfeiffer-m64" => (
-            TrainableSet::Adapters { layernorms: true },
-            Some(AdapterConfig::pfeiffer(64, Activation::Gelu)),
-        ),
+        "pfeiffer-m64" => adapters(AdapterConfig::pfeiffer(64, Activation::Gelu)),
         // AdapterHub's par_bn (He et al. 2022) at m = 64: beside the FFN, scaling 4, ReLU.
-        "parallel-m64" => (
-            TrainableSet::Adapters { layernorms: true },
-            Some(AdapterConfig::parallel(64, Scaling::Fixed(4.0))),
-        ),
-        n => {
-            let b = n.trim_start_matches("houlsby-m").parse().unwrap_or(64);
-            (
-                TrainableSet::Adapters { layernorms: true },
-                Some(houlsby(b)),
-            )
-        }
+        "parallel-m64" => adapters(AdapterConfig::parallel(64, Scaling::Fixed(4.0))),
+        // AdapterHub's lora preset (query and value, alpha = r = 8), and on every projection.
+        "lora-r8" => lora(LoraConfig::lora(8, 8.0)),
+        "lora-r8-all" => lora(LoraConfig {
+            targets: vec![
+                Projection::Query,
+                Projection::Key,
+                Projection::Value,
+                Projection::Intermediate,
+                Projection::Output,
+            ],
+            ..LoraConfig::lora(8, 8.0)
+        }),
+        "ia3" => lora(LoraConfig::ia3()),
+        n => adapters(houlsby(
+            n.trim_start_matches("houlsby-m").parse().unwrap_or(64),
+        )),
     }
 }
 
@@ -330,7 +363,12 @@ fn train_one_with(
     checkpoint: Option<&Path>,
 ) -> Result<(RunRecord, TaskModel)> {
     let data = spec.data;
-    let (trainable, mut adapter) = setup(spec.method);
+    let (trainable, method) = setup(spec.method);
+    let (mut adapter, lora) = match method {
+        Some(AdapterMethod::Bottleneck(a)) => (Some(a), None),
+        Some(AdapterMethod::Lora(l)) => (None, Some(l)),
+        None => (None, None),
+    };
     if let (Some(a), Some(s)) = (adapter.as_mut(), spec.init_std) {
         a.init_std = s;
     }
@@ -347,6 +385,7 @@ fn train_one_with(
         name: data.name.clone(),
         trainable,
         adapter,
+        lora,
         head,
         max_len,
         train: TrainConfig {

@@ -1,10 +1,13 @@
-//! Bottleneck adapters (Houlsby et al. 2019): configuration, placement and parameter naming; the
-//! site interface in [`site`], the bottleneck adapter's forward in [`bottleneck`].
+//! Adapter methods: bottleneck adapters (Houlsby et al. 2019; sequential or parallel) with their
+//! configuration, placement and parameter naming here, the site interface in [`site`], the
+//! bottleneck adapter's forward in [`bottleneck`]; LoRA and (IA)³ in [`lora`].
 
 pub mod bottleneck;
+pub mod lora;
 pub mod site;
 
 pub use bottleneck::BottleneckAdapter;
+pub use lora::LoraConfig;
 pub use site::{residual_norm, SiteAdapter, SiteContext};
 
 use crate::error::{Error, Result};
@@ -12,6 +15,15 @@ use crate::kernels::Activation;
 use crate::keys::{Leaf, ParamKey, Role};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// A task's adapter method: what its `adapter_config.json` describes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterMethod {
+    /// Bottleneck adapters at the layers' sites.
+    Bottleneck(AdapterConfig),
+    /// LoRA or (IA)³ on the layers' projections.
+    Lora(LoraConfig),
+}
 
 /// Where adapters sit inside each transformer layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

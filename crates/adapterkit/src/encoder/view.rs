@@ -61,6 +61,11 @@ pub struct TaskParts<'a> {
     pub params: &'a BTreeMap<ParamKey, Tensor>,
     /// Its adapters, if it has any.
     pub adapter: Option<&'a AdapterConfig>,
+    /// Whether it has LoRA, whose weights must then come in `derived`.
+    pub lora: bool,
+    /// Weights derived from the task's tensors for this forward (LoRA merged into projections),
+    /// which replace the base's of the same name.
+    pub derived: Option<&'a BTreeMap<ParamKey, Tensor>>,
 }
 
 /// Everything of the encoder one task's forward reads.
@@ -81,9 +86,21 @@ pub struct TaskView<'a> {
 impl<'a> TaskView<'a> {
     /// The view of `task` on `base` (the base alone when `task` is `None`).
     pub fn new(base: &'a BaseModel, task: Option<TaskParts<'a>>) -> Result<Self> {
+        if let Some(t) = task.filter(|t| t.lora && t.derived.is_none()) {
+            return Err(Error::config(
+                "task",
+                t.name,
+                "has LoRA, but this forward was given no LoRA weights (merge the task, or derive \
+                 them for the forward); running without them would ignore LoRA",
+            ));
+        }
         let r = |p: &'a Param| -> &'a Tensor {
-            task.and_then(|t| t.params.get(p.key.name()))
-                .unwrap_or(&p.tensor)
+            task.and_then(|t| {
+                t.derived
+                    .and_then(|d| d.get(p.key.name()))
+                    .or_else(|| t.params.get(p.key.name()))
+            })
+            .unwrap_or(&p.tensor)
         };
         let lin = |l: &'a Linear| LinearView {
             w: r(&l.weight),
@@ -121,6 +138,7 @@ impl<'a> TaskView<'a> {
                         name,
                         params,
                         adapter: Some(cfg),
+                        ..
                     }) => BottleneckAdapter::resolve(cfg, name, params, l, s)?,
                     _ => None,
                 };
@@ -162,8 +180,8 @@ impl<'a> TaskView<'a> {
             Err(Error::config(
                 "mixed batch",
                 other_name,
-                "this task trains its own embedding, attention or FFN weights (top-k or full \
-                 fine-tuning), so its rows cannot share a batch with other tasks; run it alone",
+                "this task has its own embedding, attention or FFN weights (top-k or full \
+                 fine-tuning, LoRA), so its rows cannot share a batch with other tasks; run it alone",
             ))
         }
     }

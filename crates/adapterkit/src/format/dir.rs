@@ -3,8 +3,9 @@
 
 use super::files;
 use super::hub::{self, BnConfig, ForBase, HubFile, HubHeadConfig, HUB_VERSION};
+use super::hub_lora::HubLoraConfig;
 use super::meta::{AdapterInit, TaskMeta, FORMAT_VERSION};
-use crate::adapter::AdapterConfig;
+use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig};
 use crate::encoder::BaseModel;
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, Pooling};
@@ -45,10 +46,18 @@ impl TaskModel {
     /// Writes every file of the directory into the empty directory `dir`; the metadata last.
     fn write_files(&self, dir: &Path, base_name: &str) -> Result<()> {
         let [adapters, head, base] = self.split_params();
+        if let Some(l) = &self.lora {
+            write_sorted(
+                &dir.join(files::ADAPTER_CONFIG),
+                &self.envelope(base_name, HubLoraConfig::from(l)),
+            )?;
+            crate::io::save_safetensors(&dir.join(files::ADAPTER_WEIGHTS), &adapters)?;
+        }
         if let Some(a) = &self.adapter {
             let bn = BnConfig::from(ForBase {
                 config: a,
                 hidden: self.base.hidden_size,
+                intermediate: 4 * self.base.hidden_size,
                 layers: self.base.num_hidden_layers,
             });
             write_sorted(
@@ -172,7 +181,7 @@ impl TaskModel {
                 ),
             ));
         }
-        let mut adapter = hub.adapter.clone().map(|a| a.0);
+        let (mut adapter, lora) = split(hub.adapter.as_ref().map(|a| &a.0));
         let mut head = hub.head.clone();
         head.pair = meta.pair;
         let init = match (&meta.adapter, meta.adapter_init) {
@@ -194,6 +203,7 @@ impl TaskModel {
         }
         // Format 1 kept second copies of both configurations; they must say the same.
         if let Some(old) = &meta.adapter {
+            // (Format 1 had no LoRA, so `adapter` is the bottleneck configuration or nothing.)
             if adapter.as_ref() != Some(old) {
                 return Err(disagree(
                     files::ADAPTER_CONFIG,
@@ -207,23 +217,31 @@ impl TaskModel {
                 return Err(disagree(files::HEAD_CONFIG, "head configuration".into()));
             }
         }
+        let method = hub.adapter.as_ref().map(|a| match &adapter {
+            Some(bn) => AdapterMethod::Bottleneck(bn.clone()),
+            None => a.0.clone(),
+        });
         let params = hub.tensors(
             dir,
             base,
             &meta.name,
-            adapter.as_ref(),
+            method.as_ref(),
             &head,
             Some(&meta.trainable),
         )?;
-        Ok(TaskModel {
+        let mut task = TaskModel {
             name: meta.name,
             adapter,
+            lora,
+            merged: None,
             head,
             trainable: meta.trainable,
             params,
             base: here,
             max_len: meta.max_len,
-        })
+        };
+        task.merge(base)?;
+        Ok(task)
     }
 
     /// Loads an adapter directory saved by the Python `adapters` library (`save_adapter` with its
@@ -243,25 +261,39 @@ impl TaskModel {
                 ),
             });
         }
-        let (adapter, name) = match &hub.adapter {
+        let (method, name) = match &hub.adapter {
             Some((a, n)) => (Some(a.clone()), n.clone()),
             None => (None, hub.head_name.clone()),
         };
         validate_name(&name)?;
-        let params = hub.tensors(dir, base, &name, adapter.as_ref(), &hub.head, None)?;
-        Ok(TaskModel {
+        let params = hub.tensors(dir, base, &name, method.as_ref(), &hub.head, None)?;
+        let (adapter, lora) = split(method.as_ref());
+        let mut task = TaskModel {
             name,
-            trainable: if adapter.is_some() {
+            trainable: if method.is_some() {
                 TrainableSet::Adapters { layernorms: false }
             } else {
                 TrainableSet::Head
             },
             adapter,
+            lora,
+            merged: None,
             head: hub.head,
             params,
             base: BaseFingerprint::of(base),
             max_len: base.config.max_position_embeddings.min(512),
-        })
+        };
+        task.merge(base)?;
+        Ok(task)
+    }
+}
+
+/// A method as the task's two optional configurations.
+fn split(method: Option<&AdapterMethod>) -> (Option<AdapterConfig>, Option<LoraConfig>) {
+    match method {
+        Some(AdapterMethod::Bottleneck(a)) => (Some(a.clone()), None),
+        Some(AdapterMethod::Lora(l)) => (None, Some(l.clone())),
+        None => (None, None),
     }
 }
 
@@ -286,8 +318,8 @@ struct HubDir {
     head: HeadConfig,
     /// The name the head's tensors carry (`heads.{name}.…`).
     head_name: String,
-    /// The adapter and its name, when the directory has one.
-    adapter: Option<(AdapterConfig, String)>,
+    /// The adapter method and its name, when the directory has one.
+    adapter: Option<(AdapterMethod, String)>,
     /// Our file of trained base parameters that the configurations say the run has.
     base_params: Option<String>,
 }
@@ -338,19 +370,40 @@ impl HubDir {
         let adapter_path = dir.join(files::ADAPTER_CONFIG);
         let adapter = if adapter_path.exists() {
             let ctx = adapter_path.display().to_string();
-            let file: HubFile<BnConfig> = read_typed(&adapter_path)?;
-            check_envelope(&adapter_path, file.hidden_size, file.model_type.as_deref())?;
-            let cfg = AdapterConfig::try_from(ForBase {
-                config: &file.config,
-                hidden: d,
-                layers,
-            })
-            .map_err(|r| r.in_file(&ctx))?;
-            let name = file.name.ok_or_else(|| {
-                Error::config(&ctx, "name", "missing: expected the adapter's name")
-            })?;
-            base_params = base_params.or(file.adapterkit_base_params);
-            Some((cfg, name))
+            let peek: serde_json::Value = read_typed(&adapter_path)?;
+            // The envelope's checks, whichever configuration it holds; the adapter's name.
+            let mut envelope = |f: HubFile<()>| -> Result<String> {
+                check_envelope(&adapter_path, f.hidden_size, f.model_type.as_deref())?;
+                base_params = base_params.take().or(f.adapterkit_base_params);
+                f.name.ok_or_else(|| {
+                    Error::config(&ctx, "name", "missing: expected the adapter's name")
+                })
+            };
+            let (method, name) = if hub::is_lora(&peek) {
+                let file: HubFile<HubLoraConfig> = read_typed(&adapter_path)?;
+                let cfg = LoraConfig::try_from(ForBase {
+                    config: &file.config,
+                    hidden: d,
+                    intermediate: base.config.intermediate_size,
+                    layers,
+                })
+                .map_err(|r| r.in_file(&ctx))?;
+                (AdapterMethod::Lora(cfg), envelope(file.without_config())?)
+            } else {
+                let file: HubFile<BnConfig> = read_typed(&adapter_path)?;
+                let cfg = AdapterConfig::try_from(ForBase {
+                    config: &file.config,
+                    hidden: d,
+                    intermediate: base.config.intermediate_size,
+                    layers,
+                })
+                .map_err(|r| r.in_file(&ctx))?;
+                (
+                    AdapterMethod::Bottleneck(cfg),
+                    envelope(file.without_config())?,
+                )
+            };
+            Some((method, name))
         } else {
             None
         };
@@ -378,16 +431,22 @@ impl HubDir {
         dir: &Path,
         base: &BaseModel,
         name: &str,
-        adapter: Option<&AdapterConfig>,
+        method: Option<&AdapterMethod>,
         head: &HeadConfig,
         trainable: Option<&TrainableSet>,
     ) -> Result<BTreeMap<ParamKey, Tensor>> {
         let (d, layers) = (base.config.hidden_size, base.config.num_hidden_layers);
         let mut params = BTreeMap::new();
-        if let Some(a) = adapter {
+        if let Some(m) = method {
+            let keys = match m {
+                AdapterMethod::Bottleneck(a) => a.param_keys(name, d, layers),
+                AdapterMethod::Lora(l) => {
+                    l.param_keys(name, d, base.config.intermediate_size, layers)
+                }
+            };
             let file = pick(dir, files::ADAPTER_WEIGHTS, files::ADAPTER_WEIGHTS_BIN)?;
             let mut tensors = read_stripped(&file)?;
-            for (key, shape) in a.param_keys(name, d, layers) {
+            for (key, shape) in keys {
                 let alias = hub::ln_before_alias(key.name());
                 let from = match &alias {
                     Some(al) if !tensors.contains_key(key.name()) => al.clone(),

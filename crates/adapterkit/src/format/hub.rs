@@ -3,7 +3,10 @@
 //! known key is honoured or refused with an error that names the key and value, none is silently
 //! ignored. The conversions to and from our configurations are `TryFrom` / `From`.
 
-use crate::adapter::{AdapterConfig, Init, Placement, Residual, Scaling};
+use super::hub_lora::HubLoraConfig;
+use crate::adapter::{
+    AdapterConfig, AdapterMethod, Init, LoraConfig, Placement, Residual, Scaling,
+};
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, HeadKind, Pooling, MAX_HEAD_LAYERS};
 use crate::kernels::Activation;
@@ -44,6 +47,22 @@ pub struct HubFile<C> {
     /// AdapterHub keeps extra top-level keys of these files (its `meta_dict`) and ignores them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapterkit_base_params: Option<String>,
+}
+
+impl<C> HubFile<C> {
+    /// The envelope alone, its configuration taken out.
+    pub fn without_config(self) -> HubFile<()> {
+        HubFile {
+            config: (),
+            hidden_size: self.hidden_size,
+            model_class: self.model_class,
+            model_name: self.model_name,
+            model_type: self.model_type,
+            name: self.name,
+            version: self.version,
+            adapterkit_base_params: self.adapterkit_base_params,
+        }
+    }
 }
 
 /// AdapterHub's `BnConfig` (bottleneck adapter options, as of adapters 1.3), every key as the
@@ -159,6 +178,8 @@ pub struct ForBase<'a, C> {
     pub config: &'a C,
     /// Hidden width.
     pub hidden: usize,
+    /// FFN width (`intermediate_size`).
+    pub intermediate: usize,
     /// Number of layers.
     pub layers: usize,
 }
@@ -173,7 +194,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(key: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(key: &str, message: impl Into<String>) -> Self {
         Refusal {
             key: key.to_string(),
             message: message.into(),
@@ -592,9 +613,9 @@ fn path_error(ctx: &str, e: serde_path_to_error::Error<serde_json::Error>) -> Er
     Error::config(ctx, path, inner.to_string())
 }
 
-/// Reads an adapter configuration given as AdapterHub JSON, either the whole `adapter_config.json`
-/// or its `config` object alone, for a base of `hidden` width and `layers` layers. `ctx` names
-/// the file in errors.
+/// Reads a bottleneck adapter configuration given as AdapterHub JSON, either the whole
+/// `adapter_config.json` or its `config` object, for a base of `hidden` width and `layers` layers.
+/// `ctx` names the file in errors.
 pub fn adapter_config_from_hub(
     ctx: &str,
     value: &Value,
@@ -607,8 +628,40 @@ pub fn adapter_config_from_hub(
     AdapterConfig::try_from(ForBase {
         config: &config,
         hidden,
+        intermediate: 4 * hidden,
         layers,
     })
+    .map_err(|r| r.in_file(ctx))
+}
+
+/// Whether an AdapterHub configuration (the whole file or its `config` object) is a `LoRAConfig`.
+pub fn is_lora(value: &Value) -> bool {
+    let inner = value.get("config").unwrap_or(value);
+    inner.get("architecture").and_then(Value::as_str) == Some("lora")
+}
+
+/// Reads any adapter configuration we implement from AdapterHub JSON (the whole
+/// `adapter_config.json` or its `config` object): a bottleneck `BnConfig`, or a `LoRAConfig`
+/// (`"architecture": "lora"`, also (IA)³), for the base `cfg`. `ctx` names the file in errors.
+pub fn method_from_hub(
+    ctx: &str,
+    value: &Value,
+    cfg: &crate::config::BertConfig,
+) -> Result<AdapterMethod> {
+    let (d, layers) = (cfg.hidden_size, cfg.num_hidden_layers);
+    if !is_lora(value) {
+        return adapter_config_from_hub(ctx, value, d, layers).map(AdapterMethod::Bottleneck);
+    }
+    let inner = value.get("config").unwrap_or(value);
+    let config: HubLoraConfig =
+        serde_path_to_error::deserialize(inner).map_err(|e| path_error(ctx, e))?;
+    LoraConfig::try_from(ForBase {
+        config: &config,
+        hidden: d,
+        intermediate: cfg.intermediate_size,
+        layers,
+    })
+    .map(AdapterMethod::Lora)
     .map_err(|r| r.in_file(ctx))
 }
 

@@ -10,6 +10,7 @@
 
 mod dir;
 pub mod hub;
+pub mod hub_lora;
 mod meta;
 pub mod preset;
 

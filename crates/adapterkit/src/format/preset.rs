@@ -1,12 +1,13 @@
-//! AdapterHub's named adapter configurations (`seq_bn`, `double_seq_bn`, `par_bn`, …) and its
+//! AdapterHub's named adapter configurations (`seq_bn`, `double_seq_bn`, `par_bn`, `lora`, `ia3`, …)
+//! and its
 //! configuration strings `name[key=value, …]`, read as `adapters.AdapterConfig.load` reads them:
 //! the preset's keys, then each `key=value` (a Python literal) over them.
 
 use crate::error::{Error, Result};
 use serde_json::{json, Map, Value};
 
-/// The bottleneck presets we implement, by every name AdapterHub accepts for them.
-pub const BOTTLENECK_PRESETS: &[&str] = &[
+/// The presets we implement, by every name AdapterHub accepts for them.
+pub const PRESETS: &[&str] = &[
     "seq_bn",
     "pfeiffer",
     "double_seq_bn",
@@ -15,6 +16,8 @@ pub const BOTTLENECK_PRESETS: &[&str] = &[
     "parallel",
     "scaled_par_bn",
     "scaled_parallel",
+    "lora",
+    "ia3",
 ];
 
 /// AdapterHub presets of methods other than bottleneck adapters (refused by name).
@@ -28,8 +31,6 @@ const OTHER_PRESETS: &[&str] = &[
     "prefix_tuning",
     "prefix_tuning_flat",
     "prompt_tuning",
-    "lora",
-    "ia3",
     "mtl_lora",
     "vera",
     "dora",
@@ -41,10 +42,24 @@ const OTHER_PRESETS: &[&str] = &[
     "unipelt",
 ];
 
-/// The `BnConfig` keys of AdapterHub's preset `name` (adapters 1.3), or `None` if `name` is not
-/// one of [`BOTTLENECK_PRESETS`].
-pub fn bottleneck_preset(name: &str) -> Option<Value> {
+/// The configuration keys of AdapterHub's preset `name` (adapters 1.3), or `None` if `name` is
+/// not one of [`PRESETS`].
+pub fn preset(name: &str) -> Option<Value> {
     let (mh, ln_before, nl, rf, extra) = match name {
+        "lora" => {
+            return Some(json!({
+                "architecture": "lora", "selfattn_lora": true, "intermediate_lora": false,
+                "output_lora": false, "attn_matrices": ["q", "v"], "r": 8, "alpha": 8,
+                "dropout": 0.0, "composition_mode": "add", "init_weights": "lora",
+            }))
+        }
+        "ia3" => {
+            return Some(json!({
+                "architecture": "lora", "selfattn_lora": true, "intermediate_lora": true,
+                "output_lora": false, "attn_matrices": ["k", "v"], "r": 1, "alpha": 1,
+                "dropout": 0.0, "composition_mode": "scale", "init_weights": "ia3",
+            }))
+        }
         "seq_bn" | "pfeiffer" => (false, true, "relu", json!(16), json!({})),
         "double_seq_bn" | "houlsby" => (true, false, "swish", json!(16), json!({})),
         "par_bn" | "parallel" => (
@@ -75,7 +90,7 @@ pub fn bottleneck_preset(name: &str) -> Option<Value> {
 }
 
 /// Reads `spec` as an AdapterHub configuration string: `NAME` or `NAME[key=value, …]` with `NAME`
-/// a bottleneck preset. `Ok(None)` when `spec` has no brackets and names no preset (it may be a
+/// a preset. `Ok(None)` when `spec` has no brackets and names no preset (it may be a
 /// file path); an error names the part of `spec` that is wrong.
 pub fn from_string(spec: &str) -> Result<Option<Value>> {
     let ctx = format!("adapter configuration `{spec}`");
@@ -94,23 +109,20 @@ pub fn from_string(spec: &str) -> Result<Option<Value>> {
         },
         None => (s, None),
     };
-    let Some(mut value) = bottleneck_preset(name) else {
+    let Some(mut value) = preset(name) else {
         if OTHER_PRESETS.contains(&name) {
             return bad(
                 name,
                 format!(
-                    "AdapterHub's `{name}` is not implemented; the bottleneck presets are {}",
-                    BOTTLENECK_PRESETS.join(", ")
+                    "AdapterHub's `{name}` is not implemented; the presets are {}",
+                    PRESETS.join(", ")
                 ),
             );
         }
         if kvs.is_some() {
             return bad(
                 name,
-                format!(
-                    "not a preset: expected one of {}",
-                    BOTTLENECK_PRESETS.join(", ")
-                ),
+                format!("not a preset: expected one of {}", PRESETS.join(", ")),
             );
         }
         return Ok(None);
@@ -279,7 +291,13 @@ mod tests {
             .unwrap();
         assert_eq!(v["reduction_factor"], json!({"default": 8, "0": 4}));
         assert_eq!(v["ln_after"], json!(true));
-        assert_eq!(from_string("par_bn").unwrap(), bottleneck_preset("par_bn"));
+        assert_eq!(from_string("par_bn").unwrap(), preset("par_bn"));
+        let v = from_string("lora[r=4, alpha=16, attn_matrices=['q','k','v']]")
+            .unwrap()
+            .unwrap();
+        assert_eq!(v["architecture"], json!("lora"));
+        assert_eq!((v["r"].clone(), v["alpha"].clone()), (json!(4), json!(16)));
+        assert_eq!(v["attn_matrices"], json!(["q", "k", "v"]));
         // Not a preset and no brackets: maybe a file.
         assert!(from_string("my_config.json").unwrap().is_none());
     }
@@ -287,7 +305,7 @@ mod tests {
     #[test]
     fn bad_strings_are_named() {
         for (spec, shown) in [
-            ("lora[r=8]", "not implemented"),
+            ("compacter[phm_dim=4]", "not implemented"),
             ("prefix_tuning", "not implemented"),
             ("prefix_tuning|par_bn", "unions"),
             ("nonsense[r=8]", "not a preset"),

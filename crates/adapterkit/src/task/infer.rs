@@ -7,25 +7,46 @@ use crate::encoder::{BaseModel, Batch, ForwardOptions, Routing, RowGroup, TaskPa
 use crate::error::{Error, Result};
 use crate::head::{HeadKind, Pooling};
 use crate::kernels::{linear, softmax_last_dim};
+use crate::keys::ParamKey;
 use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
 
 /// One input row for a mixed-task batch: the task it is for and its token and segment ids.
 pub type TaskRow<'a> = (&'a TaskModel, &'a (Vec<u32>, Vec<u32>));
 
 impl TaskModel {
-    /// What the encoder reads of this task.
-    pub fn parts(&self) -> TaskParts<'_> {
+    /// What the encoder reads of this task, with `derived` LoRA weights for this forward (else
+    /// the merged ones, if merged).
+    pub fn parts<'a>(&'a self, derived: Option<&'a BTreeMap<ParamKey, Tensor>>) -> TaskParts<'a> {
         TaskParts {
             name: &self.name,
             params: &self.params,
             adapter: self.adapter.as_ref(),
+            lora: self.lora.is_some(),
+            derived: derived.or(self.merged.as_ref()),
+        }
+    }
+
+    /// The LoRA weights a forward of this task must derive itself: `Some` only for a task with
+    /// LoRA that is not merged (in training, so that gradients reach the LoRA tensors).
+    pub fn derive_for_forward(
+        &self,
+        base: &BaseModel,
+    ) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
+        match (&self.lora, &self.merged) {
+            (Some(l), None) => Ok(Some(l.derive(&self.name, &self.params, base)?)),
+            _ => Ok(None),
         }
     }
 
     /// This task's view of `base`: its trained copies in place of the base's, its adapters at
-    /// their sites.
-    pub fn view<'a>(&'a self, base: &'a BaseModel) -> Result<TaskView<'a>> {
-        TaskView::new(base, Some(self.parts()))
+    /// their sites, LoRA in its projections (`derived`, from [`TaskModel::derive_for_forward`]).
+    pub fn view<'a>(
+        &'a self,
+        base: &'a BaseModel,
+        derived: Option<&'a BTreeMap<ParamKey, Tensor>>,
+    ) -> Result<TaskView<'a>> {
+        TaskView::new(base, Some(self.parts(derived)))
     }
 }
 
@@ -38,7 +59,11 @@ impl BaseModel {
         batch: &Batch,
         opts: &mut ForwardOptions<'_>,
     ) -> Result<Tensor> {
-        let view = TaskView::new(self, task.map(TaskModel::parts))?;
+        let derived = task
+            .map(|t| t.derive_for_forward(self))
+            .transpose()?
+            .flatten();
+        let view = TaskView::new(self, task.map(|t| t.parts(derived.as_ref())))?;
         let name = task.map_or("<base>", |t| t.name.as_str());
         let routing = Routing::single(view, name, batch.size());
         self.encode_routed(&routing, batch, opts)
@@ -62,7 +87,12 @@ impl BaseModel {
     /// The checkpoint's pooler (a task's copy when it trains one): tanh(W · h[CLS] + b),
     /// [batch, hidden].
     pub fn pooler(&self, task: Option<&TaskModel>, hidden: &Tensor) -> Result<Tensor> {
-        self.pooler_of(&TaskView::new(self, task.map(TaskModel::parts))?, hidden)
+        let derived = task
+            .map(|t| t.derive_for_forward(self))
+            .transpose()?
+            .flatten();
+        let view = TaskView::new(self, task.map(|t| t.parts(derived.as_ref())))?;
+        self.pooler_of(&view, hidden)
     }
 
     /// [`BaseModel::pooler`] through a resolved view.
@@ -126,7 +156,8 @@ impl BaseModel {
         batch: &Batch,
         opts: &mut ForwardOptions<'_>,
     ) -> Result<Tensor> {
-        let routing = Routing::single(task.view(self)?, &task.name, batch.size());
+        let derived = task.derive_for_forward(self)?;
+        let routing = Routing::single(task.view(self, derived.as_ref())?, &task.name, batch.size());
         let hidden = self.encode_routed(&routing, batch, opts)?;
         let pooled = self.pool(task, &routing.groups[0].view, &hidden, &batch.mask)?;
         self.head(task, pooled, opts)
@@ -192,14 +223,18 @@ impl BaseModel {
         }
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| task_of[i]);
+        let derived = tasks
+            .iter()
+            .map(|t| t.derive_for_forward(self))
+            .collect::<Result<Vec<_>>>()?;
         let mut groups = Vec::with_capacity(tasks.len());
         let mut start = 0;
-        for (ti, task) in tasks.iter().enumerate() {
+        for (ti, (task, derived)) in tasks.iter().zip(&derived).enumerate() {
             let n = task_of.iter().filter(|&&k| k == ti).count();
             groups.push(RowGroup {
                 rows: start..start + n,
                 name: &task.name,
-                view: task.view(self)?,
+                view: task.view(self, derived.as_ref())?,
             });
             start += n;
         }
@@ -281,10 +316,22 @@ impl BaseModel {
             return Err(Error::config(
                 "skip_adapter_layers",
                 "layer",
-                format!("task `{}` has no adapters to skip", task.name),
+                if task.lora.is_some() {
+                    format!(
+                        "task `{}` has LoRA, which is merged into the weights: only bottleneck \
+                         adapters can be skipped",
+                        task.name
+                    )
+                } else {
+                    format!("task `{}` has no adapters to skip", task.name)
+                },
             ));
         }
-        let frozen = task.detached();
+        // Merged once for all batches: LoRA then costs nothing per forward.
+        let mut frozen = task.detached();
+        if !frozen.is_merged() {
+            frozen.merge(self)?;
+        }
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| encoded[i].0.len());
         let mut out = vec![Vec::new(); encoded.len()];

@@ -10,7 +10,7 @@ pub use crate::format::files;
 pub use crate::keys::{Leaf, ParamKey, Role};
 pub use infer::TaskRow;
 
-use crate::adapter::{AdapterConfig, Init, Part};
+use crate::adapter::{AdapterConfig, AdapterMethod, Init, LoraConfig, Part};
 use crate::encoder::BaseModel;
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, Pooling};
@@ -118,8 +118,13 @@ impl BaseFingerprint {
 pub struct TaskModel {
     /// Name; appears in tensor names (`adapters.{name}`, `heads.{name}`).
     pub name: String,
-    /// Adapter configuration, if any.
+    /// Bottleneck adapter configuration, if the task has bottleneck adapters.
     pub adapter: Option<AdapterConfig>,
+    /// LoRA / (IA)³ configuration, if the task adapts projections that way.
+    pub lora: Option<LoraConfig>,
+    /// The projections' weights with the LoRA tensors merged in (see [`TaskModel::merge`]): set
+    /// for inference, cleared whenever the LoRA tensors may change.
+    pub(crate) merged: Option<BTreeMap<ParamKey, Tensor>>,
     /// Head configuration.
     pub head: HeadConfig,
     /// What the task trains.
@@ -161,6 +166,25 @@ impl TaskModel {
         max_len: usize,
         seed: u64,
     ) -> Result<Self> {
+        let method = adapter.map(AdapterMethod::Bottleneck);
+        Self::with_method(base, name, trainable, method, head, max_len, seed)
+    }
+
+    /// [`TaskModel::new`] for any adapter method (bottleneck adapters, LoRA, (IA)³).
+    pub fn with_method(
+        base: &BaseModel,
+        name: &str,
+        trainable: TrainableSet,
+        method: Option<AdapterMethod>,
+        head: HeadConfig,
+        max_len: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let (adapter, lora) = match method {
+            Some(AdapterMethod::Bottleneck(a)) => (Some(a), None),
+            Some(AdapterMethod::Lora(l)) => (None, Some(l)),
+            None => (None, None),
+        };
         validate_name(name)?;
         head.validate()?;
         let cfg = &base.config;
@@ -176,7 +200,7 @@ impl TaskModel {
         }
         let (d, layers) = (cfg.hidden_size, cfg.num_hidden_layers);
         let is_adapters = matches!(trainable, TrainableSet::Adapters { .. });
-        if is_adapters != adapter.is_some() {
+        if is_adapters != (adapter.is_some() || lora.is_some()) {
             return Err(Error::config(
                 "task",
                 "adapter",
@@ -229,6 +253,18 @@ impl TaskModel {
                 }
             }
         }
+        if let Some(c) = &lora {
+            c.validate(d, cfg.intermediate_size, layers)?;
+            for (key, shape) in c.param_keys(name, d, cfg.intermediate_size, layers) {
+                let part = if key.name().ends_with("lora_A") {
+                    crate::adapter::lora::LoraPart::A
+                } else {
+                    crate::adapter::lora::LoraPart::B
+                };
+                let values = c.init_values(part, &shape, &mut rng);
+                params.insert(key, Tensor::from_vec(values, shape, dev)?);
+            }
+        }
         for (pname, shape) in head.param_shapes(name, d) {
             let key = head_key(pname, &shape);
             let t = if shape.len() == 2 {
@@ -248,6 +284,8 @@ impl TaskModel {
         Ok(TaskModel {
             name: name.to_string(),
             adapter,
+            lora,
+            merged: None,
             head,
             trainable,
             params,
@@ -273,28 +311,69 @@ impl TaskModel {
     /// A copy whose tensors carry no autograd history (for inference after or during training).
     pub fn detached(&self) -> TaskModel {
         let mut t = self.clone();
-        for v in t.params.values_mut() {
+        for v in t
+            .params
+            .values_mut()
+            .chain(t.merged.iter_mut().flat_map(|m| m.values_mut()))
+        {
             *v = v.detach();
         }
         t
     }
 
     /// Whether the task reads the base's embedding, attention and FFN weights unchanged, so that
-    /// its rows can share a batch with other such tasks (see `BaseModel::predict_mixed`).
+    /// its rows can share a batch with other such tasks (see `BaseModel::predict_mixed`). LoRA
+    /// changes the projections' weights, so a LoRA task runs in batches of its own.
     pub fn shares_encoder(&self) -> bool {
-        !self
-            .params
-            .keys()
-            .any(|k| matches!(k.role(), Role::LayerWeight { .. } | Role::Embedding))
+        self.lora.is_none()
+            && !self
+                .params
+                .keys()
+                .any(|k| matches!(k.role(), Role::LayerWeight { .. } | Role::Embedding))
     }
 
-    /// The same task with parameters in `dtype` (f64 for gradient checks).
+    /// The same task with parameters in `dtype` (f64 for gradient checks); unmerged.
     pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<TaskModel> {
         let mut t = self.clone();
+        t.merged = None;
         for v in t.params.values_mut() {
             *v = v.to_dtype(dtype)?;
         }
         Ok(t)
+    }
+
+    /// The adapter method, as one value.
+    pub fn method(&self) -> Option<AdapterMethod> {
+        match (&self.adapter, &self.lora) {
+            (Some(a), _) => Some(AdapterMethod::Bottleneck(a.clone())),
+            (None, Some(l)) => Some(AdapterMethod::Lora(l.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Merges LoRA into the projections' weights for inference on `base`: forwards then read the
+    /// merged weights and pay nothing for LoRA. Computed from the current tensors (detached); a
+    /// no-op for tasks without LoRA. Changing a LoRA tensor ([`TaskModel::set_param`], training)
+    /// unmerges.
+    pub fn merge(&mut self, base: &BaseModel) -> Result<()> {
+        if let Some(l) = &self.lora {
+            let mut merged = l.derive(&self.name, &self.params, base)?;
+            for v in merged.values_mut() {
+                *v = v.detach();
+            }
+            self.merged = Some(merged);
+        }
+        Ok(())
+    }
+
+    /// Drops the merged weights: forwards derive them from the LoRA tensors again.
+    pub fn unmerge(&mut self) {
+        self.merged = None;
+    }
+
+    /// Whether LoRA is merged into the weights this task's forwards read.
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
     }
 
     /// The task's tensors by file: adapters (AdapterHub's `bert.` names), head, base copies.
@@ -324,6 +403,7 @@ impl TaskModel {
                 Error::NotFound(format!("task `{}` has no parameter `{name}`", self.name))
             })?;
         self.params.insert(key, value);
+        self.merged = None;
         Ok(())
     }
 }

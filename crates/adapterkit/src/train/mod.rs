@@ -609,6 +609,8 @@ pub fn train_with(
     ckpt: Option<&Checkpointing>,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<TrainReport> {
+    // Training changes the LoRA tensors: forwards derive LoRA's weights from them each step.
+    task.unmerge();
     if data.train.is_empty() || data.dev.is_empty() {
         return Err(Error::config(
             "data",
