@@ -26,7 +26,9 @@ for t in "${targets[@]}"; do
   case $t in
     safetensors_header) seed "$t" "$fix"/adapterhub/*/*.safetensors "$fix"/tiny-bert/golden.safetensors ;;
     config_json) seed "$t" "$fix"/tiny-bert/config.json ;;
-    adapter_config) seed "$t" "$fix"/adapterhub/*/adapter_config.json ;;
+    adapter_config) seed "$t" "$fix"/adapterhub/*/adapter_config.json
+                    printf "lora[r=4, attn_matrices=['q','k'], leave_out=[1]]" > "corpus/$t/seed-string-lora"
+                    printf 'par_bn[reduction_factor={"default": 4, "0": 2}, scaling="learned"]' > "corpus/$t/seed-string-par" ;;
     data_readers) printf 'text,label\n"a, quoted",pos\nplain,neg\n' > "corpus/$t/seed-csv"
                   printf '{"text": "a", "label": 1}\n{"text": "b", "label": "1.0"}\n' > "corpus/$t/seed-jsonl" ;;
   esac

@@ -1,19 +1,46 @@
-//! Any bytes as `adapter_config.json` (AdapterHub's `BnConfig` in its envelope): an adapter
-//! configuration that fits the base, or an error naming the file.
+//! Any bytes as `adapter_config.json` (AdapterHub's `BnConfig` or `LoRAConfig` in its envelope, or
+//! a preset string): an adapter configuration that fits the base, or an error naming the file.
 #![no_main]
+use adapterkit::adapter::AdapterMethod;
 use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
+
+/// The tiny test BERT's configuration (2 layers, hidden 32, FFN 64).
+fn base() -> &'static adapterkit::BertConfig {
+    static BASE: OnceLock<adapterkit::BertConfig> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        adapterkit::BertConfig::from_file(
+            &dir.join("../crates/adapterkit/tests/fixtures/tiny-bert/config.json"),
+        )
+        .expect("the tiny BERT's config.json")
+    })
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
-        return;
+    // A configuration string (`par_bn[reduction_factor=4]`): a preset's keys or a named error.
+    let preset = adapterkit::format::preset::from_string(text);
+    let value = match preset {
+        Ok(Some(v)) => v,
+        Ok(None) | Err(adapterkit::Error::Config { .. }) => {
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(v) => v,
+                Err(_) => return,
+            }
+        }
+        Err(e) => panic!("unexpected error kind: {e}"),
     };
-    match adapterkit::format::hub::adapter_config_from_hub("adapter_config.json", &value, 32, 2) {
-        Ok(a) => {
+    match adapterkit::format::hub::method_from_hub("adapter_config.json", &value, base()) {
+        Ok(AdapterMethod::Bottleneck(a)) => {
             assert!(a.bottleneck >= 1);
             assert!(a.leave_out.iter().all(|&l| l < 2));
+        }
+        Ok(AdapterMethod::Lora(l)) => {
+            assert!(l.r >= 1 && !l.targets.is_empty());
+            assert!((0..2).any(|layer| l.has_layer(layer)));
         }
         Err(e) => assert!(e.to_string().contains("adapter_config.json"), "{e}"),
     }

@@ -324,13 +324,7 @@ fn lora_task(base: &BaseModel, name: &str, lora: LoraConfig, seed: u64) -> TaskM
 /// LoRA on every projection, and (IA)³ with its rescaling vectors moved off one.
 fn lora_cases(base: &BaseModel) -> Vec<TaskModel> {
     let all = LoraConfig {
-        targets: vec![
-            Projection::Query,
-            Projection::Key,
-            Projection::Value,
-            Projection::Intermediate,
-            Projection::Output,
-        ],
+        targets: Projection::ALL.to_vec(),
         ..LoraConfig::lora(4, 8.0)
     };
     let mut ia3 = lora_task(base, "ia3", LoraConfig::ia3(), 3);

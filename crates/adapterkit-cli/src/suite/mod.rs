@@ -248,13 +248,7 @@ fn setup(m: &Method) -> (TrainableSet, Option<AdapterMethod>) {
         // AdapterHub's lora preset (query and value, alpha = r = 8), and on every projection.
         "lora-r8" => lora(LoraConfig::lora(8, 8.0)),
         "lora-r8-all" => lora(LoraConfig {
-            targets: vec![
-                Projection::Query,
-                Projection::Key,
-                Projection::Value,
-                Projection::Intermediate,
-                Projection::Output,
-            ],
+            targets: Projection::ALL.to_vec(),
             ..LoraConfig::lora(8, 8.0)
         }),
         "ia3" => lora(LoraConfig::ia3()),

@@ -139,6 +139,19 @@ impl Pace {
     fn seconds(&self, method: &str, w: Work) -> Option<f64> {
         Some(self.overhead + self.rates.get(method)? * w.train + self.eval_rate * w.eval)
     }
+
+    /// [`Pace::seconds`], or for a method with no finished run yet the slowest fitted method's
+    /// rate (a bound, not a guess of zero); `true` when it is that stand-in.
+    fn estimate(&self, method: &str, w: Work) -> Option<(f64, bool)> {
+        if let Some(t) = self.seconds(method, w) {
+            return Some((t, false));
+        }
+        let slowest = self.rates.values().copied().reduce(f64::max)?;
+        Some((
+            self.overhead + slowest * w.train + self.eval_rate * w.eval,
+            true,
+        ))
+    }
 }
 
 /// `suite status`: per task, the runs `run` would make that are cached and those still to do, with
@@ -214,8 +227,11 @@ pub(super) fn status(p: &Plan, model: &Path, out: &mut dyn std::io::Write) -> Re
                 }
             }
             left += todo.len();
-            match predict(m.name, work) {
-                Some(t) => secs += t * pace * todo.len() as f64,
+            match pace_model.as_ref().and_then(|p| p.estimate(m.name, work)) {
+                Some((t, stand_in)) => {
+                    secs += t * pace * todo.len() as f64;
+                    unknown |= stand_in && !todo.is_empty();
+                }
                 None if !todo.is_empty() => unknown = true,
                 None => {}
             }
@@ -242,7 +258,7 @@ pub(super) fn status(p: &Plan, model: &Path, out: &mut dyn std::io::Write) -> Re
         "\n{all_done} finished, {all_left} to do, about {:.0} min left at the cached runs' pace{}.",
         all_secs / 60.0,
         if unknown {
-            " (a method with no cached run yet is not counted)"
+            " (a method with no cached run yet is counted at the slowest cached method's pace)"
         } else {
             ""
         }
@@ -292,6 +308,13 @@ mod tests {
             assert!((got / want - 1.0).abs() < 1e-6, "{m}: {got} vs {want}");
         }
         assert!(pace.seconds("layernorm", big).is_none());
+        // A method with no run yet is estimated at the slowest method's (full's) pace.
+        let (t, stand_in) = pace.estimate("layernorm", big).unwrap();
+        assert!(
+            stand_in && (t / truth("full", big) - 1.0).abs() < 1e-6,
+            "{t}"
+        );
+        assert_eq!(pace.estimate("head", big).map(|e| e.1), Some(false));
         // One run cannot separate overhead from rate.
         assert!(Pace::fit(&rows[..1]).is_none());
     }

@@ -31,6 +31,15 @@ pub enum Projection {
 }
 
 impl Projection {
+    /// Every projection LoRA can adapt, in layer order.
+    pub const ALL: [Projection; 5] = [
+        Projection::Query,
+        Projection::Key,
+        Projection::Value,
+        Projection::Intermediate,
+        Projection::Output,
+    ];
+
     /// The module path inside `encoder.layer.{i}`.
     pub fn module(self) -> &'static str {
         match self {
@@ -240,6 +249,34 @@ impl LoraConfig {
         format!("encoder.layer.{layer}.{}.loras.{task}.{leaf}", p.module())
     }
 
+    /// Every tensor of the configuration: typed key, which tensor it is, and shape.
+    fn entries(
+        &self,
+        task: &str,
+        d: usize,
+        i: usize,
+        layers: usize,
+    ) -> Vec<(ParamKey, LoraPart, Vec<usize>)> {
+        let mut v = Vec::new();
+        for l in (0..layers).filter(|&l| self.has_layer(l)) {
+            for &p in &self.targets {
+                for (part, shape) in self.parts(p, d, i) {
+                    let leaf = match self.composition {
+                        Composition::Scale => Leaf::Scale,
+                        Composition::Add => Leaf::Weight,
+                    };
+                    let key = ParamKey::new(
+                        self.param_name(l, p, task, part),
+                        Role::Adapter { layer: l },
+                        leaf,
+                    );
+                    v.push((key, part, shape));
+                }
+            }
+        }
+        v
+    }
+
     /// Every tensor of the configuration: typed key and shape.
     pub fn param_keys(
         &self,
@@ -248,24 +285,32 @@ impl LoraConfig {
         i: usize,
         layers: usize,
     ) -> Vec<(ParamKey, Vec<usize>)> {
-        let mut v = Vec::new();
-        for l in (0..layers).filter(|&l| self.has_layer(l)) {
-            for &p in &self.targets {
-                for (part, shape) in self.parts(p, d, i) {
-                    let leaf = match (self.composition, part) {
-                        (Composition::Scale, _) => Leaf::Scale,
-                        _ => Leaf::Weight,
-                    };
-                    let key = ParamKey::new(
-                        self.param_name(l, p, task, part),
-                        Role::Adapter { layer: l },
-                        leaf,
-                    );
-                    v.push((key, shape));
-                }
-            }
-        }
-        v
+        self.entries(task, d, i, layers)
+            .into_iter()
+            .map(|(k, _, s)| (k, s))
+            .collect()
+    }
+
+    /// New tensors for task `task` by the configured init, drawn from `rng`.
+    pub fn new_params(
+        &self,
+        task: &str,
+        base: &BaseModel,
+        rng: &mut crate::rng::Rng,
+    ) -> Result<Vec<(ParamKey, Tensor)>> {
+        let c = &base.config;
+        self.entries(
+            task,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+        )
+        .into_iter()
+        .map(|(key, part, shape)| {
+            let values = self.init_values(part, &shape, rng);
+            Ok((key, Tensor::from_vec(values, shape, &base.device)?))
+        })
+        .collect()
     }
 
     /// Trainable parameters of the configuration.

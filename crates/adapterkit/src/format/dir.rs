@@ -57,6 +57,7 @@ impl TaskModel {
             let bn = BnConfig::from(ForBase {
                 config: a,
                 hidden: self.base.hidden_size,
+                // Not read when writing a BnConfig (its widths are all hidden-sized).
                 intermediate: 4 * self.base.hidden_size,
                 layers: self.base.num_hidden_layers,
             });
@@ -313,6 +314,23 @@ fn read_typed<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     hub::parse(&path.display().to_string(), &text)
 }
 
+/// An AdapterHub configuration file holding a `C`, read as our `T` for `base`; its envelope.
+fn read_config<C, T>(path: &Path, base: &BaseModel) -> Result<(T, HubFile<()>)>
+where
+    C: serde::de::DeserializeOwned,
+    T: for<'c> TryFrom<ForBase<'c, C>, Error = hub::Refusal>,
+{
+    let file: HubFile<C> = read_typed(path)?;
+    let cfg = T::try_from(ForBase {
+        config: &file.config,
+        hidden: base.config.hidden_size,
+        intermediate: base.config.intermediate_size,
+        layers: base.config.num_hidden_layers,
+    })
+    .map_err(|r| r.in_file(&path.display().to_string()))?;
+    Ok((cfg, file.without_config()))
+}
+
 /// AdapterHub's files of a directory, read and checked against the base.
 struct HubDir {
     head: HeadConfig,
@@ -327,7 +345,7 @@ struct HubDir {
 impl HubDir {
     fn read(dir: &Path, base: &BaseModel) -> Result<HubDir> {
         let here = BaseFingerprint::of(base);
-        let (d, layers) = (here.hidden_size, here.num_hidden_layers);
+        let d = here.hidden_size;
         let check_envelope = |path: &Path, size: Option<usize>, ty: Option<&str>| -> Result<()> {
             let incompatible = |message: String| Error::Incompatible {
                 path: dir.to_path_buf(),
@@ -371,38 +389,18 @@ impl HubDir {
         let adapter = if adapter_path.exists() {
             let ctx = adapter_path.display().to_string();
             let peek: serde_json::Value = read_typed(&adapter_path)?;
-            // The envelope's checks, whichever configuration it holds; the adapter's name.
-            let mut envelope = |f: HubFile<()>| -> Result<String> {
-                check_envelope(&adapter_path, f.hidden_size, f.model_type.as_deref())?;
-                base_params = base_params.take().or(f.adapterkit_base_params);
-                f.name.ok_or_else(|| {
-                    Error::config(&ctx, "name", "missing: expected the adapter's name")
-                })
-            };
-            let (method, name) = if hub::is_lora(&peek) {
-                let file: HubFile<HubLoraConfig> = read_typed(&adapter_path)?;
-                let cfg = LoraConfig::try_from(ForBase {
-                    config: &file.config,
-                    hidden: d,
-                    intermediate: base.config.intermediate_size,
-                    layers,
-                })
-                .map_err(|r| r.in_file(&ctx))?;
-                (AdapterMethod::Lora(cfg), envelope(file.without_config())?)
+            let (method, file) = if hub::is_lora(&peek) {
+                let (cfg, file) = read_config::<HubLoraConfig, LoraConfig>(&adapter_path, base)?;
+                (AdapterMethod::Lora(cfg), file)
             } else {
-                let file: HubFile<BnConfig> = read_typed(&adapter_path)?;
-                let cfg = AdapterConfig::try_from(ForBase {
-                    config: &file.config,
-                    hidden: d,
-                    intermediate: base.config.intermediate_size,
-                    layers,
-                })
-                .map_err(|r| r.in_file(&ctx))?;
-                (
-                    AdapterMethod::Bottleneck(cfg),
-                    envelope(file.without_config())?,
-                )
+                let (cfg, file) = read_config::<BnConfig, AdapterConfig>(&adapter_path, base)?;
+                (AdapterMethod::Bottleneck(cfg), file)
             };
+            check_envelope(&adapter_path, file.hidden_size, file.model_type.as_deref())?;
+            base_params = base_params.or(file.adapterkit_base_params);
+            let name = file.name.ok_or_else(|| {
+                Error::config(&ctx, "name", "missing: expected the adapter's name")
+            })?;
             Some((method, name))
         } else {
             None

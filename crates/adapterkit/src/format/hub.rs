@@ -628,6 +628,7 @@ pub fn adapter_config_from_hub(
     AdapterConfig::try_from(ForBase {
         config: &config,
         hidden,
+        // Bottleneck adapters sit on hidden-width states; the FFN width does not enter.
         intermediate: 4 * hidden,
         layers,
     })

@@ -255,15 +255,7 @@ impl TaskModel {
         }
         if let Some(c) = &lora {
             c.validate(d, cfg.intermediate_size, layers)?;
-            for (key, shape) in c.param_keys(name, d, cfg.intermediate_size, layers) {
-                let part = if key.name().ends_with("lora_A") {
-                    crate::adapter::lora::LoraPart::A
-                } else {
-                    crate::adapter::lora::LoraPart::B
-                };
-                let values = c.init_values(part, &shape, &mut rng);
-                params.insert(key, Tensor::from_vec(values, shape, dev)?);
-            }
+            params.extend(c.new_params(name, base, &mut rng)?);
         }
         for (pname, shape) in head.param_shapes(name, d) {
             let key = head_key(pname, &shape);
