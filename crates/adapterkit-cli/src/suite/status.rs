@@ -157,8 +157,11 @@ impl Pace {
 /// `suite status`: per task, the runs `run` would make that are cached and those still to do, with
 /// an estimate of the time left.
 pub(super) fn status(p: &Plan, model: &Path, out: &mut dyn std::io::Write) -> Result<()> {
+    // The pace is fitted on every cached run, of every task and method, not only those asked
+    // about: more runs pin it down, and a method not run yet borrows the slowest one's.
     let runs = cached(&Plan {
         tasks: data::REGISTRY.iter().map(|t| t.name.to_string()).collect(),
+        methods: super::METHODS.iter().collect(),
         ..p.clone()
     })?;
     let tokenizer = adapterkit::tokenizer::TextTokenizer::from_dir(model)
