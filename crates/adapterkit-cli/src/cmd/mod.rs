@@ -165,3 +165,27 @@ pub(crate) fn load_base(model: &Option<PathBuf>) -> Result<BaseModel> {
 pub(crate) fn load_task(base: &BaseModel, dir: &Path) -> Result<TaskModel> {
     TaskModel::load(dir, base).with_context(|| format!("loading adapter {}", dir.display()))
 }
+
+/// `--adapter-config`: an AdapterHub preset or configuration string, or a JSON file in
+/// AdapterHub's format.
+pub(crate) fn adapter_config_arg(
+    spec: &str,
+    base: &adapterkit::BertConfig,
+) -> Result<AdapterMethod> {
+    let (ctx, value) = match adapterkit::format::preset::from_string(spec)? {
+        Some(v) => (format!("--adapter-config {spec}"), v),
+        None => {
+            let path = Path::new(spec);
+            let v = adapterkit::io::read_json::<serde_json::Value>(path).with_context(|| {
+                format!(
+                    "--adapter-config `{spec}`: not a preset ({}) and not a readable JSON file",
+                    adapterkit::format::preset::PRESETS.join(", ")
+                )
+            })?;
+            (path.display().to_string(), v)
+        }
+    };
+    Ok(adapterkit::format::hub::method_from_hub(
+        &ctx, &value, base,
+    )?)
+}

@@ -118,27 +118,6 @@ fn default_lr(m: Method) -> f64 {
     }
 }
 
-/// `--adapter-config`: an AdapterHub preset or configuration string, or a JSON file in
-/// AdapterHub's format.
-fn adapter_config_arg(spec: &str, base: &adapterkit::BertConfig) -> Result<AdapterMethod> {
-    let (ctx, value) = match adapterkit::format::preset::from_string(spec)? {
-        Some(v) => (format!("--adapter-config {spec}"), v),
-        None => {
-            let path = Path::new(spec);
-            let v = adapterkit::io::read_json::<serde_json::Value>(path).with_context(|| {
-                format!(
-                    "--adapter-config `{spec}`: not a preset ({}) and not a readable JSON file",
-                    adapterkit::format::preset::PRESETS.join(", ")
-                )
-            })?;
-            (path.display().to_string(), v)
-        }
-    };
-    Ok(adapterkit::format::hub::method_from_hub(
-        &ctx, &value, base,
-    )?)
-}
-
 pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let home = adapterkit::default_home();
     let base = load_base(&a.model)?.with_backend(backend_of(a.reference_ops));
