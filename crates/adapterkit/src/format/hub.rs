@@ -223,7 +223,8 @@ fn bottleneck_for(hidden: usize, v: &Value) -> Refused<usize> {
     Ok(((hidden as f64 / f).floor() as usize).max(1))
 }
 
-fn refuse_true(key: &str, v: Option<bool>, what: &str) -> Refused<()> {
+/// A refusal of `key` when it is `true` (an option we do not implement).
+pub(crate) fn refuse_true(key: &str, v: Option<bool>, what: &str) -> Refused<()> {
     match v {
         Some(true) => Err(Refusal::new(
             key,

@@ -2,7 +2,7 @@
 //! struct, every key as adapters 1.3 writes it, converted to and from [`LoraConfig`]. Options we
 //! do not implement are refused by name.
 
-use super::hub::{ForBase, Refusal};
+use super::hub::{refuse_true, ForBase, Refusal};
 use crate::adapter::lora::{Composition, LoraConfig, LoraInit, Projection};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -70,13 +70,6 @@ impl TryFrom<ForBase<'_, HubLoraConfig>> for LoraConfig {
 
     fn try_from(b: ForBase<'_, HubLoraConfig>) -> Refused<LoraConfig> {
         let c = b.config;
-        let refuse_true = |key: &str, v: Option<bool>, what: &str| match v {
-            Some(true) => Err(Refusal::new(
-                key,
-                format!("`true` is not supported: {what}"),
-            )),
-            _ => Ok(()),
-        };
         refuse_true("use_dora", c.use_dora, "DoRA is not implemented")?;
         refuse_true(
             "use_gating",
