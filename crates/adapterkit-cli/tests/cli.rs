@@ -225,6 +225,10 @@ fn adapterhub_configs_and_directories_through_the_cli() {
         ),
         ("lora", "lora[r=4, alpha=16, output_lora=True]".to_string()),
         ("ia3", "ia3".to_string()),
+        (
+            "compacter",
+            "compacter[reduction_factor=4, phm_dim=2]".to_string(),
+        ),
     ] {
         let out = dir.join(tag);
         let o = ak(
@@ -251,7 +255,27 @@ fn adapterhub_configs_and_directories_through_the_cli() {
             &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        if tag == "lora" || tag == "ia3" {
+        if tag == "compacter" {
+            let c = &written["config"];
+            assert_eq!(
+                (c["phm_layer"].clone(), c["phm_dim"].clone()),
+                (true.into(), 2.into())
+            );
+            assert_eq!(c["mh_adapter"], true);
+            let o = ak(
+                &[
+                    "predict",
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--adapter",
+                    out.to_str().unwrap(),
+                    "the film was good",
+                ],
+                None,
+            );
+            assert!(o.status.success(), "{tag}: {}", text(&o.stderr));
+            assert!(text(&o.stdout).contains("\"label\""), "{}", text(&o.stdout));
+        } else if tag == "lora" || tag == "ia3" {
             // AdapterHub's LoRAConfig, with the string's keys over the preset's.
             let c = &written["config"];
             assert_eq!(c["architecture"], "lora");

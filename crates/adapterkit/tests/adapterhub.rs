@@ -24,6 +24,9 @@ const CASES: &[&str] = &[
     "lora_qv",
     "lora_all",
     "ia3",
+    "compacter",
+    "compacter_pp_local_rules",
+    "compacter_shared_w",
 ];
 
 fn case_dir(name: &str) -> PathBuf {
@@ -179,6 +182,26 @@ fn adapterhub_configs_are_read_as_written() {
         (1, Composition::Scale, LoraInit::Ia3)
     );
 
+    let c = load("compacter");
+    let a = c.adapter.as_ref().unwrap();
+    let p = a.phm.as_ref().unwrap();
+    assert_eq!(a.placement, Placement::Houlsby);
+    assert_eq!((a.bottleneck, p.phm_dim, p.phm_rank), (8, 4, 1));
+    assert!(p.shared_phm_rule && p.factorized_phm_w && !p.shared_w_phm && p.phm_bias);
+    assert!(c.is_merged() && c.shares_encoder());
+    let c = load("compacter_pp_local_rules");
+    let a = c.adapter.as_ref().unwrap();
+    let p = a.phm.as_ref().unwrap();
+    assert_eq!(a.placement, Placement::Pfeiffer);
+    assert!(a.original_ln_before);
+    assert_eq!(p.phm_dim, 2);
+    assert!(!p.shared_phm_rule && p.factorized_phm_rule && !p.factorized_phm_w && !p.phm_bias);
+    let c = load("compacter_shared_w");
+    let a = c.adapter.as_ref().unwrap();
+    let p = a.phm.as_ref().unwrap();
+    assert!(p.shared_w_phm && a.ln_before);
+    assert_eq!((a.bottleneck, p.phm_rank), (4, 2));
+
     let pc = load("parallel_channel_lns");
     let a = pc.adapter.as_ref().unwrap();
     assert!(a.parallel && a.ln_after && !a.original_ln_after);
@@ -236,7 +259,6 @@ fn edited_error(case: &str, tag: &str, edit: impl Fn(&mut serde_json::Value)) ->
 fn unsupported_adapterhub_options_are_named() {
     let cases: &[(&str, serde_json::Value, &str)] = &[
         ("use_gating", serde_json::json!(true), "true"),
-        ("phm_layer", serde_json::json!(true), "true"),
         ("inv_adapter", serde_json::json!("nice"), "nice"),
         ("architecture", serde_json::json!("lora"), "lora"),
         ("non_linearity", serde_json::json!("softplus"), "softplus"),
@@ -279,6 +301,52 @@ fn unsupported_adapterhub_options_are_named() {
         msg.contains("post_add") && msg.contains("original_ln_before"),
         "{msg}"
     );
+}
+
+#[test]
+fn unsupported_phm_options_are_named() {
+    let cases: &[(&str, serde_json::Value, &str)] = &[
+        ("learn_phm", serde_json::json!(false), "frozen PHM"),
+        ("phm_dim", serde_json::json!(3), "does not divide"),
+        ("phm_dim", serde_json::json!(0), "≥ 1"),
+        ("phm_rank", serde_json::json!(0), "≥ 1"),
+        ("phm_c_init", serde_json::json!("xavier"), "xavier"),
+        (
+            "hypercomplex_nonlinearity",
+            serde_json::json!("tanh"),
+            "tanh",
+        ),
+        (
+            "init_weights",
+            serde_json::json!("mam_adapter"),
+            "PHM layer",
+        ),
+        (
+            "factorized_phm_W",
+            serde_json::json!("yes"),
+            "true or false",
+        ),
+        ("phm_init_range", serde_json::json!(-1), "≥ 0"),
+    ];
+    for (key, value, shown) in cases {
+        let msg = edited_error("compacter", key, |v| {
+            v["config"][*key] = value.clone();
+        });
+        assert!(
+            msg.contains(key) && msg.contains(shown) && msg.contains("adapter_config.json"),
+            "{key}: {msg}"
+        );
+    }
+    // Shared weights must be factorised (AdapterHub itself fails otherwise).
+    let msg = edited_error("compacter_shared_w", "shared-unfactorised", |v| {
+        v["config"]["factorized_phm_W"] = serde_json::json!(false);
+    });
+    assert!(msg.contains("shared_W_phm"), "{msg}");
+    // Turning PHM off leaves PHM tensors the plain config does not account for.
+    let msg = edited_error("compacter", "phm-off", |v| {
+        v["config"]["phm_layer"] = serde_json::json!(false);
+    });
+    assert!(msg.contains("adapter_down.0.weight"), "{msg}");
 }
 
 #[test]

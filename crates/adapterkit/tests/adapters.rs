@@ -435,6 +435,154 @@ fn lora_training_moves_only_its_tensors_and_the_head() {
     assert_eq!(snapshot(&base), before, "training wrote to the base");
 }
 
+/// Compacter tasks (Houlsby's sites; Compacter++ with per-layer factorised rules, unfactorised
+/// weights, no biases; shared rank-2 weights with an own LayerNorm before), their PHM tensors moved
+/// well off their near-zero init.
+fn compacter_cases(base: &BaseModel) -> Vec<TaskModel> {
+    use adapterkit::adapter::PhmConfig;
+    let local = AdapterConfig {
+        leave_out: vec![0],
+        phm: Some(PhmConfig {
+            phm_dim: 2,
+            shared_phm_rule: false,
+            factorized_phm_rule: true,
+            factorized_phm_w: false,
+            phm_bias: false,
+            ..PhmConfig::default()
+        }),
+        ..AdapterConfig::compacter(8, true)
+    };
+    let shared = AdapterConfig {
+        ln_before: true,
+        phm: Some(PhmConfig {
+            shared_w_phm: true,
+            phm_rank: 2,
+            ..PhmConfig::default()
+        }),
+        ..AdapterConfig::compacter(4, false)
+    };
+    [AdapterConfig::compacter(8, false), local, shared]
+        .into_iter()
+        .enumerate()
+        .map(|(i, cfg)| {
+            let mut t = TaskModel::new(
+                base,
+                &format!("c{i}"),
+                TrainableSet::Adapters { layernorms: true },
+                Some(cfg),
+                head(),
+                32,
+                i as u64,
+            )
+            .unwrap();
+            let names: Vec<String> = t
+                .params
+                .keys()
+                .filter(|k| k.name().contains("adapter_") || k.name().contains("shared_"))
+                .map(|k| k.to_string())
+                .collect();
+            for n in names {
+                let old = &t.params[n.as_str()];
+                let v = Tensor::rand(-0.6f32, 0.6, old.shape(), old.device())
+                    .unwrap()
+                    .to_dtype(old.dtype())
+                    .unwrap();
+                t.set_param(&n, v).unwrap();
+            }
+            t
+        })
+        .collect()
+}
+
+#[test]
+fn compacter_gets_gradients_matching_finite_differences() {
+    let base = tiny_base().to_dtype(DType::F64).unwrap();
+    for task in compacter_cases(&base) {
+        let task = task.to_dtype(DType::F64).unwrap();
+        let tensors = task
+            .params
+            .keys()
+            .filter(|k| !k.name().starts_with("heads."))
+            .count();
+        assert!(task.params.keys().any(|k| k.name().contains(".W")));
+        assert_eq!(gradient_check(&base, &task), tensors * 3, "{}", task.name);
+    }
+}
+
+#[test]
+fn merged_compacter_gives_the_unmerged_forward_and_trains_only_its_tensors() {
+    let base = tiny_base();
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
+    let plain = adapter_task(&base, "plain", 5e-2, 2);
+    for task in compacter_cases(&base) {
+        assert!(!task.is_merged());
+        let batch = Batch::select(&enc, &[0, 1, 2], 0, &base.device).unwrap();
+        let mut opts = ForwardOptions::default();
+        let a = base.logits(&task, &batch, &mut opts).unwrap();
+        let mut merged = task.clone();
+        merged.merge(&base).unwrap();
+        let b = base.logits(&merged, &batch, &mut opts).unwrap();
+        let d = max_abs_diff(&a, &b);
+        assert!(d < 1e-5, "{}: merged and unmerged differ by {d}", task.name);
+        // The adapters change the encoder's output: without them, that moves well beyond it.
+        let h = base.encode(Some(&merged), &batch, &mut opts).unwrap();
+        let mut skip = ForwardOptions {
+            skip_adapter_layers: &[0, 1],
+            ..ForwardOptions::default()
+        };
+        let h_bare = base.encode(Some(&merged), &batch, &mut skip).unwrap();
+        let moved = max_abs_diff(&h, &h_bare);
+        assert!(
+            moved > 1e-2,
+            "{}: the adapters had no effect ({moved})",
+            task.name
+        );
+        // Saved and loaded, it comes back merged, with the same outputs.
+        let dir = tmpdir(&format!("compacter-{}", task.name));
+        task.save(&dir, "tiny-bert").unwrap();
+        let loaded = TaskModel::load(&dir, &base).unwrap();
+        assert!(loaded.is_merged() && loaded.adapter == task.adapter);
+        assert_eq!(
+            base.logits_encoded(&loaded, &enc, 8, &[]).unwrap(),
+            base.logits_encoded(&merged, &enc, 8, &[]).unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Its rows share a batch with plain adapters' rows and get what they get alone.
+        let rows = vec![(&plain, &enc[0]), (&loaded, &enc[1]), (&plain, &enc[2])];
+        let mixed = base.predict_mixed(&rows, false).unwrap();
+        let alone = base.logits_encoded(&loaded, &enc[1..2], 8, &[]).unwrap();
+        let d = mixed[1]
+            .iter()
+            .zip(&alone[0])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "{}: mixed row differs by {d}", task.name);
+    }
+    // Training moves the PHM tensors (shared rules included) and leaves the base alone.
+    let before = snapshot(&base);
+    let mut task = TaskModel::new(
+        &base,
+        "cpt",
+        TrainableSet::Adapters { layernorms: false },
+        Some(AdapterConfig::compacter(8, false)),
+        head(),
+        32,
+        5,
+    )
+    .unwrap();
+    let start = task.clone();
+    adapterkit::train(&base, &mut task, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+    for (k, v) in &task.params {
+        assert!(
+            max_abs_diff(v, &start.params[k.name()]) > 0.0,
+            "{k} did not move"
+        );
+    }
+    assert!(task.params.contains_key("shared_parameters.cpt.phm_rule"));
+    assert_eq!(snapshot(&base), before, "training wrote to the base");
+}
+
 /// Checks every trainable tensor's gradient is finite and non-zero, and three entries of each
 /// adapter and LayerNorm tensor against central finite differences; returns the entries checked.
 fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
@@ -468,8 +616,10 @@ fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
             "{name}: non-finite gradient"
         );
         assert!(gv.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
-        let is_adapter_or_ln =
-            name.contains(".adapters.") || name.contains(".loras.") || name.contains("LayerNorm");
+        let is_adapter_or_ln = name.contains(".adapters.")
+            || name.contains(".loras.")
+            || name.contains("shared_parameters.")
+            || name.contains("LayerNorm");
         if !is_adapter_or_ln {
             continue;
         }
@@ -721,13 +871,21 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
     let enc = base.tokenizer.encode_all(&data.train.inputs, 32).unwrap();
     // Rows of different lengths, so padding and masks are exercised.
     let rows: Vec<usize> = (0..8).collect();
-    for set in [
+    let mut tasks: Vec<TaskModel> = [
         TrainableSet::Adapters { layernorms: true },
         TrainableSet::TopK { k: 1 },
         TrainableSet::Head,
-    ] {
+    ]
+    .into_iter()
+    .map(|set| {
         let a = matches!(set, TrainableSet::Adapters { .. }).then(|| adapters(5e-2));
-        let task = TaskModel::new(&base, "f", set.clone(), a, head(), 32, 4).unwrap();
+        TaskModel::new(&base, "f", set, a, head(), 32, 4).unwrap()
+    })
+    .collect();
+    // Compacter: the fused adapter kernel's weight gradients flow on into the PHM tensors.
+    tasks.push(compacter_cases(&base).swap_remove(0));
+    for task in tasks {
+        let set = format!("{} {}", task.name, task.trainable.label());
         let run = |fast: bool| {
             let backend = if fast {
                 adapterkit::Backend::Fused

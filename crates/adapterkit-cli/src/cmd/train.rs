@@ -25,9 +25,11 @@ pub(crate) struct TrainArgs {
     /// `adapter_config.json` (or a bare BnConfig object), or a preset as AdapterHub names it,
     /// optionally with keys over it as AdapterHub's strings: `double_seq_bn` / `seq_bn` (Houlsby /
     /// Pfeiffer: reduction factor 16, swish / relu, "bert" init), `par_bn` (parallel beside the
-    /// FFN, factor 2, relu, scaling 4), `scaled_par_bn` (learned scaling), `lora` (query and
-    /// value, r=8, alpha=8) or `ia3` (rescaled keys, values and FFN activations), e.g.
-    /// `par_bn[reduction_factor=6]` or `lora[r=8,alpha=16,intermediate_lora=True]`.
+    /// FFN, factor 2, relu, scaling 4), `scaled_par_bn` (learned scaling), `compacter` /
+    /// `compacter++` (Houlsby's / Pfeiffer's sites with PHM projections, factor 32, gelu), `lora`
+    /// (query and value, r=8, alpha=8) or `ia3` (rescaled keys, values and FFN activations), e.g.
+    /// `par_bn[reduction_factor=6]`, `compacter[phm_dim=8]` or
+    /// `lora[r=8,alpha=16,intermediate_lora=True]`.
     #[arg(long, conflicts_with_all = ["placement", "bottleneck", "reduction_factor", "nonlinearity", "leave_out"])]
     adapter_config: Option<String>,
     /// Adapter bottleneck size m.

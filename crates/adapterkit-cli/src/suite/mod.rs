@@ -66,7 +66,8 @@ pub struct CommonArgs {
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// Methods, comma-separated [default: all]: full, head, top-1, top-2, layernorm, houlsby-m2,
-    /// houlsby-m8, houlsby-m64, houlsby-m256, pfeiffer-m64, parallel-m64, lora-r8, lora-r8-all, ia3.
+    /// houlsby-m8, houlsby-m64, houlsby-m256, pfeiffer-m64, parallel-m64, lora-r8, lora-r8-all, ia3,
+    /// compacter, compacter++.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Seeds per best setting.
@@ -201,6 +202,16 @@ pub const METHODS: &[Method] = &[
         family: "ia3",
         lrs: &[1e-3, 3e-3, 1e-2],
     },
+    Method {
+        name: "compacter",
+        family: "compacter",
+        lrs: &[1e-3, 3e-3, 1e-2],
+    },
+    Method {
+        name: "compacter++",
+        family: "compacter",
+        lrs: &[1e-3, 3e-3, 1e-2],
+    },
 ];
 
 fn method(name: &str) -> Result<&'static Method> {
@@ -252,6 +263,10 @@ fn setup(m: &Method) -> (TrainableSet, Option<AdapterMethod>) {
             ..LoraConfig::lora(8, 8.0)
         }),
         "ia3" => lora(LoraConfig::ia3()),
+        // AdapterHub's compacter / compacter++ presets at m = 12 (their reduction factor 32 on
+        // MiniLM's 384): PHM projections with n = 4, rules shared by all layers, rank-1 weights.
+        "compacter" => adapters(AdapterConfig::compacter(12, false)),
+        "compacter++" => adapters(AdapterConfig::compacter(12, true)),
         n => adapters(houlsby(
             n.trim_start_matches("houlsby-m").parse().unwrap_or(64),
         )),

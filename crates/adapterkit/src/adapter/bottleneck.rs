@@ -27,11 +27,13 @@ pub struct BottleneckAdapter<'a> {
 
 impl<'a> BottleneckAdapter<'a> {
     /// The adapter of configuration `cfg` at `site` of layer `layer`, if `cfg` puts one there,
-    /// with its tensors taken from task `task`'s `params`.
+    /// with its tensors taken from task `task`'s `derived` weights (Compacter's projections) or
+    /// else its `params`.
     pub fn resolve(
         cfg: &'a AdapterConfig,
         task: &str,
         params: &'a BTreeMap<ParamKey, Tensor>,
+        derived: Option<&'a BTreeMap<ParamKey, Tensor>>,
         layer: usize,
         site: Site,
     ) -> Result<Option<Self>> {
@@ -40,8 +42,9 @@ impl<'a> BottleneckAdapter<'a> {
         }
         let get = |part: Part| -> Result<&'a Tensor> {
             let name = cfg.param_name(layer, site, task, part);
-            params
-                .get(name.as_str())
+            derived
+                .and_then(|d| d.get(name.as_str()))
+                .or_else(|| params.get(name.as_str()))
                 .ok_or_else(|| Error::NotFound(format!("the task has no parameter `{name}`")))
         };
         let norm = |on: bool, w: Part, b: Part| -> Result<Option<NormView<'a>>> {

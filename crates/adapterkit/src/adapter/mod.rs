@@ -1,18 +1,23 @@
 //! Adapter methods: bottleneck adapters (Houlsby et al. 2019; sequential or parallel) with their
 //! configuration, placement and parameter naming here, the site interface in [`site`], the
-//! bottleneck adapter's forward in [`bottleneck`]; LoRA and (IA)³ in [`lora`].
+//! bottleneck adapter's forward in [`bottleneck`], Compacter's PHM projections in [`phm`]; LoRA
+//! and (IA)³ in [`lora`].
 
 pub mod bottleneck;
 pub mod lora;
+pub mod phm;
 pub mod site;
 
 pub use bottleneck::BottleneckAdapter;
 pub use lora::LoraConfig;
+pub use phm::{PhmConfig, PhmProj, PhmTensor};
 pub use site::{residual_norm, SiteAdapter, SiteContext};
 
 use crate::error::{Error, Result};
 use crate::kernels::Activation;
 use crate::keys::{Leaf, ParamKey, Role};
+use crate::rng::Rng;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -160,6 +165,9 @@ pub enum Part {
     LnAfterBias,
     /// Trained output scaling ([1] for `learned`, [d] for `channel`).
     Scaling,
+    /// A tensor of a PHM (Compacter) projection kept at the site; the projection's weight is then
+    /// derived from these (see [`phm`]).
+    Phm(PhmProj, PhmTensor),
 }
 
 impl Part {
@@ -172,6 +180,7 @@ impl Part {
                 Leaf::Norm
             }
             Part::Scaling => Leaf::Scale,
+            Part::Phm(..) => Leaf::Weight,
         }
     }
 }
@@ -230,6 +239,10 @@ pub struct AdapterConfig {
     /// `adapter_residual_before_ln` then have no effect, as in AdapterHub.
     #[serde(default)]
     pub parallel: bool,
+    /// Compacter (Mahabadi et al. 2021; AdapterHub's `phm_layer`): both projections are PHM
+    /// layers with these options, their weights derived from sums of Kronecker products.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phm: Option<PhmConfig>,
 }
 
 fn default_placement() -> Placement {
@@ -273,6 +286,7 @@ impl Default for AdapterConfig {
             init: Init::TruncatedNormal,
             dropout: 0.0,
             parallel: false,
+            phm: None,
         }
     }
 }
@@ -302,6 +316,24 @@ impl AdapterConfig {
             init: Init::MamAdapter,
             parallel: true,
             ..AdapterConfig::default()
+        }
+    }
+
+    /// AdapterHub's `compacter` (both sites, as Houlsby) or, with `plus_plus`, `compacter++` (after
+    /// the FFN, as Pfeiffer): GELU, bottleneck `m`, PHM projections with AdapterHub's defaults.
+    pub fn compacter(bottleneck: usize, plus_plus: bool) -> Self {
+        let base = if plus_plus {
+            AdapterConfig::pfeiffer(bottleneck, Activation::Gelu)
+        } else {
+            AdapterConfig {
+                bottleneck,
+                ..AdapterConfig::default()
+            }
+        };
+        AdapterConfig {
+            init: Init::Bert,
+            phm: Some(PhmConfig::default()),
+            ..base
         }
     }
 
@@ -353,6 +385,16 @@ impl AdapterConfig {
                 "leave_out",
                 format!("layer {l} does not exist (the base has layers 0..{layers})"),
             );
+        }
+        if let Some(p) = &self.phm {
+            let sizes: Vec<usize> = (0..layers)
+                .filter(|&l| self.has_layer(l))
+                .map(|l| self.bottleneck_at(l))
+                .collect();
+            let per_layer = sizes.windows(2).any(|w| w[0] != w[1]);
+            if let Err((field, msg)) = p.validate(hidden, &sizes, per_layer) {
+                return bad(field, msg);
+            }
         }
         Ok(())
     }
@@ -416,27 +458,39 @@ impl AdapterConfig {
 
     /// Trainable parameters of all adapters.
     pub fn num_params(&self, hidden: usize, layers: usize) -> usize {
-        (0..layers)
-            .filter(|&l| self.has_layer(l))
-            .map(|l| {
-                self.param_shapes_at(l, hidden)
-                    .iter()
-                    .map(|(_, s)| s.iter().product::<usize>())
-                    .sum::<usize>()
-                    * self.sites().len()
-            })
+        self.param_keys("x", hidden, layers)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
             .sum()
     }
 
-    /// The tensors of one site of layer `layer` with their shapes.
+    /// The tensors of one site of layer `layer` with their shapes (a Compacter's shared tensors
+    /// are in [`AdapterConfig::param_keys`] only).
     pub fn param_shapes_at(&self, layer: usize, hidden: usize) -> Vec<(Part, Vec<usize>)> {
         let (m, d) = (self.bottleneck_at(layer), hidden);
-        let mut v = vec![
-            (Part::DownWeight, vec![m, d]),
-            (Part::DownBias, vec![m]),
-            (Part::UpWeight, vec![d, m]),
-            (Part::UpBias, vec![d]),
-        ];
+        let mut v = match &self.phm {
+            None => vec![
+                (Part::DownWeight, vec![m, d]),
+                (Part::DownBias, vec![m]),
+                (Part::UpWeight, vec![d, m]),
+                (Part::UpBias, vec![d]),
+            ],
+            Some(p) => {
+                let mut v = Vec::new();
+                for (proj, dims, bias) in [
+                    (PhmProj::Down, (d, m), Part::DownBias),
+                    (PhmProj::Up, (m, d), Part::UpBias),
+                ] {
+                    for (t, shape) in p.site_tensors(dims) {
+                        v.push((Part::Phm(proj, t), shape));
+                    }
+                    if p.phm_bias {
+                        v.push((bias, vec![dims.1]));
+                    }
+                }
+                v
+            }
+        };
         if self.ln_before {
             v.push((Part::LnBeforeWeight, vec![d]));
             v.push((Part::LnBeforeBias, vec![d]));
@@ -481,7 +535,75 @@ impl AdapterConfig {
                 }
             }
         }
+        if let Some(p) = &self.phm {
+            let first = (0..layers).find(|&l| self.has_layer(l)).unwrap_or(0);
+            for (leaf, _, _, shape) in p.shared_tensors(hidden, self.bottleneck) {
+                v.push((phm::shared_key(name, &leaf, first), shape));
+            }
+        }
         v
+    }
+
+    /// New tensors of every adapter of task `name`, drawn from `rng` in a fixed order: projections
+    /// by the configured scheme (PHM tensors as AdapterHub draws them), biases zero, norms and
+    /// scales one.
+    pub fn new_params(
+        &self,
+        name: &str,
+        hidden: usize,
+        layers: usize,
+        rng: &mut Rng,
+        dev: &Device,
+    ) -> Result<Vec<(ParamKey, Tensor)>> {
+        let mut v = Vec::new();
+        for l in (0..layers).filter(|&l| self.has_layer(l)) {
+            for &site in self.sites() {
+                for (part, shape) in self.param_shapes_at(l, hidden) {
+                    let values = self.init_values(part, &shape, rng);
+                    let t = Tensor::from_vec(values, shape, dev)?;
+                    v.push((self.param_key(l, site, name, part), t));
+                }
+            }
+        }
+        if let Some(p) = &self.phm {
+            let first = (0..layers).find(|&l| self.has_layer(l)).unwrap_or(0);
+            for (leaf, _, t, shape) in p.shared_tensors(hidden, self.bottleneck) {
+                let values = p.init_values(t, &shape, true, rng);
+                let tensor = Tensor::from_vec(values, shape, dev)?;
+                v.push((phm::shared_key(name, &leaf, first), tensor));
+            }
+        }
+        Ok(v)
+    }
+
+    /// The values of a new site tensor `part` of `shape`.
+    fn init_values(&self, part: Part, shape: &[usize], rng: &mut Rng) -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        match part {
+            Part::DownWeight | Part::UpWeight => {
+                let fan_in = shape[1] as f64;
+                (0..n)
+                    .map(|_| {
+                        (match (self.init, part) {
+                            (Init::TruncatedNormal, _) => rng.truncated_normal(self.init_std),
+                            (Init::Bert, _) => rng.normal() * 0.02,
+                            (Init::Houlsby, _) => rng.truncated_normal(1e-2),
+                            // Kaiming-uniform with a = sqrt(5), as torch.nn.Linear: bound 1/sqrt(fan_in).
+                            (Init::MamAdapter, Part::DownWeight) => {
+                                (2.0 * rng.uniform() - 1.0) / fan_in.sqrt()
+                            }
+                            (Init::MamAdapter, _) => 0.0,
+                        }) as f32
+                    })
+                    .collect()
+            }
+            Part::Phm(_, t) => match &self.phm {
+                Some(p) => p.init_values(t, shape, false, rng),
+                None => vec![0.0; n],
+            },
+            Part::LnBeforeWeight | Part::LnAfterWeight | Part::Scaling => vec![1.0; n],
+            Part::DownBias | Part::UpBias | Part::LnBeforeBias | Part::LnAfterBias => vec![0.0; n],
+        }
     }
 
     /// The typed key of one adapter tensor (see [`AdapterConfig::param_name`]).
@@ -494,9 +616,29 @@ impl AdapterConfig {
     }
 
     /// The checkpoint name of one adapter tensor, as AdapterHub names it (without the `bert.` prefix).
-    /// With `ln_before` the down projection is the second module of `adapter_down`.
+    /// With `ln_before` the down projection is the second module of `adapter_down`. With PHM
+    /// projections, `DownWeight` / `UpWeight` name the derived weights, and the biases are `b`.
     pub fn param_name(&self, layer: usize, site: Site, adapter: &str, part: Part) -> String {
+        let down = if self.ln_before {
+            "adapter_down.1"
+        } else {
+            "adapter_down.0"
+        };
+        let phm_leaf;
         let leaf = match part {
+            Part::Phm(proj, t) => {
+                let module = match proj {
+                    PhmProj::Down => down,
+                    PhmProj::Up => "adapter_up",
+                };
+                phm_leaf = format!("{module}.{}", t.leaf());
+                phm_leaf.as_str()
+            }
+            Part::DownBias if self.phm.is_some() => {
+                phm_leaf = format!("{down}.b");
+                phm_leaf.as_str()
+            }
+            Part::UpBias if self.phm.is_some() => "adapter_up.b",
             Part::DownWeight if self.ln_before => "adapter_down.1.weight",
             Part::DownBias if self.ln_before => "adapter_down.1.bias",
             Part::DownWeight => "adapter_down.0.weight",

@@ -61,10 +61,11 @@ pub struct TaskParts<'a> {
     pub params: &'a BTreeMap<ParamKey, Tensor>,
     /// Its adapters, if it has any.
     pub adapter: Option<&'a AdapterConfig>,
-    /// Whether it has LoRA, whose weights must then come in `derived`.
-    pub lora: bool,
-    /// Weights derived from the task's tensors for this forward (LoRA merged into projections),
-    /// which replace the base's of the same name.
+    /// Whether its forward reads derived weights (LoRA, Compacter), which must then come in
+    /// `derived`.
+    pub derives: bool,
+    /// Weights derived from the task's tensors for this forward (LoRA merged into projections,
+    /// Compacter's PHM projections), which replace the tensors of the same name.
     pub derived: Option<&'a BTreeMap<ParamKey, Tensor>>,
 }
 
@@ -86,12 +87,12 @@ pub struct TaskView<'a> {
 impl<'a> TaskView<'a> {
     /// The view of `task` on `base` (the base alone when `task` is `None`).
     pub fn new(base: &'a BaseModel, task: Option<TaskParts<'a>>) -> Result<Self> {
-        if let Some(t) = task.filter(|t| t.lora && t.derived.is_none()) {
+        if let Some(t) = task.filter(|t| t.derives && t.derived.is_none()) {
             return Err(Error::config(
                 "task",
                 t.name,
-                "has LoRA, but this forward was given no LoRA weights (merge the task, or derive \
-                 them for the forward); running without them would ignore LoRA",
+                "derives its weights (LoRA or Compacter), but this forward was given none (merge \
+                 the task, or derive them for the forward); running without them would ignore them",
             ));
         }
         let r = |p: &'a Param| -> &'a Tensor {
@@ -138,8 +139,9 @@ impl<'a> TaskView<'a> {
                         name,
                         params,
                         adapter: Some(cfg),
+                        derived,
                         ..
-                    }) => BottleneckAdapter::resolve(cfg, name, params, l, s)?,
+                    }) => BottleneckAdapter::resolve(cfg, name, params, derived, l, s)?,
                     _ => None,
                 };
                 Ok(SiteView {

@@ -5,7 +5,7 @@
 
 use super::hub_lora::HubLoraConfig;
 use crate::adapter::{
-    AdapterConfig, AdapterMethod, Init, LoraConfig, Placement, Residual, Scaling,
+    AdapterConfig, AdapterMethod, Init, LoraConfig, PhmConfig, Placement, Residual, Scaling,
 };
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, HeadKind, Pooling, MAX_HEAD_LAYERS};
@@ -142,7 +142,7 @@ pub struct BnConfig {
     /// PHM option (only with `phm_layer`).
     #[serde(default)]
     pub phm_init_range: Option<Value>,
-    /// PHM (Compacter) layers (refused).
+    /// PHM (Compacter) projections.
     #[serde(default)]
     pub phm_layer: Option<bool>,
     /// PHM option (only with `phm_layer`).
@@ -255,11 +255,10 @@ impl TryFrom<ForBase<'_, BnConfig>> for AdapterConfig {
             c.use_gating,
             "gated adapters (UniPELT) are not implemented",
         )?;
-        refuse_true(
-            "phm_layer",
-            c.phm_layer,
-            "PHM (Compacter) layers are not implemented",
-        )?;
+        let phm = match c.phm_layer {
+            Some(true) => Some(phm_from_hub(c)?),
+            _ => None,
+        };
         if let Some(v) = c.inv_adapter.as_ref().filter(|v| !v.is_null()) {
             return Err(Refusal::new(
                 "inv_adapter",
@@ -374,11 +373,97 @@ impl TryFrom<ForBase<'_, BnConfig>> for AdapterConfig {
             init,
             dropout,
             parallel: c.is_parallel.unwrap_or(false),
+            phm,
         };
+        if cfg.phm.is_some() && init != Init::Bert {
+            return Err(Refusal::new(
+                "init_weights",
+                format!(
+                    "`\"{}\"` with phm_layer: AdapterHub 1.3 fails on it (a PHM layer has no \
+                     `weight`); use \"bert\", which leaves the PHM layers' own init",
+                    init.hub_name()
+                ),
+            ));
+        }
         cfg.validate(hidden, layers)
             .map_err(|e| Refusal::new("config", e.to_string()))?;
         Ok(cfg)
     }
+}
+
+/// The PHM (Compacter) options of a config with `phm_layer: true`; `null` or absent keys take
+/// AdapterHub's defaults.
+fn phm_from_hub(c: &BnConfig) -> Refused<PhmConfig> {
+    let d = PhmConfig::default();
+    let present = |v: &Option<Value>| v.clone().filter(|v| !v.is_null());
+    let flag = |key: &str, v: &Option<Value>, default: bool| -> Refused<bool> {
+        match present(v) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(v) => Err(Refusal::new(key, format!("`{v}`: expected true or false"))),
+        }
+    };
+    let count = |key: &str, v: &Option<Value>, default: usize| -> Refused<usize> {
+        match present(v) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n >= 1)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| Refusal::new(key, format!("`{v}`: expected a whole number ≥ 1"))),
+        }
+    };
+    if !flag("learn_phm", &c.learn_phm, true)? {
+        return Err(Refusal::new(
+            "learn_phm",
+            "`false` is not supported: frozen PHM rules are not implemented",
+        ));
+    }
+    let phm_c_init = match present(&c.phm_c_init) {
+        None => d.phm_c_init,
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+            Refusal::new(
+                "phm_c_init",
+                format!("`{v}`: expected \"normal\" or \"uniform\""),
+            )
+        })?,
+    };
+    let hypercomplex_nonlinearity = match present(&c.hypercomplex_nonlinearity) {
+        None => d.hypercomplex_nonlinearity,
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+            Refusal::new(
+                "hypercomplex_nonlinearity",
+                format!(
+                    "`{v}`: expected \"glorot-uniform\", \"glorot-normal\", \"normal\" or \"phm\""
+                ),
+            )
+        })?,
+    };
+    let phm_init_range = match present(&c.phm_init_range) {
+        None => d.phm_init_range,
+        Some(v) => v
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .ok_or_else(|| {
+                Refusal::new("phm_init_range", format!("`{v}`: expected a number ≥ 0"))
+            })?,
+    };
+    Ok(PhmConfig {
+        phm_dim: count("phm_dim", &c.phm_dim, d.phm_dim)?,
+        shared_phm_rule: flag("shared_phm_rule", &c.shared_phm_rule, d.shared_phm_rule)?,
+        factorized_phm_rule: flag(
+            "factorized_phm_rule",
+            &c.factorized_phm_rule,
+            d.factorized_phm_rule,
+        )?,
+        factorized_phm_w: flag("factorized_phm_W", &c.factorized_phm_w, d.factorized_phm_w)?,
+        shared_w_phm: flag("shared_W_phm", &c.shared_w_phm, d.shared_w_phm)?,
+        phm_rank: count("phm_rank", &c.phm_rank, d.phm_rank)?,
+        phm_bias: flag("phm_bias", &c.phm_bias, d.phm_bias)?,
+        phm_c_init,
+        phm_init_range,
+        hypercomplex_nonlinearity,
+    })
 }
 
 /// A reduction factor whose `int(d // factor)` is exactly `m` in floating point.
@@ -394,6 +479,8 @@ impl From<ForBase<'_, AdapterConfig>> for BnConfig {
     /// Every key AdapterHub 1.3 writes, so the Python library reads back exactly this adapter.
     fn from(b: ForBase<'_, AdapterConfig>) -> BnConfig {
         let (cfg, hidden) = (b.config, b.hidden);
+        // AdapterHub writes its PHM defaults even without PHM layers.
+        let phm = cfg.phm.clone().unwrap_or_default();
         let reduction_factor = if cfg.layer_bottleneck.is_empty() {
             reduction_for(hidden, cfg.bottleneck)
         } else {
@@ -409,9 +496,9 @@ impl From<ForBase<'_, AdapterConfig>> for BnConfig {
             architecture: None,
             cross_adapter: Some(false),
             dropout: Some(cfg.dropout),
-            factorized_phm_w: Some(json!(true)),
-            factorized_phm_rule: Some(json!(false)),
-            hypercomplex_nonlinearity: Some(json!("glorot-uniform")),
+            factorized_phm_w: Some(json!(phm.factorized_phm_w)),
+            factorized_phm_rule: Some(json!(phm.factorized_phm_rule)),
+            hypercomplex_nonlinearity: serde_json::to_value(phm.hypercomplex_nonlinearity).ok(),
             init_weights: Some(cfg.init.hub_name().into()),
             init_weights_seed: None,
             inv_adapter: None,
@@ -426,12 +513,12 @@ impl From<ForBase<'_, AdapterConfig>> for BnConfig {
             original_ln_after: Some(cfg.original_ln_after),
             original_ln_before: Some(cfg.original_ln_before),
             output_adapter: matches!(cfg.placement, Placement::Houlsby | Placement::Pfeiffer),
-            phm_bias: Some(json!(true)),
-            phm_c_init: Some(json!("normal")),
-            phm_dim: Some(json!(4)),
-            phm_init_range: Some(json!(0.0001)),
-            phm_layer: Some(false),
-            phm_rank: Some(json!(1)),
+            phm_bias: Some(json!(phm.phm_bias)),
+            phm_c_init: serde_json::to_value(phm.phm_c_init).ok(),
+            phm_dim: Some(json!(phm.phm_dim)),
+            phm_init_range: Some(json!(phm.phm_init_range)),
+            phm_layer: Some(cfg.phm.is_some()),
+            phm_rank: Some(json!(phm.phm_rank)),
             reduction_factor,
             residual_before_ln: Some(match cfg.residual {
                 Residual::Sublayer => json!(true),
@@ -439,8 +526,8 @@ impl From<ForBase<'_, AdapterConfig>> for BnConfig {
                 Residual::PostAdd => json!("post_add"),
             }),
             scaling: serde_json::to_value(cfg.scaling).ok(),
-            shared_w_phm: Some(json!(false)),
-            shared_phm_rule: Some(json!(true)),
+            shared_w_phm: Some(json!(phm.shared_w_phm)),
+            shared_phm_rule: Some(json!(phm.shared_phm_rule)),
             stochastic_depth: Some(0.0),
             use_gating: Some(false),
         }

@@ -1,6 +1,5 @@
-//! AdapterHub's named adapter configurations (`seq_bn`, `double_seq_bn`, `par_bn`, `lora`, `ia3`, …)
-//! and its
-//! configuration strings `name[key=value, …]`, read as `adapters.AdapterConfig.load` reads them:
+//! AdapterHub's named adapter configurations (`seq_bn`, `double_seq_bn`, `par_bn`, `compacter`,
+//! `lora`, `ia3`, …) and its configuration strings `name[key=value, …]`, read as `adapters.AdapterConfig.load` reads them:
 //! the preset's keys, then each `key=value` (a Python literal) over them.
 
 use crate::error::{Error, Result};
@@ -16,6 +15,8 @@ pub const PRESETS: &[&str] = &[
     "parallel",
     "scaled_par_bn",
     "scaled_parallel",
+    "compacter",
+    "compacter++",
     "lora",
     "ia3",
 ];
@@ -26,8 +27,6 @@ const OTHER_PRESETS: &[&str] = &[
     "double_seq_bn_inv",
     "pfeiffer+inv",
     "houlsby+inv",
-    "compacter",
-    "compacter++",
     "prefix_tuning",
     "prefix_tuning_flat",
     "prompt_tuning",
@@ -76,6 +75,9 @@ pub fn preset(name: &str) -> Option<Value> {
             json!(2),
             json!({"is_parallel": true, "scaling": "learned", "init_weights": "mam_adapter"}),
         ),
+        // Compacter is Houlsby's arrangement with PHM projections, Compacter++ Pfeiffer's.
+        "compacter" => (true, false, "gelu", json!(32), json!({"phm_layer": true})),
+        "compacter++" => (false, true, "gelu", json!(32), json!({"phm_layer": true})),
         _ => return None,
     };
     let mut v = json!({
@@ -298,6 +300,15 @@ mod tests {
         assert_eq!(v["architecture"], json!("lora"));
         assert_eq!((v["r"].clone(), v["alpha"].clone()), (json!(4), json!(16)));
         assert_eq!(v["attn_matrices"], json!(["q", "k", "v"]));
+        let v = from_string("compacter++[phm_dim=2, shared_phm_rule=False]")
+            .unwrap()
+            .unwrap();
+        assert_eq!(v["phm_layer"], json!(true));
+        assert_eq!(v["original_ln_before"], json!(true));
+        assert_eq!(
+            (v["phm_dim"].clone(), v["shared_phm_rule"].clone()),
+            (json!(2), json!(false))
+        );
         // Not a preset and no brackets: maybe a file.
         assert!(from_string("my_config.json").unwrap().is_none());
     }
@@ -305,7 +316,7 @@ mod tests {
     #[test]
     fn bad_strings_are_named() {
         for (spec, shown) in [
-            ("compacter[phm_dim=4]", "not implemented"),
+            ("prefix_tuning[prefix_length=30]", "not implemented"),
             ("prefix_tuning", "not implemented"),
             ("prefix_tuning|par_bn", "unions"),
             ("nonsense[r=8]", "not a preset"),

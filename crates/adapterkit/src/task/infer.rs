@@ -15,27 +15,54 @@ use std::collections::BTreeMap;
 pub type TaskRow<'a> = (&'a TaskModel, &'a (Vec<u32>, Vec<u32>));
 
 impl TaskModel {
-    /// What the encoder reads of this task, with `derived` LoRA weights for this forward (else
-    /// the merged ones, if merged).
+    /// What the encoder reads of this task, with `derived` weights for this forward (else the
+    /// merged ones, if merged).
     pub fn parts<'a>(&'a self, derived: Option<&'a BTreeMap<ParamKey, Tensor>>) -> TaskParts<'a> {
         TaskParts {
             name: &self.name,
             params: &self.params,
             adapter: self.adapter.as_ref(),
-            lora: self.lora.is_some(),
+            derives: self.derives_weights(),
             derived: derived.or(self.merged.as_ref()),
         }
     }
 
-    /// The LoRA weights a forward of this task must derive itself: `Some` only for a task with
-    /// LoRA that is not merged (in training, so that gradients reach the LoRA tensors).
+    /// Whether the forward reads weights derived from the task's tensors rather than the tensors
+    /// themselves: LoRA / (IA)³ (projections) and Compacter (PHM adapter projections).
+    pub fn derives_weights(&self) -> bool {
+        self.lora.is_some() || self.adapter.as_ref().is_some_and(|a| a.phm.is_some())
+    }
+
+    /// The derived weights from the task's tensors as they are (differentiable): LoRA merged into
+    /// the projections, or Compacter's PHM projections; `None` for a task that derives none.
+    pub fn derive(&self, base: &BaseModel) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
+        if let Some(l) = &self.lora {
+            return Ok(Some(l.derive(&self.name, &self.params, base)?));
+        }
+        match &self.adapter {
+            Some(a) => match &a.phm {
+                Some(p) => Ok(Some(crate::adapter::phm::derive(
+                    a,
+                    p,
+                    &self.name,
+                    &self.params,
+                    base.config.num_hidden_layers,
+                )?)),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// The weights a forward of this task must derive itself: `Some` only for a task that derives
+    /// weights and is not merged (in training, so that gradients reach its tensors).
     pub fn derive_for_forward(
         &self,
         base: &BaseModel,
     ) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
-        match (&self.lora, &self.merged) {
-            (Some(l), None) => Ok(Some(l.derive(&self.name, &self.params, base)?)),
-            _ => Ok(None),
+        match &self.merged {
+            None => self.derive(base),
+            Some(_) => Ok(None),
         }
     }
 

@@ -10,7 +10,7 @@ pub use crate::format::files;
 pub use crate::keys::{Leaf, ParamKey, Role};
 pub use infer::TaskRow;
 
-use crate::adapter::{AdapterConfig, AdapterMethod, Init, LoraConfig, Part};
+use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig};
 use crate::encoder::BaseModel;
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, Pooling};
@@ -122,8 +122,9 @@ pub struct TaskModel {
     pub adapter: Option<AdapterConfig>,
     /// LoRA / (IA)³ configuration, if the task adapts projections that way.
     pub lora: Option<LoraConfig>,
-    /// The projections' weights with the LoRA tensors merged in (see [`TaskModel::merge`]): set
-    /// for inference, cleared whenever the LoRA tensors may change.
+    /// The weights derived from the task's tensors (LoRA merged into the projections, Compacter's
+    /// PHM projections; see [`TaskModel::merge`]): set for inference, cleared whenever the task's
+    /// tensors may change.
     pub(crate) merged: Option<BTreeMap<ParamKey, Tensor>>,
     /// Head configuration.
     pub head: HeadConfig,
@@ -244,14 +245,7 @@ impl TaskModel {
         let mut rng = Rng::derive(seed, "init");
         if let Some(a) = &adapter {
             a.validate(d, layers)?;
-            for l in (0..layers).filter(|&l| a.has_layer(l)) {
-                for &site in a.sites() {
-                    for (part, shape) in a.param_shapes_at(l, d) {
-                        let t = init_adapter_tensor(a, part, &shape, &mut rng, dev)?;
-                        params.insert(a.param_key(l, site, name, part), t);
-                    }
-                }
-            }
+            params.extend(a.new_params(name, d, layers, &mut rng, dev)?);
         }
         if let Some(c) = &lora {
             c.validate(d, cfg.intermediate_size, layers)?;
@@ -343,13 +337,12 @@ impl TaskModel {
         }
     }
 
-    /// Merges LoRA into the projections' weights for inference on `base`: forwards then read the
-    /// merged weights and pay nothing for LoRA. Computed from the current tensors (detached); a
-    /// no-op for tasks without LoRA. Changing a LoRA tensor ([`TaskModel::set_param`], training)
-    /// unmerges.
+    /// Merges LoRA into the projections' weights, and builds Compacter's PHM projections, once for
+    /// inference on `base`: forwards then read those weights and pay nothing for the derivation.
+    /// Computed from the current tensors (detached); a no-op for tasks that derive no weights.
+    /// Changing a tensor ([`TaskModel::set_param`], training) unmerges.
     pub fn merge(&mut self, base: &BaseModel) -> Result<()> {
-        if let Some(l) = &self.lora {
-            let mut merged = l.derive(&self.name, &self.params, base)?;
+        if let Some(mut merged) = self.derive(base)? {
             for v in merged.values_mut() {
                 *v = v.detach();
             }
@@ -358,12 +351,12 @@ impl TaskModel {
         Ok(())
     }
 
-    /// Drops the merged weights: forwards derive them from the LoRA tensors again.
+    /// Drops the merged weights: forwards derive them from the task's tensors again.
     pub fn unmerge(&mut self) {
         self.merged = None;
     }
 
-    /// Whether LoRA is merged into the weights this task's forwards read.
+    /// Whether the derived weights (LoRA, PHM) are merged into what this task's forwards read.
     pub fn is_merged(&self) -> bool {
         self.merged.is_some()
     }
@@ -398,39 +391,6 @@ impl TaskModel {
         self.merged = None;
         Ok(())
     }
-}
-
-/// A new adapter tensor: projections by the configured scheme, biases zero, norms and scales one.
-fn init_adapter_tensor(
-    a: &AdapterConfig,
-    part: Part,
-    shape: &[usize],
-    rng: &mut Rng,
-    dev: &candle_core::Device,
-) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let values: Vec<f32> = match part {
-        Part::DownWeight | Part::UpWeight => {
-            let fan_in = shape[1] as f64;
-            (0..n)
-                .map(|_| {
-                    (match (a.init, part) {
-                        (Init::TruncatedNormal, _) => rng.truncated_normal(a.init_std),
-                        (Init::Bert, _) => rng.normal() * 0.02,
-                        (Init::Houlsby, _) => rng.truncated_normal(1e-2),
-                        // Kaiming-uniform with a = sqrt(5), as torch.nn.Linear: bound 1/sqrt(fan_in).
-                        (Init::MamAdapter, Part::DownWeight) => {
-                            (2.0 * rng.uniform() - 1.0) / fan_in.sqrt()
-                        }
-                        (Init::MamAdapter, _) => 0.0,
-                    }) as f32
-                })
-                .collect()
-        }
-        Part::LnBeforeWeight | Part::LnAfterWeight | Part::Scaling => vec![1.0; n],
-        Part::DownBias | Part::UpBias | Part::LnBeforeBias | Part::LnAfterBias => vec![0.0; n],
-    };
-    Ok(Tensor::from_vec(values, shape, dev)?)
 }
 
 /// The key of a head tensor: matrices are decayed weights, vectors biases.
