@@ -60,6 +60,7 @@ const COLORS: &[RGBColor] = &[
     RGBColor(0x17, 0xbe, 0xcf),
     RGBColor(0xbc, 0xbd, 0x22),
     RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0x39, 0x3b, 0x79),
 ];
 
 /// A line plot of `series`; x on a log scale when `log_x`.

@@ -1,7 +1,7 @@
 //! The one run recipe, shared by `adapterkit train` and the paper's suite: a spec in (what to
 //! train, on which data, how), the trained task, its test evaluation and a typed record out.
 
-use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig};
+use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig, PrefixConfig};
 use crate::data::TaskData;
 use crate::encoder::BaseModel;
 use crate::error::Result;
@@ -20,10 +20,9 @@ pub struct RunSpec {
     pub name: String,
     /// Which parameters train.
     pub trainable: TrainableSet,
-    /// The bottleneck adapters, for the adapter methods.
-    pub adapter: Option<AdapterConfig>,
-    /// LoRA / (IA)³, for the adapter methods (instead of `adapter`).
-    pub lora: Option<LoraConfig>,
+    /// The adapter method (bottleneck adapters, LoRA / (IA)³, prefix tuning), for the adapter
+    /// trainable set.
+    pub method: Option<AdapterMethod>,
     /// The prediction head.
     pub head: HeadConfig,
     /// Maximum input length in word pieces.
@@ -70,19 +69,31 @@ pub fn run_identity(base: &BaseModel, data: &TaskData, spec: &RunSpec) -> serde_
                 .chain(targets.iter().map(|t| &t[..])),
         )
     };
+    let adapter = match &spec.method {
+        Some(AdapterMethod::Bottleneck(a)) => Some(a),
+        _ => None,
+    };
     let mut fp = serde_json::json!({
         "name": spec.name,
         "trainable": spec.trainable,
-        "adapter": spec.adapter,
+        "adapter": adapter,
         "head": spec.head,
         "max_len": spec.max_len,
         "train_config": spec.train,
         "base": crate::task::BaseFingerprint::of(base),
         "data": { "name": data.name, "train": set(&data.train), "dev": set(&data.dev) },
     });
-    // Only when present, so checkpoints of runs without LoRA keep their fingerprint.
-    if let (Some(l), Some(o)) = (&spec.lora, fp.as_object_mut()) {
-        o.insert("lora".into(), serde_json::json!(l));
+    // Only when present, so checkpoints of runs of other methods keep their fingerprint.
+    if let Some(o) = fp.as_object_mut() {
+        match &spec.method {
+            Some(AdapterMethod::Lora(l)) => {
+                o.insert("lora".into(), serde_json::json!(l));
+            }
+            Some(AdapterMethod::Prefix(p)) => {
+                o.insert("prefix".into(), serde_json::json!(p));
+            }
+            _ => {}
+        }
     }
     fp
 }
@@ -106,6 +117,9 @@ pub struct RunRecord {
     /// The LoRA / (IA)³ configuration, for runs of those.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// The prefix-tuning configuration (as trained, before folding), for runs of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PrefixConfig>,
     /// The saved task directory.
     pub adapter_dir: PathBuf,
     /// Its size on disk.
@@ -164,16 +178,11 @@ pub struct RunOutcome {
 
 /// The new task `spec` describes, before training: to report its size before the work starts.
 pub fn new_task(base: &BaseModel, spec: &RunSpec) -> Result<TaskModel> {
-    let method = match (&spec.adapter, &spec.lora) {
-        (Some(a), _) => Some(AdapterMethod::Bottleneck(a.clone())),
-        (None, Some(l)) => Some(AdapterMethod::Lora(l.clone())),
-        (None, None) => None,
-    };
     TaskModel::with_method(
         base,
         &spec.name,
         spec.trainable.clone(),
-        method,
+        spec.method.clone(),
         spec.head.clone(),
         spec.max_len,
         spec.train.seed,
@@ -182,7 +191,8 @@ pub fn new_task(base: &BaseModel, spec: &RunSpec) -> Result<TaskModel> {
 
 /// Trains `task` (from [`new_task`]) on `data`, evaluates it on the test set, then saves it to
 /// `spec.out` with its record as `metrics.json`, both in one directory swap: a failure or a crash
-/// leaves the previous directory, weights and record together, as it was.
+/// leaves the previous directory, weights and record together, as it was. Prefix tuning's MLP is
+/// folded into the prefixes it produces before the save (AdapterHub's `eject_prefix_tuning`).
 pub fn run(
     base: &BaseModel,
     data: &TaskData,
@@ -204,9 +214,11 @@ pub fn run(
     let report =
         crate::train::train_with(base, &mut task, data, &spec.train, ckpt.as_ref(), on_event)?;
     let test = evaluate(base, &task, &data.test, spec.train.eval_batch_size, &[])?;
+    let trained = task.clone();
+    task.fold_prefix()?;
     let record = task.save_with(&spec.out, &spec.base_name, |staging| {
         let bytes = crate::format::dir_size(staging)?;
-        let r = make_record(base, data, spec, &task, &report, &test, bytes);
+        let r = make_record(base, data, spec, &trained, &report, &test, bytes);
         write_record(&staging.join(crate::format::files::METRICS), &r)?;
         Ok(r)
     })?;
@@ -235,6 +247,7 @@ fn make_record(
     RunRecord {
         adapter: task.adapter.clone(),
         lora: task.lora.clone(),
+        prefix: task.prefix.clone(),
         adapter_dir: spec.out.clone(),
         adapter_dir_bytes: bytes,
         base_params,

@@ -27,6 +27,8 @@ const CASES: &[&str] = &[
     "compacter",
     "compacter_pp_local_rules",
     "compacter_shared_w",
+    "prefix_mlp",
+    "prefix_flat",
 ];
 
 fn case_dir(name: &str) -> PathBuf {
@@ -98,9 +100,10 @@ fn adapterhub_directories_give_pythons_logits() {
         println!("{case}: max abs diff {diff:.2e}");
         assert!(diff < 1e-5, "{case}: max abs diff {diff}");
         // The adapters matter: without them the logits move well beyond the tolerance.
-        let bare = if task.lora.is_some() {
+        let bare = if task.lora.is_some() || task.prefix.is_some() {
             let mut bare = task.clone();
             bare.lora = None;
+            bare.prefix = None;
             bare.unmerge();
             logits(&base, &bare, &batch, &[])
         } else {
@@ -202,6 +205,14 @@ fn adapterhub_configs_are_read_as_written() {
     assert!(p.shared_w_phm && a.ln_before);
     assert_eq!((a.bottleneck, p.phm_rank), (4, 2));
 
+    let pm = load("prefix_mlp");
+    let p = pm.prefix.as_ref().unwrap();
+    assert_eq!((p.prefix_length, p.bottleneck_size, p.flat), (4, 6, false));
+    assert!(pm.is_merged() && !pm.shares_encoder() && pm.adapter.is_none());
+    let pf = load("prefix_flat");
+    let p = pf.prefix.as_ref().unwrap();
+    assert!(p.flat && p.leave_out == [0] && p.prefix_length == 3);
+
     let pc = load("parallel_channel_lns");
     let a = pc.adapter.as_ref().unwrap();
     assert!(a.parallel && a.ln_after && !a.original_ln_after);
@@ -222,6 +233,7 @@ fn adapterhub_tasks_round_trip_through_our_format() {
         let again = TaskModel::load(&dir, &base).unwrap();
         assert_eq!(again.adapter, task.adapter, "{case}");
         assert_eq!(again.lora, task.lora, "{case}");
+        assert_eq!(again.prefix, task.prefix, "{case}");
         assert_eq!(
             max_abs_diff(&logits(&base, &again, &batch, &[]), &before),
             0.0
@@ -231,6 +243,7 @@ fn adapterhub_tasks_round_trip_through_our_format() {
         let hub = TaskModel::load(&dir, &base).unwrap();
         assert_eq!(hub.adapter, task.adapter, "{case}");
         assert_eq!(hub.lora, task.lora, "{case}");
+        assert_eq!(hub.prefix, task.prefix, "{case}");
         assert_eq!(hub.head, task.head, "{case}");
         assert_eq!(
             max_abs_diff(&logits(&base, &hub, &batch, &[]), &before),
@@ -347,6 +360,41 @@ fn unsupported_phm_options_are_named() {
         v["config"]["phm_layer"] = serde_json::json!(false);
     });
     assert!(msg.contains("adapter_down.0.weight"), "{msg}");
+}
+
+#[test]
+fn unsupported_prefix_options_are_named() {
+    let cases: &[(&str, serde_json::Value, &str)] = &[
+        ("use_gating", serde_json::json!(true), "gated"),
+        ("dropout", serde_json::json!(0.1), "prefix dropout"),
+        (
+            "encoder_prefix",
+            serde_json::json!(false),
+            "nothing would be adapted",
+        ),
+        ("non_linearity", serde_json::json!("softplus"), "softplus"),
+        ("prefix_length", serde_json::json!(0), "prefix_length"),
+        ("leave_out", serde_json::json!([0, 1]), "every layer"),
+        (
+            "prefix_frobnicate",
+            serde_json::json!(1),
+            "prefix_frobnicate",
+        ),
+    ];
+    for (key, value, shown) in cases {
+        let msg = edited_error("prefix_mlp", key, |v| {
+            v["config"][*key] = value.clone();
+        });
+        assert!(
+            msg.contains(shown) && msg.contains("adapter_config.json"),
+            "{key}: {msg}"
+        );
+    }
+    // A config that claims the flat form for MLP tensors: the tensors are named.
+    let msg = edited_error("prefix_mlp", "flat-claim", |v| {
+        v["config"]["flat"] = serde_json::json!(true);
+    });
+    assert!(msg.contains("control_trans"), "{msg}");
 }
 
 #[test]

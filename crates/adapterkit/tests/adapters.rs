@@ -583,6 +583,161 @@ fn merged_compacter_gives_the_unmerged_forward_and_trains_only_its_tensors() {
     assert_eq!(snapshot(&base), before, "training wrote to the base");
 }
 
+/// Prefix-tuning tasks: through the MLP (4 positions, bottleneck 6), and flat with layer 0 left
+/// out; their tensors moved off PyTorch's init to keep the attention away from saturation.
+fn prefix_cases(base: &BaseModel) -> Vec<TaskModel> {
+    use adapterkit::adapter::PrefixConfig;
+    let mlp = PrefixConfig {
+        prefix_length: 4,
+        bottleneck_size: 6,
+        ..PrefixConfig::default()
+    };
+    let flat = PrefixConfig {
+        prefix_length: 3,
+        flat: true,
+        leave_out: vec![0],
+        ..PrefixConfig::default()
+    };
+    [mlp, flat]
+        .into_iter()
+        .enumerate()
+        .map(|(i, cfg)| {
+            let mut t = TaskModel::with_method(
+                base,
+                &format!("p{i}"),
+                TrainableSet::Adapters { layernorms: true },
+                Some(AdapterMethod::Prefix(cfg)),
+                head(),
+                32,
+                i as u64,
+            )
+            .unwrap();
+            let names: Vec<String> = t
+                .params
+                .keys()
+                .filter(|k| k.name().starts_with("prefix_tuning."))
+                .map(|k| k.to_string())
+                .collect();
+            for n in names {
+                let old = &t.params[n.as_str()];
+                let v = Tensor::rand(-0.8f32, 0.8, old.shape(), old.device())
+                    .unwrap()
+                    .to_dtype(old.dtype())
+                    .unwrap();
+                t.set_param(&n, v).unwrap();
+            }
+            t
+        })
+        .collect()
+}
+
+#[test]
+fn prefix_tuning_gets_gradients_matching_finite_differences() {
+    let base = tiny_base().to_dtype(DType::F64).unwrap();
+    // MLP: 5 tensors; flat: 1. Plus 10 LayerNorm tensors.
+    for (task, tensors) in prefix_cases(&base).into_iter().zip([5, 1]) {
+        let task = task.to_dtype(DType::F64).unwrap();
+        assert_eq!(
+            gradient_check(&base, &task),
+            (tensors + 10) * 3,
+            "{}",
+            task.name
+        );
+    }
+}
+
+#[test]
+fn prefix_tuning_merges_folds_saves_and_trains_only_its_tensors() {
+    let base = tiny_base();
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
+    let plain = adapter_task(&base, "plain", 5e-2, 2);
+    let batch = Batch::select(&enc, &[0, 1, 2], 0, &base.device).unwrap();
+    for task in prefix_cases(&base) {
+        let mut opts = ForwardOptions::default();
+        let a = base.logits(&task, &batch, &mut opts).unwrap();
+        let mut merged = task.clone();
+        merged.merge(&base).unwrap();
+        let b = base.logits(&merged, &batch, &mut opts).unwrap();
+        assert!(max_abs_diff(&a, &b) < 1e-5, "{}: merged differs", task.name);
+        // The fused and the composed attention agree on prefixed layers.
+        let reference = base.with_backend(adapterkit::Backend::Reference);
+        let r = reference.logits(&merged, &batch, &mut opts).unwrap();
+        assert!(
+            max_abs_diff(&r, &b) < 1e-5,
+            "{}: backends differ",
+            task.name
+        );
+        // The prefixes change the encoder's output.
+        let mut bare = task.clone();
+        bare.prefix = None;
+        let h = base.encode(Some(&task), &batch, &mut opts).unwrap();
+        let h_bare = base.encode(Some(&bare), &batch, &mut opts).unwrap();
+        let moved = max_abs_diff(&h, &h_bare);
+        assert!(
+            moved > 1e-2,
+            "{}: the prefixes had no effect ({moved})",
+            task.name
+        );
+        // Folding the MLP into flat prefixes keeps the outputs and shrinks the stored tensors.
+        let mut folded = task.clone();
+        folded.fold_prefix().unwrap();
+        assert!(folded.prefix.as_ref().unwrap().flat);
+        let f = base.logits(&folded, &batch, &mut opts).unwrap();
+        assert!(
+            max_abs_diff(&f, &a) < 1e-5,
+            "{}: folding changed it",
+            task.name
+        );
+        // Saved and loaded (ours, then AdapterHub's files alone), the same outputs.
+        let dir = tmpdir(&format!("prefix-{}", task.name));
+        folded.save(&dir, "tiny-bert").unwrap();
+        let loaded = TaskModel::load(&dir, &base).unwrap();
+        assert!(loaded.is_merged() && loaded.prefix == folded.prefix);
+        let got = base.logits(&loaded, &batch, &mut opts).unwrap();
+        assert!(
+            max_abs_diff(&got, &b) < 1e-5,
+            "{}: save/load changed it",
+            task.name
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Its rows cannot share a batch with tasks that attend without its prefixes.
+        let rows = vec![(&plain, &enc[0]), (&loaded, &enc[1])];
+        let msg = base.predict_mixed(&rows, true).unwrap_err().to_string();
+        assert!(msg.contains(&task.name) && msg.contains("prefix"), "{msg}");
+    }
+
+    // Training moves the prefix MLP and the head only (LayerNorms frozen), the base stays.
+    let before = snapshot(&base);
+    let mut task = TaskModel::with_method(
+        &base,
+        "pt",
+        TrainableSet::Adapters { layernorms: false },
+        Some(AdapterMethod::Prefix(adapterkit::adapter::PrefixConfig {
+            prefix_length: 4,
+            bottleneck_size: 8,
+            ..Default::default()
+        })),
+        head(),
+        32,
+        5,
+    )
+    .unwrap();
+    let start = task.clone();
+    adapterkit::train(&base, &mut task, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+    for (k, v) in &task.params {
+        assert!(
+            k.name().starts_with("prefix_tuning.") || k.name().starts_with("heads."),
+            "{k}"
+        );
+        assert!(
+            max_abs_diff(v, &start.params[k.name()]) > 0.0,
+            "{k} did not move"
+        );
+    }
+    assert_eq!(snapshot(&base), before, "training wrote to the base");
+}
+
 /// Checks every trainable tensor's gradient is finite and non-zero, and three entries of each
 /// adapter and LayerNorm tensor against central finite differences; returns the entries checked.
 fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
@@ -619,6 +774,7 @@ fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
         let is_adapter_or_ln = name.contains(".adapters.")
             || name.contains(".loras.")
             || name.contains("shared_parameters.")
+            || name.contains("prefix_tuning.")
             || name.contains("LayerNorm");
         if !is_adapter_or_ln {
             continue;

@@ -171,11 +171,6 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     } else {
         None
     };
-    let (adapter, lora) = match method {
-        Some(AdapterMethod::Bottleneck(c)) => (Some(c), None),
-        Some(AdapterMethod::Lora(l)) => (None, Some(l)),
-        None => (None, None),
-    };
     let head = HeadConfig {
         kind: if a.regression {
             HeadKind::Regression
@@ -252,8 +247,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let spec = adapterkit::run::RunSpec {
         name,
         trainable: trainable.clone(),
-        adapter,
-        lora,
+        method,
         head,
         max_len,
         train: cfg,
@@ -269,9 +263,22 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let task = adapterkit::run::new_task(&base, &spec)?;
     let base_params = base.num_params();
     let trainable_params = task.num_params();
-    let bottleneck = match (&spec.adapter, &spec.lora) {
-        (Some(c), _) => format!(" (bottleneck {}, hidden {d})", c.bottleneck),
-        (None, Some(l)) => format!(
+    let bottleneck = match &spec.method {
+        Some(AdapterMethod::Bottleneck(c)) => format!(
+            " ({}bottleneck {}, hidden {d})",
+            if c.phm.is_some() { "Compacter, " } else { "" },
+            c.bottleneck
+        ),
+        Some(AdapterMethod::Prefix(p)) => format!(
+            " (prefix tuning, {} positions per layer{})",
+            p.prefix_length,
+            if p.flat {
+                ""
+            } else {
+                ", through the MLP; folded after training"
+            }
+        ),
+        Some(AdapterMethod::Lora(l)) => format!(
             " ({} r={} alpha={} on {:?})",
             match l.composition {
                 adapterkit::adapter::lora::Composition::Add => "LoRA",
@@ -281,7 +288,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
             l.alpha,
             l.targets
         ),
-        (None, None) => String::new(),
+        None => String::new(),
     };
     eprintln!(
         "training {}{bottleneck} on {} ({} train / {} dev / {} test), {} trainable parameters = {:.2}% of the base's {}",

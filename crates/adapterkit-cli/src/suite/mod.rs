@@ -10,7 +10,7 @@ mod status;
 
 use crate::chart;
 use adapterkit::adapter::lora::Projection;
-use adapterkit::adapter::{AdapterConfig, AdapterMethod, LoraConfig, Scaling};
+use adapterkit::adapter::{AdapterConfig, AdapterMethod, LoraConfig, PrefixConfig, Scaling};
 use adapterkit::data::{self, TaskData};
 use adapterkit::kernels::Activation;
 use adapterkit::train::{evaluate, EvalMetrics, TrainConfig};
@@ -67,7 +67,7 @@ pub struct CommonArgs {
     pub tasks: Vec<String>,
     /// Methods, comma-separated [default: all]: full, head, top-1, top-2, layernorm, houlsby-m2,
     /// houlsby-m8, houlsby-m64, houlsby-m256, pfeiffer-m64, parallel-m64, lora-r8, lora-r8-all, ia3,
-    /// compacter, compacter++.
+    /// compacter, compacter++, prefix-30.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// Seeds per best setting.
@@ -212,6 +212,11 @@ pub const METHODS: &[Method] = &[
         family: "compacter",
         lrs: &[1e-3, 3e-3, 1e-2],
     },
+    Method {
+        name: "prefix-30",
+        family: "prefix",
+        lrs: ADAPTER_LRS,
+    },
 ];
 
 fn method(name: &str) -> Result<&'static Method> {
@@ -267,6 +272,12 @@ fn setup(m: &Method) -> (TrainableSet, Option<AdapterMethod>) {
         // MiniLM's 384): PHM projections with n = 4, rules shared by all layers, rank-1 weights.
         "compacter" => adapters(AdapterConfig::compacter(12, false)),
         "compacter++" => adapters(AdapterConfig::compacter(12, true)),
+        // AdapterHub's prefix_tuning preset: 30 positions per layer through the MLP (512, tanh),
+        // folded after training; LayerNorms frozen, as Li & Liang.
+        "prefix-30" => (
+            TrainableSet::Adapters { layernorms: false },
+            Some(AdapterMethod::Prefix(PrefixConfig::default())),
+        ),
         n => adapters(houlsby(
             n.trim_start_matches("houlsby-m").parse().unwrap_or(64),
         )),
@@ -373,12 +384,8 @@ fn train_one_with(
 ) -> Result<(RunRecord, TaskModel)> {
     let data = spec.data;
     let (trainable, method) = setup(spec.method);
-    let (mut adapter, lora) = match method {
-        Some(AdapterMethod::Bottleneck(a)) => (Some(a), None),
-        Some(AdapterMethod::Lora(l)) => (None, Some(l)),
-        None => (None, None),
-    };
-    if let (Some(a), Some(s)) = (adapter.as_mut(), spec.init_std) {
+    let mut method = method;
+    if let (Some(AdapterMethod::Bottleneck(a)), Some(s)) = (method.as_mut(), spec.init_std) {
         a.init_std = s;
     }
     let max_len = data::task_spec(&data.name)
@@ -393,8 +400,7 @@ fn train_one_with(
     let run = adapterkit::run::RunSpec {
         name: data.name.clone(),
         trainable,
-        adapter,
-        lora,
+        method,
         head,
         max_len,
         train: TrainConfig {

@@ -1,16 +1,18 @@
 //! Adapter methods: bottleneck adapters (Houlsby et al. 2019; sequential or parallel) with their
 //! configuration, placement and parameter naming here, the site interface in [`site`], the
 //! bottleneck adapter's forward in [`bottleneck`], Compacter's PHM projections in [`phm`]; LoRA
-//! and (IA)³ in [`lora`].
+//! and (IA)³ in [`lora`]; prefix tuning in [`prefix`].
 
 pub mod bottleneck;
 pub mod lora;
 pub mod phm;
+pub mod prefix;
 pub mod site;
 
 pub use bottleneck::BottleneckAdapter;
 pub use lora::LoraConfig;
 pub use phm::{PhmConfig, PhmProj, PhmTensor};
+pub use prefix::PrefixConfig;
 pub use site::{residual_norm, SiteAdapter, SiteContext};
 
 use crate::error::{Error, Result};
@@ -28,6 +30,8 @@ pub enum AdapterMethod {
     Bottleneck(AdapterConfig),
     /// LoRA or (IA)³ on the layers' projections.
     Lora(LoraConfig),
+    /// Learned key/value prefixes in the layers' self-attention.
+    Prefix(PrefixConfig),
 }
 
 /// Where adapters sit inside each transformer layer.

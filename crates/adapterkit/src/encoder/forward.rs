@@ -99,6 +99,7 @@ impl BaseModel {
                 v: w.value.pair(),
                 o: w.attention_out.pair(),
                 qkv: w.qkv,
+                prefix: w.prefix,
             };
             let attn_dropout = opts.dropout_rng.as_deref_mut().map(|r| (p_attn, r));
             let attn = attention(backend, &h, &weights, &mask, heads, scale, attn_dropout)?;

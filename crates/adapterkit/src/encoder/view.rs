@@ -3,6 +3,7 @@
 
 use super::checkpoint::{LayerNorm, Linear, Param};
 use super::BaseModel;
+use crate::adapter::prefix::prefix_key_name;
 use crate::adapter::AdapterConfig;
 use crate::adapter::{BottleneckAdapter, Site};
 use crate::error::{Error, Result};
@@ -28,6 +29,8 @@ pub struct LayerView<'a> {
     pub intermediate: LinearView<'a>,
     /// `output.dense`.
     pub output: LinearView<'a>,
+    /// The task's learned key and value prefixes [heads, P, dh] (prefix tuning), if any.
+    pub prefix: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 impl LayerView<'_> {
@@ -38,6 +41,11 @@ impl LayerView<'_> {
             && self.attention_out.same(other.attention_out)
             && self.intermediate.same(other.intermediate)
             && self.output.same(other.output)
+            && match (self.prefix, other.prefix) {
+                (None, None) => true,
+                (Some(a), Some(b)) => std::ptr::eq(a.0, b.0) && std::ptr::eq(a.1, b.1),
+                _ => false,
+            }
     }
 }
 
@@ -132,6 +140,11 @@ impl<'a> TaskView<'a> {
                 attention_out: lin(&layer.attention_output.dense),
                 intermediate: lin(&layer.intermediate.dense),
                 output: lin(&layer.output.dense),
+                prefix: task.and_then(|t| t.derived).and_then(|d| {
+                    let k = d.get(prefix_key_name(l, "key").as_str())?;
+                    let v = d.get(prefix_key_name(l, "value").as_str())?;
+                    Some((k, v))
+                }),
             });
             let site = |s: Site, n: &'a LayerNorm| -> Result<SiteView<'a>> {
                 let adapter = match task {
@@ -182,8 +195,9 @@ impl<'a> TaskView<'a> {
             Err(Error::config(
                 "mixed batch",
                 other_name,
-                "this task has its own embedding, attention or FFN weights (top-k or full \
-                 fine-tuning, LoRA), so its rows cannot share a batch with other tasks; run it alone",
+                "this task has its own embedding, attention or FFN weights or attention prefixes \
+                 (top-k or full fine-tuning, LoRA, prefix tuning), so its rows cannot share a \
+                 batch with other tasks; run it alone",
             ))
         }
     }

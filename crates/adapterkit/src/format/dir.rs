@@ -4,8 +4,9 @@
 use super::files;
 use super::hub::{self, BnConfig, ForBase, HubFile, HubHeadConfig, HUB_VERSION};
 use super::hub_lora::HubLoraConfig;
+use super::hub_prefix::HubPrefixConfig;
 use super::meta::{AdapterInit, TaskMeta, FORMAT_VERSION};
-use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig};
+use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig, PrefixConfig};
 use crate::encoder::BaseModel;
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, Pooling};
@@ -50,6 +51,13 @@ impl TaskModel {
             write_sorted(
                 &dir.join(files::ADAPTER_CONFIG),
                 &self.envelope(base_name, HubLoraConfig::from(l)),
+            )?;
+            crate::io::save_safetensors(&dir.join(files::ADAPTER_WEIGHTS), &adapters)?;
+        }
+        if let Some(p) = &self.prefix {
+            write_sorted(
+                &dir.join(files::ADAPTER_CONFIG),
+                &self.envelope(base_name, HubPrefixConfig::from(p)),
             )?;
             crate::io::save_safetensors(&dir.join(files::ADAPTER_WEIGHTS), &adapters)?;
         }
@@ -182,7 +190,7 @@ impl TaskModel {
                 ),
             ));
         }
-        let (mut adapter, lora) = split(hub.adapter.as_ref().map(|a| &a.0));
+        let (mut adapter, lora, prefix) = split(hub.adapter.as_ref().map(|a| &a.0));
         let mut head = hub.head.clone();
         head.pair = meta.pair;
         let init = match (&meta.adapter, meta.adapter_init) {
@@ -234,6 +242,7 @@ impl TaskModel {
             name: meta.name,
             adapter,
             lora,
+            prefix,
             merged: None,
             head,
             trainable: meta.trainable,
@@ -268,7 +277,7 @@ impl TaskModel {
         };
         validate_name(&name)?;
         let params = hub.tensors(dir, base, &name, method.as_ref(), &hub.head, None)?;
-        let (adapter, lora) = split(method.as_ref());
+        let (adapter, lora, prefix) = split(method.as_ref());
         let mut task = TaskModel {
             name,
             trainable: if method.is_some() {
@@ -278,6 +287,7 @@ impl TaskModel {
             },
             adapter,
             lora,
+            prefix,
             merged: None,
             head: hub.head,
             params,
@@ -289,12 +299,20 @@ impl TaskModel {
     }
 }
 
-/// A method as the task's two optional configurations.
-fn split(method: Option<&AdapterMethod>) -> (Option<AdapterConfig>, Option<LoraConfig>) {
+/// The task's optional configurations, one per method kind.
+type MethodParts = (
+    Option<AdapterConfig>,
+    Option<LoraConfig>,
+    Option<PrefixConfig>,
+);
+
+/// A method as the task's optional configurations.
+fn split(method: Option<&AdapterMethod>) -> MethodParts {
     match method {
-        Some(AdapterMethod::Bottleneck(a)) => (Some(a.clone()), None),
-        Some(AdapterMethod::Lora(l)) => (None, Some(l.clone())),
-        None => (None, None),
+        Some(AdapterMethod::Bottleneck(a)) => (Some(a.clone()), None, None),
+        Some(AdapterMethod::Lora(l)) => (None, Some(l.clone()), None),
+        Some(AdapterMethod::Prefix(p)) => (None, None, Some(p.clone())),
+        None => (None, None, None),
     }
 }
 
@@ -392,6 +410,10 @@ impl HubDir {
             let (method, file) = if hub::is_lora(&peek) {
                 let (cfg, file) = read_config::<HubLoraConfig, LoraConfig>(&adapter_path, base)?;
                 (AdapterMethod::Lora(cfg), file)
+            } else if hub::is_prefix(&peek) {
+                let (cfg, file) =
+                    read_config::<HubPrefixConfig, PrefixConfig>(&adapter_path, base)?;
+                (AdapterMethod::Prefix(cfg), file)
             } else {
                 let (cfg, file) = read_config::<BnConfig, AdapterConfig>(&adapter_path, base)?;
                 (AdapterMethod::Bottleneck(cfg), file)
@@ -441,6 +463,7 @@ impl HubDir {
                 AdapterMethod::Lora(l) => {
                     l.param_keys(name, d, base.config.intermediate_size, layers)
                 }
+                AdapterMethod::Prefix(p) => p.param_keys(name, d, layers),
             };
             let file = pick(dir, files::ADAPTER_WEIGHTS, files::ADAPTER_WEIGHTS_BIN)?;
             let mut tensors = read_stripped(&file)?;
@@ -451,10 +474,34 @@ impl HubDir {
                     _ => key.to_string(),
                 };
                 let t = crate::io::take_tensor(&mut tensors, &file, &from, &shape, &base.device)?;
-                params.insert(key, t);
                 if let Some(al) = alias {
                     tensors.remove(&al);
                 }
+                // AdapterHub saves each prefix tensor once more per layer: those copies must be
+                // the same tensor, not a mix of runs.
+                for al in crate::adapter::prefix::aliases(key.name(), layers) {
+                    if let Some(copy) = tensors.remove(&al) {
+                        let same = copy.dims() == t.dims()
+                            && copy
+                                .to_dtype(t.dtype())?
+                                .ne(&t)?
+                                .sum_all()?
+                                .to_dtype(candle_core::DType::F64)?
+                                .to_scalar::<f64>()?
+                                == 0.0;
+                        if !same {
+                            return Err(Error::Config {
+                                context: file.display().to_string(),
+                                field: al,
+                                message: format!(
+                                    "differs from `{}`, of which AdapterHub saves it as a copy",
+                                    key.name()
+                                ),
+                            });
+                        }
+                    }
+                }
+                params.insert(key, t);
             }
             leftovers(&file, &tensors)?;
         }

@@ -725,23 +725,45 @@ pub fn adapter_config_from_hub(
 
 /// Whether an AdapterHub configuration (the whole file or its `config` object) is a `LoRAConfig`.
 pub fn is_lora(value: &Value) -> bool {
+    architecture(value) == Some("lora")
+}
+
+/// Whether an AdapterHub configuration is a `PrefixTuningConfig`.
+pub fn is_prefix(value: &Value) -> bool {
+    architecture(value) == Some("prefix_tuning")
+}
+
+/// The `architecture` an AdapterHub configuration names, if any.
+fn architecture(value: &Value) -> Option<&str> {
     let inner = value.get("config").unwrap_or(value);
-    inner.get("architecture").and_then(Value::as_str) == Some("lora")
+    inner.get("architecture").and_then(Value::as_str)
 }
 
 /// Reads any adapter configuration we implement from AdapterHub JSON (the whole
-/// `adapter_config.json` or its `config` object): a bottleneck `BnConfig`, or a `LoRAConfig`
-/// (`"architecture": "lora"`, also (IA)³), for the base `cfg`. `ctx` names the file in errors.
+/// `adapter_config.json` or its `config` object): a bottleneck `BnConfig`, a `LoRAConfig`
+/// (`"architecture": "lora"`, also (IA)³) or a `PrefixTuningConfig`, for the base `cfg`. `ctx` names the file in errors.
 pub fn method_from_hub(
     ctx: &str,
     value: &Value,
     cfg: &crate::config::BertConfig,
 ) -> Result<AdapterMethod> {
     let (d, layers) = (cfg.hidden_size, cfg.num_hidden_layers);
+    let inner = value.get("config").unwrap_or(value);
+    if is_prefix(value) {
+        let config: super::hub_prefix::HubPrefixConfig =
+            serde_path_to_error::deserialize(inner).map_err(|e| path_error(ctx, e))?;
+        return crate::adapter::PrefixConfig::try_from(ForBase {
+            config: &config,
+            hidden: d,
+            intermediate: cfg.intermediate_size,
+            layers,
+        })
+        .map(AdapterMethod::Prefix)
+        .map_err(|r| r.in_file(ctx));
+    }
     if !is_lora(value) {
         return adapter_config_from_hub(ctx, value, d, layers).map(AdapterMethod::Bottleneck);
     }
-    let inner = value.get("config").unwrap_or(value);
     let config: HubLoraConfig =
         serde_path_to_error::deserialize(inner).map_err(|e| path_error(ctx, e))?;
     LoraConfig::try_from(ForBase {

@@ -11,6 +11,7 @@
 mod dir;
 pub mod hub;
 pub mod hub_lora;
+pub mod hub_prefix;
 mod meta;
 pub mod preset;
 

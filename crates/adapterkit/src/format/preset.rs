@@ -1,5 +1,5 @@
 //! AdapterHub's named adapter configurations (`seq_bn`, `double_seq_bn`, `par_bn`, `compacter`,
-//! `lora`, `ia3`, …) and its configuration strings `name[key=value, …]`, read as `adapters.AdapterConfig.load` reads them:
+//! `prefix_tuning`, `lora`, `ia3`, …) and its configuration strings `name[key=value, …]`, read as `adapters.AdapterConfig.load` reads them:
 //! the preset's keys, then each `key=value` (a Python literal) over them.
 
 use crate::error::{Error, Result};
@@ -17,6 +17,8 @@ pub const PRESETS: &[&str] = &[
     "scaled_parallel",
     "compacter",
     "compacter++",
+    "prefix_tuning",
+    "prefix_tuning_flat",
     "lora",
     "ia3",
 ];
@@ -27,8 +29,6 @@ const OTHER_PRESETS: &[&str] = &[
     "double_seq_bn_inv",
     "pfeiffer+inv",
     "houlsby+inv",
-    "prefix_tuning",
-    "prefix_tuning_flat",
     "prompt_tuning",
     "mtl_lora",
     "vera",
@@ -50,6 +50,14 @@ pub fn preset(name: &str) -> Option<Value> {
                 "architecture": "lora", "selfattn_lora": true, "intermediate_lora": false,
                 "output_lora": false, "attn_matrices": ["q", "v"], "r": 8, "alpha": 8,
                 "dropout": 0.0, "composition_mode": "add", "init_weights": "lora",
+            }))
+        }
+        "prefix_tuning" | "prefix_tuning_flat" => {
+            return Some(json!({
+                "architecture": "prefix_tuning", "encoder_prefix": true, "cross_prefix": true,
+                "leave_out": [], "flat": name == "prefix_tuning_flat", "prefix_length": 30,
+                "bottleneck_size": 512, "non_linearity": "tanh", "dropout": 0.0,
+                "use_gating": false, "shared_gating": true,
             }))
         }
         "ia3" => {
@@ -316,8 +324,8 @@ mod tests {
     #[test]
     fn bad_strings_are_named() {
         for (spec, shown) in [
-            ("prefix_tuning[prefix_length=30]", "not implemented"),
-            ("prefix_tuning", "not implemented"),
+            ("prompt_tuning[prompt_length=10]", "not implemented"),
+            ("mam", "not implemented"),
             ("prefix_tuning|par_bn", "unions"),
             ("nonsense[r=8]", "not a preset"),
             ("par_bn[reduction_factor=]", "missing"),

@@ -5,7 +5,7 @@ use super::dropout::Dropout;
 use super::linear::{frozen_f32, linear};
 use super::matmul::{affine_2d, batched_matmul, bmm, matmul_2d};
 use super::softmax::{attention_softmax, AttentionSoftmax, SoftmaxBackward};
-use super::{attach, f32_slice, Backend, CResult, InputGradient};
+use super::{attach, attach3, f32_slice, Backend, CResult, InputGradient, InputGradients3};
 use crate::error::Result;
 use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -174,13 +174,32 @@ pub struct AttentionWeights<'a> {
     pub o: (&'a Tensor, &'a Tensor),
     /// q, k, v weights and biases already concatenated ([3d, d], [3d]), when the caller has them.
     pub qkv: Option<(&'a Tensor, &'a Tensor)>,
+    /// Learned key and value prefixes [heads, P, dh] (prefix tuning): P more key/value positions
+    /// before the sequence's, attended by every query and hidden by no mask.
+    pub prefix: Option<(&'a Tensor, &'a Tensor)>,
 }
 
+/// What the backward needs: q [b, h, s, dh]; k and v with the prefix positions first
+/// [b, h, P + s, dh]; the probabilities [b, h, s, P + s].
 struct AttentionSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     probs: Tensor,
+    prefix_len: usize,
+}
+
+/// `t` [h, P, dh] repeated for every row: [b, h, P, dh].
+fn per_row(t: &Tensor, b: usize) -> candle_core::Result<Tensor> {
+    let (h, p, dh) = t.dims3()?;
+    t.unsqueeze(0)?.broadcast_as((b, h, p, dh))?.contiguous()
+}
+
+/// The additive [b, s] mask with `p` always-visible prefix positions in front: [b, p + s].
+fn prefixed_mask(mask: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    let b = mask.dim(0)?;
+    let zeros = Tensor::zeros((b, p), mask.dtype(), mask.device())?;
+    Tensor::cat(&[&zeros, mask], 1)
 }
 
 /// Multi-head self-attention with frozen weights as one graph node: the forward keeps q, k, v and
@@ -195,12 +214,21 @@ struct FrozenAttention {
     saved: AttentionSaved,
 }
 
-impl InputGradient for FrozenAttention {
-    const NAME: &'static str = "frozen-attention";
-
-    fn input_gradient(&self, arg: &Tensor, grad: &Tensor) -> CResult<Tensor> {
+impl FrozenAttention {
+    /// d loss / d block input, and d loss / d the prefixes (summed over rows) when there are any.
+    fn gradients(
+        &self,
+        arg: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Tensor, Option<(Tensor, Tensor)>)> {
         let hs = self.heads;
-        let AttentionSaved { q, k, v, probs } = &self.saved;
+        let AttentionSaved {
+            q,
+            k,
+            v,
+            probs,
+            prefix_len: p,
+        } = &self.saved;
         let g = grad.reshape((hs.b * hs.s, hs.h * hs.dh))?.contiguous()?;
         let dctx = matmul_2d(&g, &self.wo)?.apply_op1_no_bwd(&Relayout {
             heads: hs,
@@ -219,12 +247,47 @@ impl InputGradient for FrozenAttention {
         let dscores = probs.apply_op2_no_bwd(&dprobs, &SoftmaxBackward { scale: self.scale })?;
         let dq = bmm(&dscores, k, false, false)?;
         let dk = bmm(&dscores, q, true, false)?;
-        let dqkv = dq.apply_op3_no_bwd(
-            &dk.contiguous()?,
-            &dv.contiguous()?,
-            &MergeQkv { heads: hs },
-        )?;
-        matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())
+        // The prefix positions' gradients belong to the prefixes (one per head, summed over rows).
+        let (dk, dv, dprefix) = if *p > 0 {
+            let split = |t: &Tensor| -> CResult<(Tensor, Tensor)> {
+                Ok((
+                    t.narrow(2, *p, hs.s)?.contiguous()?,
+                    t.narrow(2, 0, *p)?.sum(0)?,
+                ))
+            };
+            let ((dk, dpk), (dv, dpv)) = (split(&dk)?, split(&dv)?);
+            (dk, dv, Some((dpk, dpv)))
+        } else {
+            (dk.contiguous()?, dv.contiguous()?, None)
+        };
+        let dqkv = dq.apply_op3_no_bwd(&dk, &dv, &MergeQkv { heads: hs })?;
+        let dh = matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())?;
+        Ok((dh, dprefix))
+    }
+}
+
+impl InputGradient for FrozenAttention {
+    const NAME: &'static str = "frozen-attention";
+
+    fn input_gradient(&self, arg: &Tensor, grad: &Tensor) -> CResult<Tensor> {
+        Ok(self.gradients(arg, grad)?.0)
+    }
+}
+
+impl InputGradients3 for FrozenAttention {
+    const NAME: &'static str = "frozen-attention-prefixed";
+
+    fn input_gradients(
+        &self,
+        [h, _, _]: [&Tensor; 3],
+        grad: &Tensor,
+    ) -> CResult<[Option<Tensor>; 3]> {
+        let (dh, dprefix) = self.gradients(h, grad)?;
+        let (dk, dv) = match dprefix {
+            Some((k, v)) => (Some(k), Some(v)),
+            None => (None, None),
+        };
+        Ok([Some(dh), dk, dv])
     }
 }
 
@@ -241,7 +304,8 @@ pub fn attention(
     dropout: Option<(f64, &mut Rng)>,
 ) -> Result<Tensor> {
     let frozen = [w.q, w.k, w.v, w.o].iter().all(|(w, b)| frozen_f32(w, b));
-    if frozen && backend.fuses(&[h]) {
+    let prefix_fuses = w.prefix.is_none_or(|(k, v)| backend.fuses(&[k, v]));
+    if frozen && prefix_fuses && backend.fuses(&[h]) {
         let seed = dropout.map(|(p, rng)| (p, rng.next_u64()));
         return Ok(frozen_attention(h, w, mask, heads, scale, seed)?);
     }
@@ -268,6 +332,15 @@ fn attention_composed(
             .contiguous()?)
     };
     let (q, k, v) = (project(w.q)?, project(w.k)?, project(w.v)?);
+    let (k, v, mask) = match w.prefix {
+        Some((pk, pv)) => (
+            Tensor::cat(&[&per_row(pk, b)?, &k], 2)?,
+            Tensor::cat(&[&per_row(pv, b)?, &v], 2)?,
+            prefixed_mask(mask, pk.dim(1)?)?,
+        ),
+        None => (k, v, mask.clone()),
+    };
+    let mask = &mask;
     let fast = backend.fuses(&[&q]);
     let scores = if fast {
         batched_matmul(&q, &k, false, true)?
@@ -315,6 +388,15 @@ fn frozen_attention(
     let qkv = affine_2d(&x, &wqkv, &bqkv)?.contiguous()?;
     let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let (k, v, mask, prefix_len) = match w.prefix {
+        Some((pk, pv)) => (
+            Tensor::cat(&[&per_row(&pk.detach(), b)?, &k], 2)?,
+            Tensor::cat(&[&per_row(&pv.detach(), b)?, &v], 2)?,
+            prefixed_mask(mask, pk.dim(1)?)?,
+            pk.dim(1)?,
+        ),
+        None => (k, v, mask.clone(), 0),
+    };
     let scale32 = scale as f32;
     let probs = bmm(&q, &k, false, true)?.apply_op2_no_bwd(
         &mask.contiguous()?,
@@ -341,9 +423,18 @@ fn frozen_attention(
         heads: hs,
         scale: scale32,
         dropout: drop,
-        saved: AttentionSaved { q, k, v, probs },
+        saved: AttentionSaved {
+            q,
+            k,
+            v,
+            probs,
+            prefix_len,
+        },
     };
-    attach(h, out, backward)
+    match w.prefix {
+        Some((pk, pv)) => attach3([h, pk, pv], out, backward),
+        None => attach(h, out, backward),
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +461,7 @@ mod tests {
             v: (&w[2], &bias[2]),
             o: (&w[3], &bias[3]),
             qkv: None,
+            prefix: None,
         };
         let composed = |h: &Tensor| {
             let lin = |x: &Tensor, i: usize| {
@@ -438,5 +530,88 @@ mod tests {
             &|t| ffn_ref(&t[0]),
             1e-5,
         );
+    }
+
+    #[test]
+    fn prefixed_attention_matches_composed_ops_with_prefix_gradients() {
+        let (b, s, d, heads, p) = (3, 5, 16, 4, 3);
+        let dh = d / heads;
+        let w: Vec<Tensor> = (0..4).map(|i| randn(&[d, d], 60 + i, 0.3)).collect();
+        let bias: Vec<Tensor> = (0..4).map(|i| randn(&[d], 70 + i, 0.1)).collect();
+        let mut m = vec![0f32; b * s];
+        for j in 2..s {
+            m[s + j] = -1e9;
+        }
+        let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
+        let inputs = [
+            randn(&[b, s, d], 80, 1.0),
+            randn(&[heads, p, dh], 81, 1.0),
+            randn(&[heads, p, dh], 82, 1.0),
+        ];
+        let run = |t: &[Tensor], fused: bool| {
+            let weights = AttentionWeights {
+                q: (&w[0], &bias[0]),
+                k: (&w[1], &bias[1]),
+                v: (&w[2], &bias[2]),
+                o: (&w[3], &bias[3]),
+                qkv: None,
+                prefix: Some((&t[1], &t[2])),
+            };
+            if fused {
+                frozen_attention(&t[0], &weights, &mask, heads, 0.5, Some((0.2, 9))).unwrap()
+            } else {
+                // The reference: every op composed, dropout drawn from the same seed.
+                let lin = |x: &Tensor, i: usize| {
+                    x.broadcast_matmul(&w[i].t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&bias[i])
+                        .unwrap()
+                };
+                let split = |x: Tensor| {
+                    x.reshape((b, s, heads, dh))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let h = &t[0];
+                let q = split(lin(h, 0));
+                let k = Tensor::cat(&[&per_row(&t[1], b).unwrap(), &split(lin(h, 1))], 2).unwrap();
+                let v = Tensor::cat(&[&per_row(&t[2], b).unwrap(), &split(lin(h, 2))], 2).unwrap();
+                let scores = q.matmul(&k.t().unwrap()).unwrap();
+                let probs = attention_softmax(
+                    Backend::Reference,
+                    &scores,
+                    &prefixed_mask(&mask, p).unwrap(),
+                    0.5,
+                )
+                .unwrap();
+                let probs = super::super::dropout::dropout_fused(&probs, 0.2, 9).unwrap();
+                let ctx = probs
+                    .matmul(&v)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((b, s, d))
+                    .unwrap();
+                lin(&ctx, 3)
+            }
+        };
+        compare(&inputs, &|t| run(t, true), &|t| run(t, false), 1e-5);
+        // The prefix changes the output: without it, every row moves.
+        let plain = AttentionWeights {
+            q: (&w[0], &bias[0]),
+            k: (&w[1], &bias[1]),
+            v: (&w[2], &bias[2]),
+            o: (&w[3], &bias[3]),
+            qkv: None,
+            prefix: None,
+        };
+        let without = frozen_attention(&inputs[0], &plain, &mask, heads, 0.5, None).unwrap();
+        let with = run(&inputs, true);
+        assert!(rel(&with, &without) > 1e-2);
     }
 }

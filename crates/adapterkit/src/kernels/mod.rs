@@ -280,6 +280,71 @@ pub(crate) fn attach<G: InputGradient + 'static>(
     })
 }
 
+/// The hand-written backward of a block with three inputs (the block input and two tensors it
+/// reads besides its frozen weights, e.g. trained attention prefixes), whose forward ran outside
+/// the autograd graph.
+pub(crate) trait InputGradients3: Send + Sync {
+    /// The graph node's name.
+    const NAME: &'static str;
+    /// d loss / d each input, given d loss / d output (`None` where an input needs none).
+    fn input_gradients(&self, inputs: [&Tensor; 3], grad: &Tensor) -> CResult<[Option<Tensor>; 3]>;
+}
+
+/// [`Precomputed`] for three inputs.
+struct Precomputed3<G> {
+    backward: G,
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl<G: InputGradients3> candle_core::CustomOp3 for Precomputed3<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        hand_over(&self.out, G::NAME)
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [g1, g2, g3] = self.backward.input_gradients([a1, a2, a3], grad)?;
+        Ok((g1, g2, g3))
+    }
+}
+
+/// [`attach`] for a block of three inputs.
+pub(crate) fn attach3<G: InputGradients3 + 'static>(
+    inputs: [&Tensor; 3],
+    out: Tensor,
+    backward: G,
+) -> CResult<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(out);
+    }
+    inputs[0].apply_op3(
+        inputs[1],
+        inputs[2],
+        Precomputed3 {
+            backward,
+            out: std::sync::Mutex::new(Some(out)),
+        },
+    )
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use candle_core::{Device, Tensor, Var};

@@ -28,9 +28,12 @@ impl TaskModel {
     }
 
     /// Whether the forward reads weights derived from the task's tensors rather than the tensors
-    /// themselves: LoRA / (IA)³ (projections) and Compacter (PHM adapter projections).
+    /// themselves: LoRA / (IA)³ (projections), Compacter (PHM adapter projections) and prefix
+    /// tuning (attention prefixes).
     pub fn derives_weights(&self) -> bool {
-        self.lora.is_some() || self.adapter.as_ref().is_some_and(|a| a.phm.is_some())
+        self.lora.is_some()
+            || self.prefix.is_some()
+            || self.adapter.as_ref().is_some_and(|a| a.phm.is_some())
     }
 
     /// The derived weights from the task's tensors as they are (differentiable): LoRA merged into
@@ -38,6 +41,16 @@ impl TaskModel {
     pub fn derive(&self, base: &BaseModel) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
         if let Some(l) = &self.lora {
             return Ok(Some(l.derive(&self.name, &self.params, base)?));
+        }
+        if let Some(p) = &self.prefix {
+            let c = &base.config;
+            return Ok(Some(p.derive(
+                &self.name,
+                &self.params,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_hidden_layers,
+            )?));
         }
         match &self.adapter {
             Some(a) => match &a.phm {
@@ -347,6 +360,11 @@ impl BaseModel {
                     format!(
                         "task `{}` has LoRA, which is merged into the weights: only bottleneck \
                          adapters can be skipped",
+                        task.name
+                    )
+                } else if task.prefix.is_some() {
+                    format!(
+                        "task `{}` has prefix tuning: only bottleneck adapters can be skipped",
                         task.name
                     )
                 } else {

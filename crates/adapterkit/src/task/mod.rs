@@ -10,7 +10,7 @@ pub use crate::format::files;
 pub use crate::keys::{Leaf, ParamKey, Role};
 pub use infer::TaskRow;
 
-use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig};
+use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig, PrefixConfig};
 use crate::encoder::BaseModel;
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, Pooling};
@@ -122,6 +122,8 @@ pub struct TaskModel {
     pub adapter: Option<AdapterConfig>,
     /// LoRA / (IA)³ configuration, if the task adapts projections that way.
     pub lora: Option<LoraConfig>,
+    /// Prefix-tuning configuration, if the task adds learned attention prefixes.
+    pub prefix: Option<PrefixConfig>,
     /// The weights derived from the task's tensors (LoRA merged into the projections, Compacter's
     /// PHM projections; see [`TaskModel::merge`]): set for inference, cleared whenever the task's
     /// tensors may change.
@@ -181,10 +183,11 @@ impl TaskModel {
         max_len: usize,
         seed: u64,
     ) -> Result<Self> {
-        let (adapter, lora) = match method {
-            Some(AdapterMethod::Bottleneck(a)) => (Some(a), None),
-            Some(AdapterMethod::Lora(l)) => (None, Some(l)),
-            None => (None, None),
+        let (adapter, lora, prefix) = match method {
+            Some(AdapterMethod::Bottleneck(a)) => (Some(a), None, None),
+            Some(AdapterMethod::Lora(l)) => (None, Some(l), None),
+            Some(AdapterMethod::Prefix(p)) => (None, None, Some(p)),
+            None => (None, None, None),
         };
         validate_name(name)?;
         head.validate()?;
@@ -201,7 +204,7 @@ impl TaskModel {
         }
         let (d, layers) = (cfg.hidden_size, cfg.num_hidden_layers);
         let is_adapters = matches!(trainable, TrainableSet::Adapters { .. });
-        if is_adapters != (adapter.is_some() || lora.is_some()) {
+        if is_adapters != (adapter.is_some() || lora.is_some() || prefix.is_some()) {
             return Err(Error::config(
                 "task",
                 "adapter",
@@ -251,6 +254,10 @@ impl TaskModel {
             c.validate(d, cfg.intermediate_size, layers)?;
             params.extend(c.new_params(name, base, &mut rng)?);
         }
+        if let Some(p) = &prefix {
+            p.validate(d, layers)?;
+            params.extend(p.new_params(name, d, layers, &mut rng, dev)?);
+        }
         for (pname, shape) in head.param_shapes(name, d) {
             let key = head_key(pname, &shape);
             let t = if shape.len() == 2 {
@@ -271,6 +278,7 @@ impl TaskModel {
             name: name.to_string(),
             adapter,
             lora,
+            prefix,
             merged: None,
             head,
             trainable,
@@ -309,9 +317,11 @@ impl TaskModel {
 
     /// Whether the task reads the base's embedding, attention and FFN weights unchanged, so that
     /// its rows can share a batch with other such tasks (see `BaseModel::predict_mixed`). LoRA
-    /// changes the projections' weights, so a LoRA task runs in batches of its own.
+    /// changes the projections' weights and prefix tuning the attention's keys and values, so
+    /// such a task runs in batches of its own.
     pub fn shares_encoder(&self) -> bool {
         self.lora.is_none()
+            && self.prefix.is_none()
             && !self
                 .params
                 .keys()
@@ -330,10 +340,11 @@ impl TaskModel {
 
     /// The adapter method, as one value.
     pub fn method(&self) -> Option<AdapterMethod> {
-        match (&self.adapter, &self.lora) {
-            (Some(a), _) => Some(AdapterMethod::Bottleneck(a.clone())),
-            (None, Some(l)) => Some(AdapterMethod::Lora(l.clone())),
-            (None, None) => None,
+        match (&self.adapter, &self.lora, &self.prefix) {
+            (Some(a), _, _) => Some(AdapterMethod::Bottleneck(a.clone())),
+            (None, Some(l), _) => Some(AdapterMethod::Lora(l.clone())),
+            (None, None, Some(p)) => Some(AdapterMethod::Prefix(p.clone())),
+            (None, None, None) => None,
         }
     }
 
@@ -348,6 +359,23 @@ impl TaskModel {
             }
             self.merged = Some(merged);
         }
+        Ok(())
+    }
+
+    /// Replaces prefix tuning's MLP by the prefixes it produces (AdapterHub's
+    /// `eject_prefix_tuning`): what training leaves, stored in a fraction of the space and run
+    /// without the MLP. A no-op for other methods and for flat prefixes.
+    pub fn fold_prefix(&mut self) -> Result<()> {
+        let Some(p) = self.prefix.as_ref().filter(|p| !p.flat) else {
+            return Ok(());
+        };
+        let (d, layers) = (self.base.hidden_size, self.base.num_hidden_layers);
+        let (flat, tensors) = p.fold(&self.name, &self.params, d, layers)?;
+        self.params
+            .retain(|k, _| !k.name().starts_with("prefix_tuning.prefix_tunings."));
+        self.params.extend(tensors);
+        self.prefix = Some(flat);
+        self.merged = None;
         Ok(())
     }
 
@@ -369,7 +397,16 @@ impl TaskModel {
         for (k, v) in &self.params {
             match k.role() {
                 Role::Head => head.insert(k.to_string(), v.clone()),
-                Role::Adapter { .. } => adapters.insert(format!("bert.{k}"), v.clone()),
+                Role::Adapter { .. } => {
+                    // AdapterHub saves a prefix tensor once more per layer (each layer's
+                    // reference to the shared pool); its loader expects them all.
+                    for alias in
+                        crate::adapter::prefix::aliases(k.name(), self.base.num_hidden_layers)
+                    {
+                        adapters.insert(format!("bert.{alias}"), v.clone());
+                    }
+                    adapters.insert(format!("bert.{k}"), v.clone())
+                }
                 _ => base.insert(k.to_string(), v.clone()),
             };
         }
