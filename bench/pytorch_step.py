@@ -5,7 +5,10 @@ way (warm-up steps, then the median of timed steps). Prints one JSON line.
 
 Adapter training follows the paper as AdapterHub users would: DoubleSeqBnConfig (Houlsby) with
 reduction_factor = hidden / m, GELU, `train_adapter`, then LayerNorms unfrozen; AdamW (wd 0.01,
-eps 1e-6), gradient clipping 1.0, dropout on (train mode).
+eps 1e-6), gradient clipping 1.0, dropout on (train mode). `--adapter-config` takes any AdapterHub
+configuration string instead (`par_bn[reduction_factor=6]`, `lora[r=8]`, `ia3`, `compacter`,
+`prefix_tuning`), as `adapter-config` does for ours; for inference LoRA / (IA)^3 is merged and the
+prefix MLP ejected first, as a user serving them would (adapterkit does both at load).
 """
 import argparse
 import json
@@ -29,6 +32,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--adapter-config", help="an AdapterHub configuration string (default: Houlsby, m)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -53,7 +57,11 @@ def main():
 
     with_adapter = a.case in ("adapter-train", "infer-adapter", "latency")
     if with_adapter:
-        model.add_adapter("bench", config=DoubleSeqBnConfig(reduction_factor=d / a.bottleneck, non_linearity="gelu"))
+        if a.adapter_config:
+            config = adapters.AdapterConfig.load(a.adapter_config)
+        else:
+            config = DoubleSeqBnConfig(reduction_factor=d / a.bottleneck, non_linearity="gelu")
+        model.add_adapter("bench", config=config)
     model.add_classification_head("bench", num_labels=2)
     if with_adapter:
         model.train_adapter("bench")
@@ -97,6 +105,11 @@ def main():
                                 lr=1e-4, eps=1e-6)
     else:
         model.eval()
+        arch = getattr(config, "architecture", None) if with_adapter else None
+        if arch == "lora":
+            model.merge_adapter("bench")
+        elif arch == "prefix_tuning" and not config.flat:
+            model.eject_prefix_tuning("bench")
 
     times = []
     for i in range(a.warmup + a.steps):
@@ -121,7 +134,7 @@ def main():
         "tool": "pytorch",
         "torch": torch.__version__, "adapters": adapters.__version__,
         "case": a.case, "shape": a.shape, "batch": a.batch, "seq": a.seq, "threads": a.threads,
-        "step_seconds": times, "median_seconds": med, "sequences_per_second": a.batch / med,
+        "adapter_config": a.adapter_config, "step_seconds": times, "median_seconds": med, "sequences_per_second": a.batch / med,
         "trainable_params": trainable,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }))
