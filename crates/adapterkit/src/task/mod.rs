@@ -397,16 +397,9 @@ impl TaskModel {
         for (k, v) in &self.params {
             match k.role() {
                 Role::Head => head.insert(k.to_string(), v.clone()),
-                Role::Adapter { .. } => {
-                    // AdapterHub saves a prefix tensor once more per layer (each layer's
-                    // reference to the shared pool); its loader expects them all.
-                    for alias in
-                        crate::adapter::prefix::aliases(k.name(), self.base.num_hidden_layers)
-                    {
-                        adapters.insert(format!("bert.{alias}"), v.clone());
-                    }
-                    adapters.insert(format!("bert.{k}"), v.clone())
-                }
+                // A prefix tensor goes in once, under the pool's name: AdapterHub also saves a
+                // copy per layer (shared storage in its pickles), but loads from this one alone.
+                Role::Adapter { .. } => adapters.insert(format!("bert.{k}"), v.clone()),
                 _ => base.insert(k.to_string(), v.clone()),
             };
         }
