@@ -979,9 +979,38 @@ fn option_cases(c: &mut Corpus) {
             "adapter config string of a method not implemented",
             vec![
                 "--adapter-config".into(),
-                "prefix_tuning[prefix_length=30]".into(),
+                "prompt_tuning[prompt_length=10]".into(),
             ],
-            err(&["prefix_tuning", "not implemented"]),
+            err(&["prompt_tuning", "not implemented"]),
+        ),
+        (
+            "Compacter whose phm_dim does not divide the bottleneck",
+            vec!["--adapter-config".into(), "compacter[phm_dim=5]".into()],
+            err(&["phm_dim", "does not divide"]),
+        ),
+        (
+            "Compacter with frozen rules",
+            vec![
+                "--adapter-config".into(),
+                "compacter[learn_phm=False]".into(),
+            ],
+            err(&["learn_phm", "not implemented"]),
+        ),
+        (
+            "prefix tuning with prefix dropout",
+            vec![
+                "--adapter-config".into(),
+                "prefix_tuning[dropout=0.1]".into(),
+            ],
+            err(&["dropout", "prefix dropout"]),
+        ),
+        (
+            "prefix tuning with no prefix positions",
+            vec![
+                "--adapter-config".into(),
+                "prefix_tuning[prefix_length=0]".into(),
+            ],
+            err(&["prefix_length"]),
         ),
     ];
     for (name, extra, expect) in opts {
