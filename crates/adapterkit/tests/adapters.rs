@@ -1040,6 +1040,10 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
     .collect();
     // Compacter: the fused adapter kernel's weight gradients flow on into the PHM tensors.
     tasks.push(compacter_cases(&base).swap_remove(0));
+    // (IA)³: the frozen fused attention and FFN rescale q|k|v and the intermediate activations
+    // and give the scales their gradients; prefix tuning: the prefixed fused attention.
+    tasks.push(lora_cases(&base).swap_remove(1));
+    tasks.push(prefix_cases(&base).swap_remove(0));
     for task in tasks {
         let set = format!("{} {}", task.name, task.trainable.label());
         let run = |fast: bool| {

@@ -343,6 +343,33 @@ impl LoraConfig {
             .collect()
     }
 
+    /// For composition `scale` ((IA)³) in training: each adapted projection's output scale `α·l`
+    /// [out], keyed by [`scale_name`], so the frozen fused kernels run the projection and rescale
+    /// its output (no weight gradient). `None` for composition `add`, which derives weights.
+    pub fn scales(
+        &self,
+        task: &str,
+        params: &BTreeMap<ParamKey, Tensor>,
+        layers: usize,
+    ) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
+        if self.composition != Composition::Scale {
+            return Ok(None);
+        }
+        let s = self.scaling();
+        let mut out = BTreeMap::new();
+        for l in (0..layers).filter(|&l| self.has_layer(l)) {
+            for &p in &self.targets {
+                let name = self.param_name(l, p, task, LoraPart::B);
+                let lb = params.get(name.as_str()).ok_or_else(|| {
+                    Error::NotFound(format!("the task has no parameter `{name}`"))
+                })?;
+                let key = ParamKey::new(scale_name(l, p), Role::Adapter { layer: l }, Leaf::Scale);
+                out.insert(key, (lb * s)?.squeeze(1)?);
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// The projections' weights (and, for `scale`, biases) with the task's LoRA tensors applied,
     /// keyed as the base's tensors they replace. Built from the task's tensors as they are, so a
     /// loss over a forward that reads them has gradients for those tensors.
@@ -388,4 +415,9 @@ impl LoraConfig {
         }
         Ok(out)
     }
+}
+
+/// The name of projection `p`'s output scale in layer `layer` (see [`LoraConfig::scales`]).
+pub fn scale_name(layer: usize, p: Projection) -> String {
+    format!("encoder.layer.{layer}.{}.ia3_scale", p.module())
 }

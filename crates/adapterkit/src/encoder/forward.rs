@@ -93,6 +93,7 @@ impl BaseModel {
             .min(cfg.num_hidden_layers);
         for l in first..last {
             let w = &shared.layers[l];
+            let qkv_scale = w.qkv_scale(cfg.hidden_size)?;
             let weights = AttentionWeights {
                 q: w.query.pair(),
                 k: w.key.pair(),
@@ -100,13 +101,25 @@ impl BaseModel {
                 o: w.attention_out.pair(),
                 qkv: w.qkv,
                 prefix: w.prefix,
+                qkv_scale: qkv_scale.as_ref(),
             };
             let attn_dropout = opts.dropout_rng.as_deref_mut().map(|r| (p_attn, r));
             let attn = attention(backend, &h, &weights, &mask, heads, scale, attn_dropout)?;
             let attn = maybe_dropout(backend, &attn, p_hidden, opts)?;
             h = self.site(routing, l, SiteIndex::Attention, &attn, &h, opts)?;
 
-            let out = ffn(backend, &h, w.intermediate.pair(), w.output.pair())?;
+            let [.., inter_scale, out_scale] = w.scales;
+            let out = ffn(
+                backend,
+                &h,
+                w.intermediate.pair(),
+                w.output.pair(),
+                inter_scale,
+            )?;
+            let out = match out_scale {
+                Some(s) => out.broadcast_mul(s)?,
+                None => out,
+            };
             let out = maybe_dropout(backend, &out, p_hidden, opts)?;
             h = self.site(routing, l, SiteIndex::Ffn, &out, &h, opts)?;
         }

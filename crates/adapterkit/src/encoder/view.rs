@@ -3,6 +3,7 @@
 
 use super::checkpoint::{LayerNorm, Linear, Param};
 use super::BaseModel;
+use crate::adapter::lora::{scale_name, Projection};
 use crate::adapter::prefix::prefix_key_name;
 use crate::adapter::AdapterConfig;
 use crate::adapter::{BottleneckAdapter, Site};
@@ -31,6 +32,23 @@ pub struct LayerView<'a> {
     pub output: LinearView<'a>,
     /// The task's learned key and value prefixes [heads, P, dh] (prefix tuning), if any.
     pub prefix: Option<(&'a Tensor, &'a Tensor)>,
+    /// Per-channel output scales of the projections, in [`Projection::ALL`] order ((IA)³ while
+    /// training; merged into the weights for inference).
+    pub scales: [Option<&'a Tensor>; 5],
+}
+
+impl LayerView<'_> {
+    /// The q|k|v output scales as one [3d] vector (ones where a projection is not scaled), if any
+    /// of the three is scaled.
+    pub fn qkv_scale(&self, d: usize) -> Result<Option<Tensor>> {
+        let [q, k, v, ..] = self.scales;
+        let Some(any) = q.or(k).or(v) else {
+            return Ok(None);
+        };
+        let ones = Tensor::ones(d, any.dtype(), any.device())?;
+        let parts: Vec<&Tensor> = [q, k, v].iter().map(|s| s.unwrap_or(&ones)).collect();
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    }
 }
 
 impl LayerView<'_> {
@@ -46,6 +64,15 @@ impl LayerView<'_> {
                 (Some(a), Some(b)) => std::ptr::eq(a.0, b.0) && std::ptr::eq(a.1, b.1),
                 _ => false,
             }
+            && self
+                .scales
+                .iter()
+                .zip(&other.scales)
+                .all(|(a, b)| match (a, b) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => std::ptr::eq(*a, *b),
+                    _ => false,
+                })
     }
 }
 
@@ -144,6 +171,10 @@ impl<'a> TaskView<'a> {
                     let k = d.get(prefix_key_name(l, "key").as_str())?;
                     let v = d.get(prefix_key_name(l, "value").as_str())?;
                     Some((k, v))
+                }),
+                scales: Projection::ALL.map(|p| {
+                    task.and_then(|t| t.derived)
+                        .and_then(|d| d.get(scale_name(l, p).as_str()))
                 }),
             });
             let site = |s: Site, n: &'a LayerNorm| -> Result<SiteView<'a>> {

@@ -5,7 +5,10 @@ use super::dropout::Dropout;
 use super::linear::{frozen_f32, linear};
 use super::matmul::{affine_2d, batched_matmul, bmm, matmul_2d};
 use super::softmax::{attention_softmax, AttentionSoftmax, SoftmaxBackward};
-use super::{attach, attach3, f32_slice, Backend, CResult, InputGradient, InputGradients3};
+use super::{
+    attach, attach2, attach3, f32_slice, Backend, CResult, InputGradient, InputGradients2,
+    InputGradients3,
+};
 use crate::error::Result;
 use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -177,6 +180,9 @@ pub struct AttentionWeights<'a> {
     /// Learned key and value prefixes [heads, P, dh] (prefix tuning): P more key/value positions
     /// before the sequence's, attended by every query and hidden by no mask.
     pub prefix: Option<(&'a Tensor, &'a Tensor)>,
+    /// Per-channel scales of the q, k and v projections' outputs, concatenated [3d] ((IA)³ while
+    /// training; ones where a projection is not scaled).
+    pub qkv_scale: Option<&'a Tensor>,
 }
 
 /// What the backward needs: q [b, h, s, dh]; k and v with the prefix positions first
@@ -206,6 +212,8 @@ fn prefixed_mask(mask: &Tensor, p: usize) -> candle_core::Result<Tensor> {
 /// the attention probabilities; the backward is written out by hand and yields only the gradient
 /// of the block input (no weight gradients, no per-op gradient accumulation in the graph).
 struct FrozenAttention {
+    /// The q|k|v scales and the unscaled q|k|v product [rows, 3d], when scaled.
+    scaled: Option<(Tensor, Tensor)>,
     wqkv: Tensor,
     wo: Tensor,
     heads: Heads,
@@ -215,12 +223,9 @@ struct FrozenAttention {
 }
 
 impl FrozenAttention {
-    /// d loss / d block input, and d loss / d the prefixes (summed over rows) when there are any.
-    fn gradients(
-        &self,
-        arg: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Tensor, Option<(Tensor, Tensor)>)> {
+    /// d loss / d block input, and d loss / d the prefixes (summed over rows) or the q|k|v
+    /// scales when there are any.
+    fn gradients(&self, arg: &Tensor, grad: &Tensor) -> CResult<(Tensor, Option<Prefixed>)> {
         let hs = self.heads;
         let AttentionSaved {
             q,
@@ -261,9 +266,29 @@ impl FrozenAttention {
             (dk.contiguous()?, dv.contiguous()?, None)
         };
         let dqkv = dq.apply_op3_no_bwd(&dk, &dv, &MergeQkv { heads: hs })?;
+        let (dqkv, dscale) = match &self.scaled {
+            Some((scale, unscaled)) => (
+                dqkv.broadcast_mul(scale)?.contiguous()?,
+                Some(dqkv.mul(unscaled)?.sum(0)?),
+            ),
+            None => (dqkv, None),
+        };
         let dh = matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())?;
-        Ok((dh, dprefix))
+        Ok((
+            dh,
+            dprefix
+                .map(Prefixed::Prefix)
+                .or(dscale.map(Prefixed::Scale)),
+        ))
     }
+}
+
+/// The gradient of what a block reads besides its input: prefixes or q|k|v scales.
+enum Prefixed {
+    /// Of the key and the value prefixes [heads, P, dh].
+    Prefix((Tensor, Tensor)),
+    /// Of the q|k|v scales [3d].
+    Scale(Tensor),
 }
 
 impl InputGradient for FrozenAttention {
@@ -284,10 +309,23 @@ impl InputGradients3 for FrozenAttention {
     ) -> CResult<[Option<Tensor>; 3]> {
         let (dh, dprefix) = self.gradients(h, grad)?;
         let (dk, dv) = match dprefix {
-            Some((k, v)) => (Some(k), Some(v)),
-            None => (None, None),
+            Some(Prefixed::Prefix((k, v))) => (Some(k), Some(v)),
+            _ => (None, None),
         };
         Ok([Some(dh), dk, dv])
+    }
+}
+
+impl InputGradients2 for FrozenAttention {
+    const NAME: &'static str = "frozen-attention-scaled";
+
+    fn input_gradients(&self, [h, _]: [&Tensor; 2], grad: &Tensor) -> CResult<[Option<Tensor>; 2]> {
+        let (dh, dscale) = self.gradients(h, grad)?;
+        let dscale = match dscale {
+            Some(Prefixed::Scale(s)) => Some(s),
+            _ => None,
+        };
+        Ok([Some(dh), dscale])
     }
 }
 
@@ -305,7 +343,10 @@ pub fn attention(
 ) -> Result<Tensor> {
     let frozen = [w.q, w.k, w.v, w.o].iter().all(|(w, b)| frozen_f32(w, b));
     let prefix_fuses = w.prefix.is_none_or(|(k, v)| backend.fuses(&[k, v]));
-    if frozen && prefix_fuses && backend.fuses(&[h]) {
+    let scale_fuses = w.qkv_scale.is_none_or(|s| backend.fuses(&[s]));
+    // One graph node takes either prefixes or scales (a task has one method), not both.
+    let one_extra = w.prefix.is_none() || w.qkv_scale.is_none();
+    if frozen && prefix_fuses && scale_fuses && one_extra && backend.fuses(&[h]) {
         let seed = dropout.map(|(p, rng)| (p, rng.next_u64()));
         return Ok(frozen_attention(h, w, mask, heads, scale, seed)?);
     }
@@ -331,7 +372,19 @@ fn attention_composed(
             .transpose(1, 2)?
             .contiguous()?)
     };
-    let (q, k, v) = (project(w.q)?, project(w.k)?, project(w.v)?);
+    let scaled = |i: usize, (wt, bt): (&Tensor, &Tensor)| -> Result<Tensor> {
+        match w.qkv_scale {
+            Some(sc) => {
+                let t =
+                    linear(backend, h, wt, Some(bt))?.broadcast_mul(&sc.narrow(0, i * d, d)?)?;
+                Ok(t.reshape((b, s, heads, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            }
+            None => project((wt, bt)),
+        }
+    };
+    let (q, k, v) = (scaled(0, w.q)?, scaled(1, w.k)?, scaled(2, w.v)?);
     let (k, v, mask) = match w.prefix {
         Some((pk, pv)) => (
             Tensor::cat(&[&per_row(pk, b)?, &k], 2)?,
@@ -386,6 +439,13 @@ fn frozen_attention(
     };
     let x = h.detach().reshape((b * s, d))?;
     let qkv = affine_2d(&x, &wqkv, &bqkv)?.contiguous()?;
+    let (qkv, scaled) = match w.qkv_scale {
+        Some(sc) => {
+            let sc = sc.detach();
+            (qkv.broadcast_mul(&sc)?.contiguous()?, Some((sc, qkv)))
+        }
+        None => (qkv, None),
+    };
     let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let (k, v, mask, prefix_len) = match w.prefix {
@@ -418,6 +478,7 @@ fn frozen_attention(
     })?;
     let out = affine_2d(&ctx, w.o.0, w.o.1)?.reshape((b, s, d))?;
     let backward = FrozenAttention {
+        scaled,
         wqkv,
         wo: w.o.0.clone(),
         heads: hs,
@@ -431,9 +492,10 @@ fn frozen_attention(
             prefix_len,
         },
     };
-    match w.prefix {
-        Some((pk, pv)) => attach3([h, pk, pv], out, backward),
-        None => attach(h, out, backward),
+    match (w.prefix, w.qkv_scale) {
+        (Some((pk, pv)), _) => attach3([h, pk, pv], out, backward),
+        (None, Some(sc)) => attach2([h, sc], out, backward),
+        (None, None) => attach(h, out, backward),
     }
 }
 
@@ -462,6 +524,7 @@ mod tests {
             o: (&w[3], &bias[3]),
             qkv: None,
             prefix: None,
+            qkv_scale: None,
         };
         let composed = |h: &Tensor| {
             let lin = |x: &Tensor, i: usize| {
@@ -526,7 +589,10 @@ mod tests {
         };
         compare(
             &[h],
-            &|t| crate::kernels::ffn::frozen_ffn(&t[0], (&w1, &b1), (&w_out, &bias[3])).unwrap(),
+            &|t| {
+                crate::kernels::ffn::frozen_ffn(&t[0], (&w1, &b1), (&w_out, &bias[3]), None)
+                    .unwrap()
+            },
             &|t| ffn_ref(&t[0]),
             1e-5,
         );
@@ -556,6 +622,7 @@ mod tests {
                 o: (&w[3], &bias[3]),
                 qkv: None,
                 prefix: Some((&t[1], &t[2])),
+                qkv_scale: None,
             };
             if fused {
                 frozen_attention(&t[0], &weights, &mask, heads, 0.5, Some((0.2, 9))).unwrap()
@@ -609,9 +676,60 @@ mod tests {
             o: (&w[3], &bias[3]),
             qkv: None,
             prefix: None,
+            qkv_scale: None,
         };
         let without = frozen_attention(&inputs[0], &plain, &mask, heads, 0.5, None).unwrap();
         let with = run(&inputs, true);
         assert!(rel(&with, &without) > 1e-2);
+    }
+
+    #[test]
+    fn scaled_attention_and_ffn_match_composed_ops_with_scale_gradients() {
+        let (b, s, d, heads, i) = (2, 6, 16, 4, 24);
+        let w: Vec<Tensor> = (0..4).map(|k| randn(&[d, d], 90 + k, 0.3)).collect();
+        let bias: Vec<Tensor> = (0..4).map(|k| randn(&[d], 95 + k, 0.1)).collect();
+        let mut m = vec![0f32; b * s];
+        m[s + 5] = -1e9;
+        let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
+        let inputs = [
+            randn(&[b, s, d], 100, 1.0),
+            (randn(&[3 * d], 101, 0.3) + 1.0).unwrap(),
+        ];
+        let run = |t: &[Tensor], backend: Backend| {
+            let weights = AttentionWeights {
+                q: (&w[0], &bias[0]),
+                k: (&w[1], &bias[1]),
+                v: (&w[2], &bias[2]),
+                o: (&w[3], &bias[3]),
+                qkv: None,
+                prefix: None,
+                qkv_scale: Some(&t[1]),
+            };
+            attention(backend, &t[0], &weights, &mask, heads, 0.5, None).unwrap()
+        };
+        compare(
+            &inputs,
+            &|t| run(t, Backend::Fused),
+            &|t| run(t, Backend::Reference),
+            1e-5,
+        );
+        // (IA)³ on the FFN's intermediate activations.
+        let w1 = randn(&[i, d], 110, 0.3);
+        let b1 = randn(&[i], 111, 0.1);
+        let w2 = randn(&[d, i], 112, 0.3);
+        let b2 = randn(&[d], 113, 0.1);
+        let inputs = [
+            randn(&[b, s, d], 114, 1.0),
+            (randn(&[i], 115, 0.3) + 1.0).unwrap(),
+        ];
+        let run = |t: &[Tensor], backend: Backend| {
+            crate::kernels::ffn(backend, &t[0], (&w1, &b1), (&w2, &b2), Some(&t[1])).unwrap()
+        };
+        compare(
+            &inputs,
+            &|t| run(t, Backend::Fused),
+            &|t| run(t, Backend::Reference),
+            1e-5,
+        );
     }
 }

@@ -290,6 +290,66 @@ pub(crate) trait InputGradients3: Send + Sync {
     fn input_gradients(&self, inputs: [&Tensor; 3], grad: &Tensor) -> CResult<[Option<Tensor>; 3]>;
 }
 
+/// The hand-written backward of a block with two inputs (the block input and one tensor it reads
+/// besides its frozen weights, e.g. trained per-channel scales).
+pub(crate) trait InputGradients2: Send + Sync {
+    /// The graph node's name.
+    const NAME: &'static str;
+    /// d loss / d each input, given d loss / d output.
+    fn input_gradients(&self, inputs: [&Tensor; 2], grad: &Tensor) -> CResult<[Option<Tensor>; 2]>;
+}
+
+/// [`Precomputed`] for two inputs.
+struct Precomputed2<G> {
+    backward: G,
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl<G: InputGradients2> candle_core::CustomOp2 for Precomputed2<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        hand_over(&self.out, G::NAME)
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let [g1, g2] = self.backward.input_gradients([a1, a2], grad)?;
+        Ok((g1, g2))
+    }
+}
+
+/// [`attach`] for a block of two inputs.
+pub(crate) fn attach2<G: InputGradients2 + 'static>(
+    inputs: [&Tensor; 2],
+    out: Tensor,
+    backward: G,
+) -> CResult<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(out);
+    }
+    inputs[0].apply_op2(
+        inputs[1],
+        Precomputed2 {
+            backward,
+            out: std::sync::Mutex::new(Some(out)),
+        },
+    )
+}
+
 /// [`Precomputed`] for three inputs.
 struct Precomputed3<G> {
     backward: G,

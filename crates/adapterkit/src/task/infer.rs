@@ -36,10 +36,28 @@ impl TaskModel {
             || self.adapter.as_ref().is_some_and(|a| a.phm.is_some())
     }
 
-    /// The derived weights from the task's tensors as they are (differentiable): LoRA merged into
-    /// the projections, or Compacter's PHM projections; `None` for a task that derives none.
+    /// The derived weights from the task's tensors as they are (differentiable), as a training
+    /// forward reads them: LoRA merged into the projections ((IA)³ as output scales, so the frozen
+    /// fused kernels still run), Compacter's PHM projections, prefix tuning's prefixes; `None` for
+    /// a task that derives none.
     pub fn derive(&self, base: &BaseModel) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
+        self.derive_as(base, false)
+    }
+
+    /// [`TaskModel::derive`]; with `merged`, (IA)³ is folded into the projections' weights too
+    /// (what inference reads: no cost per forward).
+    pub(crate) fn derive_as(
+        &self,
+        base: &BaseModel,
+        merged: bool,
+    ) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
+        let layers = base.config.num_hidden_layers;
         if let Some(l) = &self.lora {
+            if !merged {
+                if let Some(scales) = l.scales(&self.name, &self.params, layers)? {
+                    return Ok(Some(scales));
+                }
+            }
             return Ok(Some(l.derive(&self.name, &self.params, base)?));
         }
         if let Some(p) = &self.prefix {
@@ -49,7 +67,7 @@ impl TaskModel {
                 &self.params,
                 c.hidden_size,
                 c.num_attention_heads,
-                c.num_hidden_layers,
+                layers,
             )?));
         }
         match &self.adapter {
@@ -59,7 +77,7 @@ impl TaskModel {
                     p,
                     &self.name,
                     &self.params,
-                    base.config.num_hidden_layers,
+                    layers,
                 )?)),
                 None => Ok(None),
             },

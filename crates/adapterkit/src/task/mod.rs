@@ -353,7 +353,7 @@ impl TaskModel {
     /// Computed from the current tensors (detached); a no-op for tasks that derive no weights.
     /// Changing a tensor ([`TaskModel::set_param`], training) unmerges.
     pub fn merge(&mut self, base: &BaseModel) -> Result<()> {
-        if let Some(mut merged) = self.derive(base)? {
+        if let Some(mut merged) = self.derive_as(base, true)? {
             for v in merged.values_mut() {
                 *v = v.detach();
             }
