@@ -229,6 +229,10 @@ fn adapterhub_configs_and_directories_through_the_cli() {
             "compacter",
             "compacter[reduction_factor=4, phm_dim=2]".to_string(),
         ),
+        (
+            "prefix",
+            "prefix_tuning[prefix_length=4, bottleneck_size=8]".to_string(),
+        ),
     ] {
         let out = dir.join(tag);
         let o = ak(
@@ -255,70 +259,70 @@ fn adapterhub_configs_and_directories_through_the_cli() {
             &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        if tag == "compacter" {
-            let c = &written["config"];
-            assert_eq!(
-                (c["phm_layer"].clone(), c["phm_dim"].clone()),
-                (true.into(), 2.into())
-            );
-            assert_eq!(c["mh_adapter"], true);
-            let o = ak(
-                &[
-                    "predict",
-                    "--model",
-                    model.to_str().unwrap(),
-                    "--adapter",
-                    out.to_str().unwrap(),
-                    "the film was good",
-                ],
-                None,
-            );
-            assert!(o.status.success(), "{tag}: {}", text(&o.stderr));
-            assert!(text(&o.stdout).contains("\"label\""), "{}", text(&o.stdout));
-        } else if tag == "lora" || tag == "ia3" {
+        let c = &written["config"];
+        match tag {
+            "compacter" => {
+                assert_eq!(
+                    (c["phm_layer"].clone(), c["phm_dim"].clone()),
+                    (true.into(), 2.into())
+                );
+                assert_eq!(c["mh_adapter"], true);
+            }
+            "prefix" => {
+                // Trained through the MLP, saved folded into flat prefixes.
+                assert_eq!(c["architecture"], "prefix_tuning");
+                assert_eq!(
+                    (c["flat"].clone(), c["prefix_length"].clone()),
+                    (true.into(), 4.into())
+                );
+            }
             // AdapterHub's LoRAConfig, with the string's keys over the preset's.
-            let c = &written["config"];
-            assert_eq!(c["architecture"], "lora");
-            if tag == "lora" {
+            "lora" => {
+                assert_eq!(c["architecture"], "lora");
                 assert_eq!(
                     (c["r"].clone(), c["alpha"].clone()),
                     (serde_json::json!(4), serde_json::json!(16))
                 );
                 assert_eq!(c["output_lora"], true);
                 assert_eq!(c["composition_mode"], "add");
-            } else {
+            }
+            "ia3" => {
+                assert_eq!(c["architecture"], "lora");
                 assert_eq!(c["composition_mode"], "scale");
                 assert_eq!(c["attn_matrices"], serde_json::json!(["k", "v"]));
             }
-            // And it predicts.
-            let o = ak(
-                &[
-                    "predict",
-                    "--model",
-                    model.to_str().unwrap(),
-                    "--adapter",
-                    out.to_str().unwrap(),
-                    "the film was good",
-                ],
-                None,
-            );
-            assert!(o.status.success(), "{tag}: {}", text(&o.stderr));
-            assert!(text(&o.stdout).contains("\"label\""), "{}", text(&o.stdout));
-        } else if tag == "string" {
             // AdapterHub's scaled_par_bn preset with the string's keys over it.
-            assert_eq!(written["config"]["is_parallel"], true);
-            assert_eq!(written["config"]["scaling"], "learned");
-            assert_eq!(written["config"]["reduction_factor"], 4.0);
-            assert_eq!(written["config"]["leave_out"], serde_json::json!([0]));
-        } else if tag == "file" {
-            assert_eq!(written["config"]["ln_before"], true);
-            assert_eq!(written["config"]["scaling"], "learned");
-            assert_eq!(written["config"]["residual_before_ln"], false);
-            assert_eq!(written["config"]["init_weights"], "mam_adapter");
-        } else {
-            assert_eq!(written["config"]["original_ln_before"], true);
-            assert_eq!(written["config"]["non_linearity"], "relu");
+            "string" => {
+                assert_eq!(c["is_parallel"], true);
+                assert_eq!(c["scaling"], "learned");
+                assert_eq!(c["reduction_factor"], 4.0);
+                assert_eq!(c["leave_out"], serde_json::json!([0]));
+            }
+            "file" => {
+                assert_eq!(c["ln_before"], true);
+                assert_eq!(c["scaling"], "learned");
+                assert_eq!(c["residual_before_ln"], false);
+                assert_eq!(c["init_weights"], "mam_adapter");
+            }
+            _ => {
+                assert_eq!(c["original_ln_before"], true);
+                assert_eq!(c["non_linearity"], "relu");
+            }
         }
+        // And every method's directory predicts.
+        let o = ak(
+            &[
+                "predict",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                out.to_str().unwrap(),
+                "the film was good",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{tag}: {}", text(&o.stderr));
+        assert!(text(&o.stdout).contains("\"label\""), "{}", text(&o.stdout));
     }
     // A bad key in the user's config is named with its value.
     std::fs::write(

@@ -435,6 +435,26 @@ fn lora_training_moves_only_its_tensors_and_the_head() {
     assert_eq!(snapshot(&base), before, "training wrote to the base");
 }
 
+/// `t` with every tensor whose name `which` picks drawn uniformly from ±`bound` (a fresh
+/// method's init is often near zero, which would hide mistakes).
+fn randomised(mut t: TaskModel, which: impl Fn(&str) -> bool, bound: f32) -> TaskModel {
+    let names: Vec<String> = t
+        .params
+        .keys()
+        .filter(|k| which(k.name()))
+        .map(|k| k.to_string())
+        .collect();
+    for n in names {
+        let old = &t.params[n.as_str()];
+        let v = Tensor::rand(-bound, bound, old.shape(), old.device())
+            .unwrap()
+            .to_dtype(old.dtype())
+            .unwrap();
+        t.set_param(&n, v).unwrap();
+    }
+    t
+}
+
 /// Compacter tasks (Houlsby's sites; Compacter++ with per-layer factorised rules, unfactorised
 /// weights, no biases; shared rank-2 weights with an own LayerNorm before), their PHM tensors moved
 /// well off their near-zero init.
@@ -465,7 +485,7 @@ fn compacter_cases(base: &BaseModel) -> Vec<TaskModel> {
         .into_iter()
         .enumerate()
         .map(|(i, cfg)| {
-            let mut t = TaskModel::new(
+            let t = TaskModel::new(
                 base,
                 &format!("c{i}"),
                 TrainableSet::Adapters { layernorms: true },
@@ -475,21 +495,7 @@ fn compacter_cases(base: &BaseModel) -> Vec<TaskModel> {
                 i as u64,
             )
             .unwrap();
-            let names: Vec<String> = t
-                .params
-                .keys()
-                .filter(|k| k.name().contains("adapter_") || k.name().contains("shared_"))
-                .map(|k| k.to_string())
-                .collect();
-            for n in names {
-                let old = &t.params[n.as_str()];
-                let v = Tensor::rand(-0.6f32, 0.6, old.shape(), old.device())
-                    .unwrap()
-                    .to_dtype(old.dtype())
-                    .unwrap();
-                t.set_param(&n, v).unwrap();
-            }
-            t
+            randomised(t, |n| n.contains("adapter_") || n.contains("shared_"), 0.6)
         })
         .collect()
 }
@@ -602,7 +608,7 @@ fn prefix_cases(base: &BaseModel) -> Vec<TaskModel> {
         .into_iter()
         .enumerate()
         .map(|(i, cfg)| {
-            let mut t = TaskModel::with_method(
+            let t = TaskModel::with_method(
                 base,
                 &format!("p{i}"),
                 TrainableSet::Adapters { layernorms: true },
@@ -612,21 +618,7 @@ fn prefix_cases(base: &BaseModel) -> Vec<TaskModel> {
                 i as u64,
             )
             .unwrap();
-            let names: Vec<String> = t
-                .params
-                .keys()
-                .filter(|k| k.name().starts_with("prefix_tuning."))
-                .map(|k| k.to_string())
-                .collect();
-            for n in names {
-                let old = &t.params[n.as_str()];
-                let v = Tensor::rand(-0.8f32, 0.8, old.shape(), old.device())
-                    .unwrap()
-                    .to_dtype(old.dtype())
-                    .unwrap();
-                t.set_param(&n, v).unwrap();
-            }
-            t
+            randomised(t, |n| n.starts_with("prefix_tuning."), 0.8)
         })
         .collect()
 }

@@ -614,7 +614,7 @@ mod tests {
             randn(&[heads, p, dh], 81, 1.0),
             randn(&[heads, p, dh], 82, 1.0),
         ];
-        let run = |t: &[Tensor], fused: bool| {
+        let run = |t: &[Tensor], backend: Backend| {
             let weights = AttentionWeights {
                 q: (&w[0], &bias[0]),
                 k: (&w[1], &bias[1]),
@@ -624,50 +624,14 @@ mod tests {
                 prefix: Some((&t[1], &t[2])),
                 qkv_scale: None,
             };
-            if fused {
-                frozen_attention(&t[0], &weights, &mask, heads, 0.5, Some((0.2, 9))).unwrap()
-            } else {
-                // The reference: every op composed, dropout drawn from the same seed.
-                let lin = |x: &Tensor, i: usize| {
-                    x.broadcast_matmul(&w[i].t().unwrap())
-                        .unwrap()
-                        .broadcast_add(&bias[i])
-                        .unwrap()
-                };
-                let split = |x: Tensor| {
-                    x.reshape((b, s, heads, dh))
-                        .unwrap()
-                        .transpose(1, 2)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                };
-                let h = &t[0];
-                let q = split(lin(h, 0));
-                let k = Tensor::cat(&[&per_row(&t[1], b).unwrap(), &split(lin(h, 1))], 2).unwrap();
-                let v = Tensor::cat(&[&per_row(&t[2], b).unwrap(), &split(lin(h, 2))], 2).unwrap();
-                let scores = q.matmul(&k.t().unwrap()).unwrap();
-                let probs = attention_softmax(
-                    Backend::Reference,
-                    &scores,
-                    &prefixed_mask(&mask, p).unwrap(),
-                    0.5,
-                )
-                .unwrap();
-                let probs = super::super::dropout::dropout_fused(&probs, 0.2, 9).unwrap();
-                let ctx = probs
-                    .matmul(&v)
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-                    .reshape((b, s, d))
-                    .unwrap();
-                lin(&ctx, 3)
-            }
+            attention(backend, &t[0], &weights, &mask, heads, 0.5, None).unwrap()
         };
-        compare(&inputs, &|t| run(t, true), &|t| run(t, false), 1e-5);
+        compare(
+            &inputs,
+            &|t| run(t, Backend::Fused),
+            &|t| run(t, Backend::Reference),
+            1e-5,
+        );
         // The prefix changes the output: without it, every row moves.
         let plain = AttentionWeights {
             q: (&w[0], &bias[0]),
@@ -679,7 +643,7 @@ mod tests {
             qkv_scale: None,
         };
         let without = frozen_attention(&inputs[0], &plain, &mask, heads, 0.5, None).unwrap();
-        let with = run(&inputs, true);
+        let with = run(&inputs, Backend::Fused);
         assert!(rel(&with, &without) > 1e-2);
     }
 
