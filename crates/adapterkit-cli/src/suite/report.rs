@@ -376,6 +376,45 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
             )),
         }
     }
+    // The other adapter methods, each against the Houlsby size nearest to it in trained
+    // parameters (on a log scale), on the same tasks.
+    let others: Vec<&str> = p
+        .methods
+        .iter()
+        .map(|m| m.name)
+        .filter(|m| !needed.contains(m) && *m != "head")
+        .collect();
+    if !others.is_empty() {
+        out.push_str(
+            "\nOther adapter methods against the Houlsby size nearest in trained parameters, on \
+             the same tasks:\n\n",
+        );
+    }
+    for m in others {
+        let have = tasks.iter().filter(|t| get(t, m).is_some()).count();
+        if have < tasks.len() {
+            out.push_str(&format!(
+                "- {m}: run on {have} of these {} tasks so far; compared once it has them all.\n",
+                tasks.len()
+            ));
+            continue;
+        }
+        let pm = params(m);
+        let distance = |h: &&str| (params(h) / pm).ln().abs();
+        let Some(rival) = houlsby
+            .iter()
+            .min_by(|a, b| distance(a).total_cmp(&distance(b)))
+        else {
+            continue;
+        };
+        out.push_str(&format!(
+            "- {m} ({pm:.2}% of the base): {:.1}; {rival} ({:.2}%): {:.1}; {m} minus {rival}: {}.\n",
+            avg(m),
+            params(rival),
+            avg(rival),
+            margin(m, rival)
+        ));
+    }
     out
 }
 
@@ -394,6 +433,7 @@ mod tests {
             ("houlsby-m256", 0.889, 11.1),
             ("top-1", 0.850, 8.5),
             ("top-2", 0.870, 16.3),
+            ("lora-r8", 0.900, 0.9),
         ];
         let cells: BTreeMap<(String, String), Cell> = methods
             .iter()
@@ -435,6 +475,19 @@ mod tests {
         );
         assert!(
             text.contains("bottleneck picked per task on dev (mr m256)"),
+            "{text}"
+        );
+        // Other methods meet the Houlsby size nearest in parameters on a log scale (m8 at 1.0%
+        // for 0.9%, nearer than m2 at 0.8%).
+        assert!(
+            text.contains(
+                "- lora-r8 (0.90% of the base): 90.0; houlsby-m8 (1.00%): 87.0; lora-r8 minus \
+                 houlsby-m8: +3.00 ± 0.82 standard error, beyond seed noise."
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("- ia3: run on 0 of these 1 tasks so far"),
             "{text}"
         );
     }
