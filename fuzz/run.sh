@@ -28,7 +28,9 @@ for t in "${targets[@]}"; do
     config_json) seed "$t" "$fix"/tiny-bert/config.json ;;
     adapter_config) seed "$t" "$fix"/adapterhub/*/adapter_config.json
                     printf "lora[r=4, attn_matrices=['q','k'], leave_out=[1]]" > "corpus/$t/seed-string-lora"
-                    printf 'par_bn[reduction_factor={"default": 4, "0": 2}, scaling="learned"]' > "corpus/$t/seed-string-par" ;;
+                    printf 'par_bn[reduction_factor={"default": 4, "0": 2}, scaling="learned"]' > "corpus/$t/seed-string-par"
+                    printf "compacter++[phm_dim=2, shared_W_phm=True, phm_rank=2]" > "corpus/$t/seed-string-compacter"
+                    printf "prefix_tuning[prefix_length=4, flat=True, leave_out=[0]]" > "corpus/$t/seed-string-prefix" ;;
     data_readers) printf 'text,label\n"a, quoted",pos\nplain,neg\n' > "corpus/$t/seed-csv"
                   printf '{"text": "a", "label": 1}\n{"text": "b", "label": "1.0"}\n' > "corpus/$t/seed-jsonl" ;;
   esac

@@ -1,5 +1,6 @@
-//! Any bytes as `adapter_config.json` (AdapterHub's `BnConfig` or `LoRAConfig` in its envelope, or
-//! a preset string): an adapter configuration that fits the base, or an error naming the file.
+//! Any bytes as `adapter_config.json` (AdapterHub's `BnConfig`, `LoRAConfig` or
+//! `PrefixTuningConfig` in its envelope, or a preset string): an adapter configuration that fits
+//! the base, or an error naming the file.
 #![no_main]
 use adapterkit::adapter::AdapterMethod;
 use libfuzzer_sys::fuzz_target;
@@ -37,6 +38,15 @@ fuzz_target!(|data: &[u8]| {
         Ok(AdapterMethod::Bottleneck(a)) => {
             assert!(a.bottleneck >= 1);
             assert!(a.leave_out.iter().all(|&l| l < 2));
+            if let Some(p) = &a.phm {
+                // Every PHM layer's widths split into phm_dim blocks.
+                assert!(p.phm_dim >= 1 && 32 % p.phm_dim == 0);
+                assert!((0..2).all(|l| a.bottleneck_at(l) % p.phm_dim == 0));
+            }
+        }
+        Ok(AdapterMethod::Prefix(p)) => {
+            assert!(p.prefix_length >= 1 && (p.flat || p.bottleneck_size >= 1));
+            assert!(!p.layers(2).is_empty());
         }
         Ok(AdapterMethod::Lora(l)) => {
             assert!(l.r >= 1 && !l.targets.is_empty());
