@@ -1034,7 +1034,13 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
     tasks.push(compacter_cases(&base).swap_remove(0));
     // (IA)³: the frozen fused attention and FFN rescale q|k|v and the intermediate activations
     // and give the scales their gradients; prefix tuning: the prefixed fused attention.
-    tasks.push(lora_cases(&base).swap_remove(1));
+    let mut lora = lora_cases(&base);
+    tasks.push(lora.swap_remove(1));
+    // LoRA on every projection: q|k|v and intermediate updates fused, the output projection's
+    // composed.
+    tasks.push(lora.swap_remove(0));
+    // LoRA on q and v only: the whole FFN stays fused.
+    tasks.push(lora_task(&base, "lqv", LoraConfig::lora(4, 8.0), 7));
     tasks.push(prefix_cases(&base).swap_remove(0));
     for task in tasks {
         let set = format!("{} {}", task.name, task.trainable.label());

@@ -370,6 +370,44 @@ impl LoraConfig {
         Ok(Some(out))
     }
 
+    /// For composition `add` (LoRA) in training: each adapted projection's factors `A` [r, in]
+    /// and `(α/r)·B` [out, r], keyed by [`factor_name`], so the frozen fused kernels run the
+    /// projection and add `x·Aᵀ·(α/r)Bᵀ` computed beside it (no weight gradient of the base's
+    /// projection). `None` for composition `scale`.
+    pub fn factors(
+        &self,
+        task: &str,
+        params: &BTreeMap<ParamKey, Tensor>,
+        layers: usize,
+    ) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
+        if self.composition != Composition::Add {
+            return Ok(None);
+        }
+        let get = |name: String| -> Result<&Tensor> {
+            params
+                .get(name.as_str())
+                .ok_or_else(|| Error::NotFound(format!("the task has no parameter `{name}`")))
+        };
+        let s = self.scaling();
+        let mut out = BTreeMap::new();
+        for l in (0..layers).filter(|&l| self.has_layer(l)) {
+            for &p in &self.targets {
+                let a = get(self.param_name(l, p, task, LoraPart::A))?;
+                let b = get(self.param_name(l, p, task, LoraPart::B))?;
+                let key = |which| {
+                    ParamKey::new(
+                        factor_name(l, p, which),
+                        Role::Adapter { layer: l },
+                        Leaf::Weight,
+                    )
+                };
+                out.insert(key("a"), a.clone());
+                out.insert(key("b"), (b * s)?);
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// The projections' weights (and, for `scale`, biases) with the task's LoRA tensors applied,
     /// keyed as the base's tensors they replace. Built from the task's tensors as they are, so a
     /// loss over a forward that reads them has gradients for those tensors.
@@ -420,4 +458,10 @@ impl LoraConfig {
 /// The name of projection `p`'s output scale in layer `layer` (see [`LoraConfig::scales`]).
 pub fn scale_name(layer: usize, p: Projection) -> String {
     format!("encoder.layer.{layer}.{}.ia3_scale", p.module())
+}
+
+/// The name of projection `p`'s LoRA factor `which` (`a`, or `b` with the scaling in) in layer
+/// `layer` (see [`LoraConfig::factors`]).
+pub fn factor_name(layer: usize, p: Projection, which: &str) -> String {
+    format!("encoder.layer.{layer}.{}.lora_factor_{which}", p.module())
 }

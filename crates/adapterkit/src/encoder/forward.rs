@@ -3,8 +3,10 @@
 
 use super::routing::{Routing, RowGroup};
 use super::{BaseModel, Batch};
+use crate::adapter::lora::Projection;
 use crate::adapter::{residual_norm, SiteAdapter, SiteContext};
 use crate::error::{Error, Result};
+use crate::kernels::ffn::FfnAdapt;
 use crate::kernels::{attention, dropout, ffn, layer_norm, AttentionWeights, Backend};
 use crate::rng::Rng;
 use candle_core::Tensor;
@@ -94,6 +96,7 @@ impl BaseModel {
         for l in first..last {
             let w = &shared.layers[l];
             let qkv_scale = w.qkv_scale(cfg.hidden_size)?;
+            let qkv_delta = w.qkv_delta(&h)?;
             let weights = AttentionWeights {
                 q: w.query.pair(),
                 k: w.key.pair(),
@@ -102,6 +105,7 @@ impl BaseModel {
                 qkv: w.qkv,
                 prefix: w.prefix,
                 qkv_scale: qkv_scale.as_ref(),
+                qkv_delta: qkv_delta.as_ref(),
             };
             let attn_dropout = opts.dropout_rng.as_deref_mut().map(|r| (p_attn, r));
             let attn = attention(backend, &h, &weights, &mask, heads, scale, attn_dropout)?;
@@ -109,13 +113,13 @@ impl BaseModel {
             h = self.site(routing, l, SiteIndex::Attention, &attn, &h, opts)?;
 
             let [.., inter_scale, out_scale] = w.scales;
-            let out = ffn(
-                backend,
-                &h,
-                w.intermediate.pair(),
-                w.output.pair(),
-                inter_scale,
-            )?;
+            let inter_delta = w.lora_delta(Projection::Intermediate, &h)?;
+            let adapt = FfnAdapt {
+                scale: inter_scale,
+                delta: inter_delta.as_ref(),
+                out_lora: w.lora[Projection::Output as usize],
+            };
+            let out = ffn(backend, &h, w.intermediate.pair(), w.output.pair(), adapt)?;
             let out = match out_scale {
                 Some(s) => out.broadcast_mul(s)?,
                 None => out,

@@ -3,7 +3,7 @@
 
 use super::checkpoint::{LayerNorm, Linear, Param};
 use super::BaseModel;
-use crate::adapter::lora::{scale_name, Projection};
+use crate::adapter::lora::{factor_name, scale_name, Projection};
 use crate::adapter::prefix::prefix_key_name;
 use crate::adapter::AdapterConfig;
 use crate::adapter::{BottleneckAdapter, Site};
@@ -35,9 +35,41 @@ pub struct LayerView<'a> {
     /// Per-channel output scales of the projections, in [`Projection::ALL`] order ((IA)³ while
     /// training; merged into the weights for inference).
     pub scales: [Option<&'a Tensor>; 5],
+    /// LoRA's factors `(A, (α/r)·B)` per projection, in [`Projection::ALL`] order (while
+    /// training; merged into the weights for inference).
+    pub lora: [Option<(&'a Tensor, &'a Tensor)>; 5],
 }
 
 impl LayerView<'_> {
+    /// LoRA's update `x·Aᵀ·Bᵀ` of projection `p`'s output for the projection's input `x`, if the
+    /// task adapts `p` with LoRA.
+    pub fn lora_delta(&self, p: Projection, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((a, b)) = self.lora[p as usize] else {
+            return Ok(None);
+        };
+        Ok(Some(
+            x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?,
+        ))
+    }
+
+    /// LoRA's updates of the q, k and v outputs as one [.., 3d] tensor (zeros for a projection
+    /// without LoRA), if any of the three has LoRA.
+    pub fn qkv_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let parts = [Projection::Query, Projection::Key, Projection::Value]
+            .into_iter()
+            .map(|p| self.lora_delta(p, x))
+            .collect::<Result<Vec<_>>>()?;
+        if parts.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let zeros = x.zeros_like()?;
+        let parts: Vec<Tensor> = parts
+            .into_iter()
+            .map(|d| d.unwrap_or_else(|| zeros.clone()))
+            .collect();
+        Ok(Some(Tensor::cat(&parts, candle_core::D::Minus1)?))
+    }
+
     /// The q|k|v output scales as one [3d] vector (ones where a projection is not scaled), if any
     /// of the three is scaled.
     pub fn qkv_scale(&self, d: usize) -> Result<Option<Tensor>> {
@@ -71,6 +103,15 @@ impl LayerView<'_> {
                 .all(|(a, b)| match (a, b) {
                     (None, None) => true,
                     (Some(a), Some(b)) => std::ptr::eq(*a, *b),
+                    _ => false,
+                })
+            && self
+                .lora
+                .iter()
+                .zip(&other.lora)
+                .all(|(a, b)| match (a, b) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => std::ptr::eq(a.0, b.0) && std::ptr::eq(a.1, b.1),
                     _ => false,
                 })
     }
@@ -175,6 +216,12 @@ impl<'a> TaskView<'a> {
                 scales: Projection::ALL.map(|p| {
                     task.and_then(|t| t.derived)
                         .and_then(|d| d.get(scale_name(l, p).as_str()))
+                }),
+                lora: Projection::ALL.map(|p| {
+                    let d = task.and_then(|t| t.derived)?;
+                    let a = d.get(factor_name(l, p, "a").as_str())?;
+                    let b = d.get(factor_name(l, p, "b").as_str())?;
+                    Some((a, b))
                 }),
             });
             let site = |s: Site, n: &'a LayerNorm| -> Result<SiteView<'a>> {

@@ -183,6 +183,9 @@ pub struct AttentionWeights<'a> {
     /// Per-channel scales of the q, k and v projections' outputs, concatenated [3d] ((IA)³ while
     /// training; ones where a projection is not scaled).
     pub qkv_scale: Option<&'a Tensor>,
+    /// Updates added to the q, k and v projections' outputs [b, s, 3d] (LoRA's `x·Aᵀ·Bᵀ` while
+    /// training, computed from the block input; zeros where a projection has none).
+    pub qkv_delta: Option<&'a Tensor>,
 }
 
 /// What the backward needs: q [b, h, s, dh]; k and v with the prefix positions first
@@ -214,6 +217,8 @@ fn prefixed_mask(mask: &Tensor, p: usize) -> candle_core::Result<Tensor> {
 struct FrozenAttention {
     /// The q|k|v scales and the unscaled q|k|v product [rows, 3d], when scaled.
     scaled: Option<(Tensor, Tensor)>,
+    /// Whether q|k|v updates were added to the product.
+    delta: bool,
     wqkv: Tensor,
     wo: Tensor,
     heads: Heads,
@@ -274,21 +279,25 @@ impl FrozenAttention {
             None => (dqkv, None),
         };
         let dh = matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())?;
-        Ok((
-            dh,
-            dprefix
-                .map(Prefixed::Prefix)
-                .or(dscale.map(Prefixed::Scale)),
-        ))
+        let extra = match (dprefix, dscale) {
+            (Some(p), _) => Some(Prefixed::Prefix(p)),
+            (None, Some(s)) => Some(Prefixed::Scale(s)),
+            // The q|k|v updates were added to the product: their gradient is the product's.
+            (None, None) if self.delta => Some(Prefixed::Delta(dqkv)),
+            (None, None) => None,
+        };
+        Ok((dh, extra))
     }
 }
 
-/// The gradient of what a block reads besides its input: prefixes or q|k|v scales.
+/// The gradient of what a block reads besides its input: prefixes, q|k|v scales or updates.
 enum Prefixed {
     /// Of the key and the value prefixes [heads, P, dh].
     Prefix((Tensor, Tensor)),
     /// Of the q|k|v scales [3d].
     Scale(Tensor),
+    /// Of the q|k|v updates [rows, 3d].
+    Delta(Tensor),
 }
 
 impl InputGradient for FrozenAttention {
@@ -319,13 +328,14 @@ impl InputGradients3 for FrozenAttention {
 impl InputGradients2 for FrozenAttention {
     const NAME: &'static str = "frozen-attention-scaled";
 
-    fn input_gradients(&self, [h, _]: [&Tensor; 2], grad: &Tensor) -> CResult<[Option<Tensor>; 2]> {
+    fn input_gradients(&self, [h, e]: [&Tensor; 2], grad: &Tensor) -> CResult<[Option<Tensor>; 2]> {
         let (dh, dscale) = self.gradients(h, grad)?;
-        let dscale = match dscale {
+        let dextra = match dscale {
             Some(Prefixed::Scale(s)) => Some(s),
+            Some(Prefixed::Delta(d)) => Some(d.reshape(e.shape())?),
             _ => None,
         };
-        Ok([Some(dh), dscale])
+        Ok([Some(dh), dextra])
     }
 }
 
@@ -343,10 +353,18 @@ pub fn attention(
 ) -> Result<Tensor> {
     let frozen = [w.q, w.k, w.v, w.o].iter().all(|(w, b)| frozen_f32(w, b));
     let prefix_fuses = w.prefix.is_none_or(|(k, v)| backend.fuses(&[k, v]));
-    let scale_fuses = w.qkv_scale.is_none_or(|s| backend.fuses(&[s]));
-    // One graph node takes either prefixes or scales (a task has one method), not both.
-    let one_extra = w.prefix.is_none() || w.qkv_scale.is_none();
-    if frozen && prefix_fuses && scale_fuses && one_extra && backend.fuses(&[h]) {
+    let extras_fuse = [w.qkv_scale, w.qkv_delta]
+        .into_iter()
+        .flatten()
+        .all(|t| backend.fuses(&[t]));
+    // One graph node takes prefixes, scales or updates (a task has one method), not two.
+    let extras = [
+        w.prefix.is_some(),
+        w.qkv_scale.is_some(),
+        w.qkv_delta.is_some(),
+    ];
+    let one_extra = extras.iter().filter(|&&e| e).count() <= 1;
+    if frozen && prefix_fuses && extras_fuse && one_extra && backend.fuses(&[h]) {
         let seed = dropout.map(|(p, rng)| (p, rng.next_u64()));
         return Ok(frozen_attention(h, w, mask, heads, scale, seed)?);
     }
@@ -373,16 +391,19 @@ fn attention_composed(
             .contiguous()?)
     };
     let scaled = |i: usize, (wt, bt): (&Tensor, &Tensor)| -> Result<Tensor> {
-        match w.qkv_scale {
-            Some(sc) => {
-                let t =
-                    linear(backend, h, wt, Some(bt))?.broadcast_mul(&sc.narrow(0, i * d, d)?)?;
-                Ok(t.reshape((b, s, heads, dh))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            }
-            None => project((wt, bt)),
+        if w.qkv_scale.is_none() && w.qkv_delta.is_none() {
+            return project((wt, bt));
         }
+        let mut t = linear(backend, h, wt, Some(bt))?;
+        if let Some(delta) = w.qkv_delta {
+            t = t.add(&delta.narrow(2, i * d, d)?)?;
+        }
+        if let Some(sc) = w.qkv_scale {
+            t = t.broadcast_mul(&sc.narrow(0, i * d, d)?)?;
+        }
+        Ok(t.reshape((b, s, heads, dh))?
+            .transpose(1, 2)?
+            .contiguous()?)
     };
     let (q, k, v) = (scaled(0, w.q)?, scaled(1, w.k)?, scaled(2, w.v)?);
     let (k, v, mask) = match w.prefix {
@@ -438,7 +459,12 @@ fn frozen_attention(
         ),
     };
     let x = h.detach().reshape((b * s, d))?;
-    let qkv = affine_2d(&x, &wqkv, &bqkv)?.contiguous()?;
+    let mut qkv = affine_2d(&x, &wqkv, &bqkv)?.contiguous()?;
+    if let Some(delta) = w.qkv_delta {
+        qkv = qkv
+            .add(&delta.detach().reshape(qkv.shape())?)?
+            .contiguous()?;
+    }
     let (qkv, scaled) = match w.qkv_scale {
         Some(sc) => {
             let sc = sc.detach();
@@ -479,6 +505,7 @@ fn frozen_attention(
     let out = affine_2d(&ctx, w.o.0, w.o.1)?.reshape((b, s, d))?;
     let backward = FrozenAttention {
         scaled,
+        delta: w.qkv_delta.is_some(),
         wqkv,
         wo: w.o.0.clone(),
         heads: hs,
@@ -492,9 +519,9 @@ fn frozen_attention(
             prefix_len,
         },
     };
-    match (w.prefix, w.qkv_scale) {
+    match (w.prefix, w.qkv_scale.or(w.qkv_delta)) {
         (Some((pk, pv)), _) => attach3([h, pk, pv], out, backward),
-        (None, Some(sc)) => attach2([h, sc], out, backward),
+        (None, Some(e)) => attach2([h, e], out, backward),
         (None, None) => attach(h, out, backward),
     }
 }
@@ -525,6 +552,7 @@ mod tests {
             qkv: None,
             prefix: None,
             qkv_scale: None,
+            qkv_delta: None,
         };
         let composed = |h: &Tensor| {
             let lin = |x: &Tensor, i: usize| {
@@ -590,7 +618,7 @@ mod tests {
         compare(
             &[h],
             &|t| {
-                crate::kernels::ffn::frozen_ffn(&t[0], (&w1, &b1), (&w_out, &bias[3]), None)
+                crate::kernels::ffn::frozen_ffn_plain(&t[0], (&w1, &b1), (&w_out, &bias[3]))
                     .unwrap()
             },
             &|t| ffn_ref(&t[0]),
@@ -623,6 +651,7 @@ mod tests {
                 qkv: None,
                 prefix: Some((&t[1], &t[2])),
                 qkv_scale: None,
+                qkv_delta: None,
             };
             attention(backend, &t[0], &weights, &mask, heads, 0.5, None).unwrap()
         };
@@ -641,6 +670,7 @@ mod tests {
             qkv: None,
             prefix: None,
             qkv_scale: None,
+            qkv_delta: None,
         };
         let without = frozen_attention(&inputs[0], &plain, &mask, heads, 0.5, None).unwrap();
         let with = run(&inputs, Backend::Fused);
@@ -668,6 +698,7 @@ mod tests {
                 qkv: None,
                 prefix: None,
                 qkv_scale: Some(&t[1]),
+                qkv_delta: None,
             };
             attention(backend, &t[0], &weights, &mask, heads, 0.5, None).unwrap()
         };
@@ -687,7 +718,61 @@ mod tests {
             (randn(&[i], 115, 0.3) + 1.0).unwrap(),
         ];
         let run = |t: &[Tensor], backend: Backend| {
-            crate::kernels::ffn(backend, &t[0], (&w1, &b1), (&w2, &b2), Some(&t[1])).unwrap()
+            let adapt = crate::kernels::ffn::FfnAdapt {
+                scale: Some(&t[1]),
+                ..Default::default()
+            };
+            crate::kernels::ffn(backend, &t[0], (&w1, &b1), (&w2, &b2), adapt).unwrap()
+        };
+        compare(
+            &inputs,
+            &|t| run(t, Backend::Fused),
+            &|t| run(t, Backend::Reference),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn updated_attention_and_ffn_match_composed_ops_with_update_gradients() {
+        let (b, s, d, heads, i) = (2, 5, 16, 4, 24);
+        let w: Vec<Tensor> = (0..4).map(|k| randn(&[d, d], 120 + k, 0.3)).collect();
+        let bias: Vec<Tensor> = (0..4).map(|k| randn(&[d], 125 + k, 0.1)).collect();
+        let mut m = vec![0f32; b * s];
+        m[s + 4] = -1e9;
+        let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
+        // LoRA's q|k|v updates, as the encoder passes them: [b, s, 3d].
+        let inputs = [randn(&[b, s, d], 130, 1.0), randn(&[b, s, 3 * d], 131, 0.5)];
+        let run = |t: &[Tensor], backend: Backend| {
+            let weights = AttentionWeights {
+                q: (&w[0], &bias[0]),
+                k: (&w[1], &bias[1]),
+                v: (&w[2], &bias[2]),
+                o: (&w[3], &bias[3]),
+                qkv: None,
+                prefix: None,
+                qkv_scale: None,
+                qkv_delta: Some(&t[1]),
+            };
+            attention(backend, &t[0], &weights, &mask, heads, 0.5, None).unwrap()
+        };
+        compare(
+            &inputs,
+            &|t| run(t, Backend::Fused),
+            &|t| run(t, Backend::Reference),
+            1e-5,
+        );
+        // LoRA's update of the FFN's intermediate activations.
+        let w1 = randn(&[i, d], 140, 0.3);
+        let b1 = randn(&[i], 141, 0.1);
+        let w2 = randn(&[d, i], 142, 0.3);
+        let b2 = randn(&[d], 143, 0.1);
+        let inputs = [randn(&[b, s, d], 144, 1.0), randn(&[b, s, i], 145, 0.5)];
+        let run = |t: &[Tensor], backend: Backend| {
+            let adapt = crate::kernels::ffn::FfnAdapt {
+                delta: Some(&t[1]),
+                ..Default::default()
+            };
+            crate::kernels::ffn(backend, &t[0], (&w1, &b1), (&w2, &b2), adapt).unwrap()
         };
         compare(
             &inputs,

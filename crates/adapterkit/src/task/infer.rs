@@ -36,16 +36,16 @@ impl TaskModel {
             || self.adapter.as_ref().is_some_and(|a| a.phm.is_some())
     }
 
-    /// The derived weights from the task's tensors as they are (differentiable), as a training
-    /// forward reads them: LoRA merged into the projections ((IA)³ as output scales, so the frozen
-    /// fused kernels still run), Compacter's PHM projections, prefix tuning's prefixes; `None` for
-    /// a task that derives none.
+    /// The derived tensors from the task's tensors as they are (differentiable), as a training
+    /// forward reads them: LoRA's factors and (IA)³'s output scales (which the frozen fused
+    /// kernels apply beside the base's projections), Compacter's PHM projections, prefix tuning's
+    /// prefixes; `None` for a task that derives none.
     pub fn derive(&self, base: &BaseModel) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
         self.derive_as(base, false)
     }
 
-    /// [`TaskModel::derive`]; with `merged`, (IA)³ is folded into the projections' weights too
-    /// (what inference reads: no cost per forward).
+    /// [`TaskModel::derive`]; with `merged`, LoRA and (IA)³ are folded into the projections'
+    /// weights instead (what inference reads: no cost per forward).
     pub(crate) fn derive_as(
         &self,
         base: &BaseModel,
@@ -56,6 +56,9 @@ impl TaskModel {
             if !merged {
                 if let Some(scales) = l.scales(&self.name, &self.params, layers)? {
                     return Ok(Some(scales));
+                }
+                if let Some(factors) = l.factors(&self.name, &self.params, layers)? {
+                    return Ok(Some(factors));
                 }
             }
             return Ok(Some(l.derive(&self.name, &self.params, base)?));
