@@ -2,10 +2,12 @@
 //! low-rank update `W + (α/r)·B·A` of chosen projections (composition `"add"`), or a learned
 //! rescaling `(W·x + b) ⊙ α·l` of their outputs (composition `"scale"`, AdapterHub's `ia3`).
 //!
-//! Both change only a projection's weights, so the encoder runs them as weights derived from the
-//! base's: per forward while training (gradients reach `A`, `B` and `l` through the derivation),
-//! once for inference (merged: no cost per forward). [`LoraConfig::derive`] is the one place that
-//! computes them; the reference it is tested against is AdapterHub's unmerged forward (fixtures).
+//! Both change only a projection's output. For inference they are merged into the weights once
+//! ([`LoraConfig::derive`]: no cost per forward; tested against AdapterHub's unmerged forward,
+//! fixtures). While training, the frozen fused kernels run the base's projection and apply what
+//! [`LoraConfig::factors`] (LoRA's `A`, `(α/r)·B`) or [`LoraConfig::scales`] ((IA)³'s `α·l`) give,
+//! so gradients reach `A`, `B` and `l` without a weight gradient of the projection; merged and
+//! unmerged forwards are tested to agree.
 
 use crate::encoder::BaseModel;
 use crate::error::{Error, Result};
