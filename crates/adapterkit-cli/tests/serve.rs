@@ -24,8 +24,8 @@ fn ak() -> Command {
     Command::new(env!("CARGO_BIN_EXE_adapterkit"))
 }
 
-/// A temporary root with three trained adapters (`sent`: 2 classes, `topic`: 3 classes, `pairs`:
-/// sentence pairs), made once for all tests.
+/// A temporary root with three trained adapters (`sent`: 2 classes, `topic`: 3 classes, LoRA;
+/// `pairs`: sentence pairs, Compacter), made once for all tests.
 fn root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
@@ -82,14 +82,19 @@ fn root() -> &'static Path {
             if name == "pairs" {
                 args.extend(["--pair-column".into(), "pair".into()]);
             }
-            // `topic` is LoRA, which runs in forwards of its own beside the bottleneck adapters.
-            if name == "topic" {
-                args.extend([
+            // `topic` is LoRA, which runs in forwards of its own beside the bottleneck adapters;
+            // `pairs` is Compacter, whose rows share forwards with `sent`'s like any bottleneck
+            // adapter's (its PHM projections are built once at load).
+            match name {
+                "topic" => args.extend([
                     "--adapter-config".into(),
                     "lora[r=4,alpha=8,intermediate_lora=True]".into(),
-                ]);
-            } else {
-                args.extend(["--bottleneck".into(), "4".into()]);
+                ]),
+                "pairs" => args.extend([
+                    "--adapter-config".into(),
+                    "compacter[reduction_factor=4, phm_dim=2]".into(),
+                ]),
+                _ => args.extend(["--bottleneck".into(), "4".into()]),
             }
             let o = ak().args(&args).output().unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
