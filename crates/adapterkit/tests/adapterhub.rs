@@ -398,6 +398,43 @@ fn unsupported_prefix_options_are_named() {
 }
 
 #[test]
+fn prefix_copies_that_differ_from_the_pool_are_refused() {
+    let base = tiny_base();
+    let task = TaskModel::load(&case_dir("prefix_flat"), &base).unwrap();
+    let dir = tmpdir("prefix-copies");
+    task.save(&dir, "tiny-bert").unwrap();
+    let file = dir.join("adapter.safetensors");
+    let mut tensors: std::collections::BTreeMap<String, Tensor> =
+        adapterkit::io::load_tensors(&file)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let (name, t) = tensors
+        .iter()
+        .find(|(k, _)| k.starts_with("bert.prefix_tuning."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
+    let copy = name.replace(
+        "bert.prefix_tuning.",
+        "bert.encoder.layer.1.attention.self.prefix_tuning.pool.",
+    );
+    // AdapterHub's per-layer copy, equal to the pool's tensor: accepted.
+    tensors.insert(copy.clone(), t.clone());
+    adapterkit::io::save_safetensors(&file, &tensors).unwrap();
+    let again = TaskModel::load(&dir, &base).unwrap();
+    assert_eq!(again.prefix, task.prefix);
+    // A copy that differs (a mix of runs): refused, naming it.
+    tensors.insert(copy.clone(), (t + 1.0).unwrap());
+    adapterkit::io::save_safetensors(&file, &tensors).unwrap();
+    let msg = TaskModel::load(&dir, &base).unwrap_err().to_string();
+    assert!(
+        msg.contains(&copy["bert.".len()..]) && msg.contains("differs"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn unsupported_lora_options_are_named() {
     let cases: &[(&str, serde_json::Value, &str)] = &[
         ("use_dora", serde_json::json!(true), "DoRA"),
