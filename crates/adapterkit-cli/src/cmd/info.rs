@@ -31,6 +31,7 @@ pub(crate) fn info(a: InfoArgs) -> Result<()> {
             "method": task.trainable.label(),
             "adapter": task.adapter,
             "lora": task.lora,
+            "prefix": task.prefix,
             "head": task.head,
             "trainable_params": n,
             "percent_of_base": 100.0 * n as f64 / base_params as f64,
