@@ -29,6 +29,7 @@ const CASES: &[&str] = &[
     "compacter_shared_w",
     "prefix_mlp",
     "prefix_flat",
+    "prefix_ejected",
 ];
 
 fn case_dir(name: &str) -> PathBuf {
@@ -209,6 +210,9 @@ fn adapterhub_configs_are_read_as_written() {
     let p = pm.prefix.as_ref().unwrap();
     assert_eq!((p.prefix_length, p.bottleneck_size, p.flat), (4, 6, false));
     assert!(pm.is_merged() && !pm.shares_encoder() && pm.adapter.is_none());
+    // Saved after `eject_prefix_tuning`: the config says MLP, the tensors are flat.
+    let pe = load("prefix_ejected");
+    assert!(pe.prefix.as_ref().unwrap().flat);
     let pf = load("prefix_flat");
     let p = pf.prefix.as_ref().unwrap();
     assert!(p.flat && p.leave_out == [0] && p.prefix_length == 3);

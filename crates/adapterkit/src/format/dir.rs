@@ -423,6 +423,12 @@ impl HubDir {
             let name = file.name.ok_or_else(|| {
                 Error::config(&ctx, "name", "missing: expected the adapter's name")
             })?;
+            let method = match method {
+                AdapterMethod::Prefix(p) if !p.flat && ejected_prefix(dir, &name)? => {
+                    AdapterMethod::Prefix(PrefixConfig { flat: true, ..p })
+                }
+                m => m,
+            };
             Some((method, name))
         } else {
             None
@@ -537,6 +543,16 @@ impl HubDir {
         }
         Ok(params)
     }
+}
+
+/// Whether the prefix tuning `name` in `dir` was saved after AdapterHub's `eject_prefix_tuning`:
+/// flat prefixes (`control_trans`) and no MLP (`wte.weight`), under a config that the library
+/// leaves saying `flat: false`. Such a directory is read as the flat prefixes it holds.
+fn ejected_prefix(dir: &Path, name: &str) -> Result<bool> {
+    let file = pick(dir, files::ADAPTER_WEIGHTS, files::ADAPTER_WEIGHTS_BIN)?;
+    let tensors = read_stripped(&file)?;
+    let has = |leaf: &str| tensors.contains_key(&crate::adapter::prefix::param_name(name, leaf));
+    Ok(has("control_trans") && !has("wte.weight"))
 }
 
 /// The safetensors file if there, else the PyTorch pickle.
