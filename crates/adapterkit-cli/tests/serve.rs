@@ -82,9 +82,9 @@ fn root() -> &'static Path {
             if name == "pairs" {
                 args.extend(["--pair-column".into(), "pair".into()]);
             }
-            // `topic` is LoRA, which runs in forwards of its own beside the bottleneck adapters;
-            // `pairs` is Compacter, whose rows share forwards with `sent`'s like any bottleneck
-            // adapter's (its PHM projections are built once at load).
+            // `topic` is LoRA (q, v and the FFN's first projection), served as factors whose
+            // updates run per row group, so its rows share forwards with the others'; `pairs` is
+            // Compacter, whose PHM projections are built once at load.
             match name {
                 "topic" => args.extend([
                     "--adapter-config".into(),

@@ -401,6 +401,78 @@ fn merged_lora_gives_the_unmerged_forward_and_merges_into_the_weights() {
 }
 
 #[test]
+fn lora_kept_as_updates_shares_batches_with_other_adapters() {
+    let base = tiny_base();
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
+    let plain = adapter_task(&base, "plain", 5e-2, 2);
+    let qv = randomised(
+        lora_task(&base, "qv", LoraConfig::lora(4, 8.0), 3),
+        |n| n.contains(".loras."),
+        0.3,
+    );
+    let qkvi = randomised(
+        lora_task(
+            &base,
+            "qkvi",
+            LoraConfig {
+                targets: vec![
+                    Projection::Query,
+                    Projection::Key,
+                    Projection::Value,
+                    Projection::Intermediate,
+                ],
+                ..LoraConfig::lora(2, 4.0)
+            },
+            4,
+        ),
+        |n| n.contains(".loras."),
+        0.3,
+    );
+    let mut served = Vec::new();
+    for task in [qv, qkvi] {
+        let mut t = task.detached();
+        t.merge(&base).unwrap();
+        let merged = base.logits_encoded(&t, &enc, 8, &[]).unwrap();
+        // Merged weights: the rows cannot share a batch.
+        assert!(!t.shares_encoder());
+        t.keep_lora_as_updates(&base).unwrap();
+        assert!(t.shares_encoder() && t.lora_as_updates());
+        // The updates give what the merged weights give.
+        let updates = base.logits_encoded(&t, &enc, 8, &[]).unwrap();
+        for (a, b) in merged.iter().flatten().zip(updates.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5, "{}: {a} vs {b}", t.name);
+        }
+        served.push(t);
+    }
+    // Rows of both LoRA tasks and of a plain adapter in one batch: each as alone.
+    let rows: Vec<_> = (0..6)
+        .map(|i| {
+            let task = match i % 3 {
+                0 => &plain,
+                1 => &served[0],
+                _ => &served[1],
+            };
+            (task, &enc[i])
+        })
+        .collect();
+    let mixed = base.predict_mixed(&rows, false).unwrap();
+    for (i, (task, row)) in rows.iter().enumerate() {
+        let alone = base
+            .logits_encoded(task, std::slice::from_ref(*row), 8, &[])
+            .unwrap();
+        for (a, b) in mixed[i].iter().zip(&alone[0]) {
+            assert!((a - b).abs() < 1e-5, "row {i} ({}): {a} vs {b}", task.name);
+        }
+    }
+    // LoRA on the FFN's output projection cannot run per row group: it stays merged, alone.
+    let mut all = lora_cases(&base).swap_remove(0);
+    all.merge(&base).unwrap();
+    all.keep_lora_as_updates(&base).unwrap();
+    assert!(!all.shares_encoder() && !all.lora_as_updates());
+}
+
+#[test]
 fn lora_training_moves_only_its_tensors_and_the_head() {
     let base = tiny_base();
     let before = snapshot(&base);

@@ -69,6 +69,9 @@ pub(crate) fn load(base: &BaseModel, name: &str, dir: &Path) -> Result<Served> {
     let mut task = TaskModel::load(dir, base)
         .with_context(|| format!("loading adapter {}", dir.display()))?
         .detached();
+    // LoRA as factors, not merged weights: its rows then share batches with other adapters'
+    // (their updates run per row group), and the server holds no copy of the projections.
+    task.keep_lora_as_updates(base)?;
     let shares_encoder = task.shares_encoder();
     // A task trained with a length above the model's positions could only fail on a long input;
     // serve it at the length the model can take.

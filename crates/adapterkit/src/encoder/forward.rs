@@ -96,7 +96,8 @@ impl BaseModel {
         for l in first..last {
             let w = &shared.layers[l];
             let qkv_scale = w.qkv_scale(cfg.hidden_size)?;
-            let qkv_delta = w.qkv_delta(&h)?;
+            let d = cfg.hidden_size;
+            let qkv_delta = routing.updates(&h, 3 * d, |g, x| g.view.layers[l].qkv_delta(x))?;
             let weights = AttentionWeights {
                 q: w.query.pair(),
                 k: w.key.pair(),
@@ -113,7 +114,9 @@ impl BaseModel {
             h = self.site(routing, l, SiteIndex::Attention, &attn, &h, opts)?;
 
             let [.., inter_scale, out_scale] = w.scales;
-            let inter_delta = w.lora_delta(Projection::Intermediate, &h)?;
+            let inter_delta = routing.updates(&h, cfg.intermediate_size, |g, x| {
+                g.view.layers[l].lora_delta(Projection::Intermediate, x)
+            })?;
             let adapt = FfnAdapt {
                 scale: inter_scale,
                 delta: inter_delta.as_ref(),

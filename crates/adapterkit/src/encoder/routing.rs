@@ -67,6 +67,44 @@ impl<'a> Routing<'a> {
             .ok_or_else(|| Error::config("mixed batch", "rows", "the batch has no rows"))
     }
 
+    /// Each group's update of a projection's output for its rows of `x` (LoRA; `update` gives one
+    /// group's, e.g. its q|k|v updates), zeros of `width` for groups without, joined in row
+    /// order; `None` when no group has one. A single group's comes back as it is.
+    pub fn updates(
+        &self,
+        x: &Tensor,
+        width: usize,
+        update: impl Fn(&RowGroup<'a>, &Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<Option<Tensor>> {
+        if let [g] = self.groups.as_slice() {
+            return update(g, x);
+        }
+        let mut parts = Vec::with_capacity(self.groups.len());
+        let mut any = false;
+        for g in &self.groups {
+            let rows = x.narrow(0, g.rows.start, g.rows.len())?;
+            let part = match update(g, &rows)? {
+                Some(u) => {
+                    any = true;
+                    u
+                }
+                None => {
+                    let mut dims = rows.dims().to_vec();
+                    if let Some(last) = dims.last_mut() {
+                        *last = width;
+                    }
+                    Tensor::zeros(dims, x.dtype(), x.device())?
+                }
+            };
+            parts.push(part);
+        }
+        Ok(if any {
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        })
+    }
+
     /// `f` on each group's rows of `inputs` (dimension 0), the outputs joined in row order; a
     /// single group gets the tensors themselves, uncopied.
     pub fn per_group(

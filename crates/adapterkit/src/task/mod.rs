@@ -320,7 +320,7 @@ impl TaskModel {
     /// changes the projections' weights and prefix tuning the attention's keys and values, so
     /// such a task runs in batches of its own.
     pub fn shares_encoder(&self) -> bool {
-        self.lora.is_none()
+        (self.lora.is_none() || self.lora_as_updates())
             && self.prefix.is_none()
             && !self
                 .params
@@ -377,6 +377,39 @@ impl TaskModel {
         self.prefix = Some(flat);
         self.merged = None;
         Ok(())
+    }
+
+    /// Keeps LoRA as its factors instead of merged weights (for serving), when that lets the
+    /// task's rows share batches: LoRA (`add`) on q, k, v and the FFN's first projection, whose
+    /// updates the encoder computes per row group beside the shared projections. Each forward
+    /// then pays the low-rank products, and the task holds no copy of the projections. A no-op
+    /// for other tasks; `merge` goes back to merged weights.
+    pub fn keep_lora_as_updates(&mut self, base: &BaseModel) -> Result<()> {
+        let Some(l) = &self.lora else {
+            return Ok(());
+        };
+        let layers = base.config.num_hidden_layers;
+        let shareable = !l
+            .targets
+            .contains(&crate::adapter::lora::Projection::Output);
+        if let Some(mut factors) = l
+            .factors(&self.name, &self.params, layers)?
+            .filter(|_| shareable)
+        {
+            for v in factors.values_mut() {
+                *v = v.detach();
+            }
+            self.merged = Some(factors);
+        }
+        Ok(())
+    }
+
+    /// Whether the task's LoRA is kept as factors whose updates run per row group (see
+    /// [`TaskModel::keep_lora_as_updates`]).
+    pub fn lora_as_updates(&self) -> bool {
+        self.merged
+            .as_ref()
+            .is_some_and(|m| m.keys().any(|k| k.name().contains(".lora_factor_")))
     }
 
     /// Drops the merged weights: forwards derive them from the task's tensors again.
