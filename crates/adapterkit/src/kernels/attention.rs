@@ -677,19 +677,38 @@ mod tests {
         assert!(rel(&with, &without) > 1e-2);
     }
 
-    #[test]
-    fn scaled_attention_and_ffn_match_composed_ops_with_scale_gradients() {
-        let (b, s, d, heads, i) = (2, 6, 16, 4, 24);
-        let w: Vec<Tensor> = (0..4).map(|k| randn(&[d, d], 90 + k, 0.3)).collect();
-        let bias: Vec<Tensor> = (0..4).map(|k| randn(&[d], 95 + k, 0.1)).collect();
+    /// What a method feeds the frozen blocks besides their input.
+    #[derive(Clone, Copy)]
+    enum Extra {
+        /// (IA)³: q|k|v scales [3d], the intermediate scale [i].
+        Scale,
+        /// LoRA: q|k|v updates [b, s, 3d], the intermediate update [b, s, i].
+        Update,
+    }
+
+    /// The fused attention and FFN against the composed ops, values and the gradients of the
+    /// input and of what `extra` adds.
+    fn blocks_with(extra: Extra, seed: u64) {
+        let (b, s, d, heads, i) = (2, 5, 16, 4, 24);
+        let w: Vec<Tensor> = (0..4).map(|k| randn(&[d, d], seed + k, 0.3)).collect();
+        let bias: Vec<Tensor> = (0..4).map(|k| randn(&[d], seed + 5 + k, 0.1)).collect();
         let mut m = vec![0f32; b * s];
-        m[s + 5] = -1e9;
+        m[s + 4] = -1e9;
         let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
-        let inputs = [
-            randn(&[b, s, d], 100, 1.0),
-            (randn(&[3 * d], 101, 0.3) + 1.0).unwrap(),
-        ];
+        let added = |shape: &[usize], k: u64| match extra {
+            Extra::Scale => (randn(shape, seed + k, 0.3) + 1.0).unwrap(),
+            Extra::Update => randn(shape, seed + k, 0.5),
+        };
+        let shape = |width: usize| match extra {
+            Extra::Scale => vec![width],
+            Extra::Update => vec![b, s, width],
+        };
+        let inputs = [randn(&[b, s, d], seed + 10, 1.0), added(&shape(3 * d), 11)];
         let run = |t: &[Tensor], backend: Backend| {
+            let (qkv_scale, qkv_delta) = match extra {
+                Extra::Scale => (Some(&t[1]), None),
+                Extra::Update => (None, Some(&t[1])),
+            };
             let weights = AttentionWeights {
                 q: (&w[0], &bias[0]),
                 k: (&w[1], &bias[1]),
@@ -697,8 +716,8 @@ mod tests {
                 o: (&w[3], &bias[3]),
                 qkv: None,
                 prefix: None,
-                qkv_scale: Some(&t[1]),
-                qkv_delta: None,
+                qkv_scale,
+                qkv_delta,
             };
             attention(backend, &t[0], &weights, &mask, heads, 0.5, None).unwrap()
         };
@@ -708,19 +727,21 @@ mod tests {
             &|t| run(t, Backend::Reference),
             1e-5,
         );
-        // (IA)³ on the FFN's intermediate activations.
-        let w1 = randn(&[i, d], 110, 0.3);
-        let b1 = randn(&[i], 111, 0.1);
-        let w2 = randn(&[d, i], 112, 0.3);
-        let b2 = randn(&[d], 113, 0.1);
-        let inputs = [
-            randn(&[b, s, d], 114, 1.0),
-            (randn(&[i], 115, 0.3) + 1.0).unwrap(),
-        ];
+        let w1 = randn(&[i, d], seed + 20, 0.3);
+        let b1 = randn(&[i], seed + 21, 0.1);
+        let w2 = randn(&[d, i], seed + 22, 0.3);
+        let b2 = randn(&[d], seed + 23, 0.1);
+        let inputs = [randn(&[b, s, d], seed + 24, 1.0), added(&shape(i), 25)];
         let run = |t: &[Tensor], backend: Backend| {
-            let adapt = crate::kernels::ffn::FfnAdapt {
-                scale: Some(&t[1]),
-                ..Default::default()
+            let adapt = match extra {
+                Extra::Scale => crate::kernels::ffn::FfnAdapt {
+                    scale: Some(&t[1]),
+                    ..Default::default()
+                },
+                Extra::Update => crate::kernels::ffn::FfnAdapt {
+                    delta: Some(&t[1]),
+                    ..Default::default()
+                },
             };
             crate::kernels::ffn(backend, &t[0], (&w1, &b1), (&w2, &b2), adapt).unwrap()
         };
@@ -733,52 +754,12 @@ mod tests {
     }
 
     #[test]
+    fn scaled_attention_and_ffn_match_composed_ops_with_scale_gradients() {
+        blocks_with(Extra::Scale, 90);
+    }
+
+    #[test]
     fn updated_attention_and_ffn_match_composed_ops_with_update_gradients() {
-        let (b, s, d, heads, i) = (2, 5, 16, 4, 24);
-        let w: Vec<Tensor> = (0..4).map(|k| randn(&[d, d], 120 + k, 0.3)).collect();
-        let bias: Vec<Tensor> = (0..4).map(|k| randn(&[d], 125 + k, 0.1)).collect();
-        let mut m = vec![0f32; b * s];
-        m[s + 4] = -1e9;
-        let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
-        // LoRA's q|k|v updates, as the encoder passes them: [b, s, 3d].
-        let inputs = [randn(&[b, s, d], 130, 1.0), randn(&[b, s, 3 * d], 131, 0.5)];
-        let run = |t: &[Tensor], backend: Backend| {
-            let weights = AttentionWeights {
-                q: (&w[0], &bias[0]),
-                k: (&w[1], &bias[1]),
-                v: (&w[2], &bias[2]),
-                o: (&w[3], &bias[3]),
-                qkv: None,
-                prefix: None,
-                qkv_scale: None,
-                qkv_delta: Some(&t[1]),
-            };
-            attention(backend, &t[0], &weights, &mask, heads, 0.5, None).unwrap()
-        };
-        compare(
-            &inputs,
-            &|t| run(t, Backend::Fused),
-            &|t| run(t, Backend::Reference),
-            1e-5,
-        );
-        // LoRA's update of the FFN's intermediate activations.
-        let w1 = randn(&[i, d], 140, 0.3);
-        let b1 = randn(&[i], 141, 0.1);
-        let w2 = randn(&[d, i], 142, 0.3);
-        let b2 = randn(&[d], 143, 0.1);
-        let inputs = [randn(&[b, s, d], 144, 1.0), randn(&[b, s, i], 145, 0.5)];
-        let run = |t: &[Tensor], backend: Backend| {
-            let adapt = crate::kernels::ffn::FfnAdapt {
-                delta: Some(&t[1]),
-                ..Default::default()
-            };
-            crate::kernels::ffn(backend, &t[0], (&w1, &b1), (&w2, &b2), adapt).unwrap()
-        };
-        compare(
-            &inputs,
-            &|t| run(t, Backend::Fused),
-            &|t| run(t, Backend::Reference),
-            1e-5,
-        );
+        blocks_with(Extra::Update, 120);
     }
 }
