@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// count is then not reported (it is modelled for Houlsby adapters only).
     #[arg(long, conflicts_with = "bottleneck")]
     adapter_config: Option<String>,
+    /// Inference with LoRA as the server runs it (its updates beside the shared projections, see
+    /// `TaskModel::keep_lora_as_updates`) instead of merged into the weights.
+    #[arg(long)]
+    lora_as_updates: bool,
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -200,8 +204,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let mut task = TaskModel::with_method(&base, "bench", set, method, head, a.seq, 0)?;
     if !matches!(a.case, Case::AdapterTrain | Case::FullTrain) {
-        // Inference as a loaded adapter runs: LoRA merged into the weights.
+        // Inference as a loaded adapter runs: LoRA merged into the weights (or as the server
+        // keeps it).
         task.merge(&base)?;
+        if a.lora_as_updates {
+            task.keep_lora_as_updates(&base)?;
+        }
     }
     let train_cfg = TrainConfig::default();
     let mut opt = match a.case {
