@@ -378,11 +378,11 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
     }
     // The other adapter methods, each against the Houlsby size nearest to it in trained
     // parameters (on a log scale), on the same tasks.
-    let others: Vec<&str> = p
+    let others: Vec<&Method> = p
         .methods
         .iter()
-        .map(|m| m.name)
-        .filter(|m| !needed.contains(m) && *m != "head")
+        .copied()
+        .filter(|m| !needed.contains(&m.name) && m.name != "head")
         .collect();
     if !others.is_empty() {
         out.push_str(
@@ -390,11 +390,18 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
              the same tasks:\n\n",
         );
     }
-    for m in others {
-        let have = tasks.iter().filter(|t| get(t, m).is_some()).count();
+    for method in others {
+        let m = method.name;
+        // Only finished cells (every learning rate swept, every seed run) are compared: a
+        // partial one would compare a different recipe.
+        let done = |t: &&&String| {
+            get(t, m)
+                .is_some_and(|c| c.swept >= lrs(p, method).len() && c.seeds >= p.seeds as usize)
+        };
+        let have = tasks.iter().filter(done).count();
         if have < tasks.len() {
             out.push_str(&format!(
-                "- {m}: run on {have} of these {} tasks so far; compared once it has them all.\n",
+                "- {m}: finished on {have} of these {} tasks so far; compared once it has them all.\n",
                 tasks.len()
             ));
             continue;
@@ -453,6 +460,17 @@ mod tests {
                 (("mr".to_string(), m.to_string()), cell)
             })
             .collect();
+        // A method whose sweep is unfinished (one of three rates) is not compared yet.
+        let mut cells = cells;
+        if let Some(c) = cells
+            .get(&("mr".to_string(), "lora-r8".to_string()))
+            .cloned()
+        {
+            cells.insert(
+                ("mr".to_string(), "compacter".to_string()),
+                Cell { swept: 1, ..c },
+            );
+        }
         let plan = Plan {
             max_train: 0,
             out: PathBuf::new(),
@@ -487,7 +505,11 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("- ia3: run on 0 of these 1 tasks so far"),
+            text.contains("- ia3: finished on 0 of these 1 tasks so far"),
+            "{text}"
+        );
+        assert!(
+            text.contains("- compacter: finished on 0 of these 1 tasks so far"),
             "{text}"
         );
     }
