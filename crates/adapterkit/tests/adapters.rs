@@ -1518,3 +1518,46 @@ fn a_directory_states_each_configuration_once_and_refuses_a_mix_of_runs() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// The base with its load-time weight panels dropped: every product packs W per call again.
+fn without_packing(base: &BaseModel) -> BaseModel {
+    let mut b = base.clone();
+    for l in &mut b.weights.layers {
+        l.attention.qkv_packed = None;
+        l.attention_output.dense.packed = None;
+        l.intermediate.dense.packed = None;
+        l.output.dense.packed = None;
+    }
+    assert_eq!(b.weights.packed_bytes(), 0);
+    b
+}
+
+#[test]
+fn weights_packed_at_load_give_the_same_forward_and_training_bit_for_bit() {
+    // 64 wide, 256-row batches: the products take the AVX-512 GEMM, which reads the packed
+    // panels where the base has them (CPUs without AVX-512 pack nothing and run the same code).
+    let packed = random_base(2, 64);
+    let plain = without_packing(&packed);
+    if adapterkit::kernels::gemm512::enabled() {
+        // qkv [192, 64], attention output [64, 64], FFN [128, 64] and [64, 128], per layer.
+        let floats = 2 * (192 * 64 + 64 * 64 + 128 * 64 + 64 * 128);
+        assert_eq!(packed.weights.packed_bytes(), 4 * floats);
+    }
+    let data = toy_data();
+    let enc = packed.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
+    let rows: Vec<usize> = (0..8).collect();
+    let batch = Batch::select(&enc, &rows, 0, &packed.device).unwrap();
+    let encode = |b: &BaseModel| {
+        let h = b
+            .encode(None, &batch, &mut ForwardOptions::default())
+            .unwrap();
+        bits(&[h.flatten_all().unwrap().to_vec1::<f32>().unwrap()])
+    };
+    assert_eq!(encode(&packed), encode(&plain));
+    let trained = |b: &BaseModel| {
+        let mut t = adapter_task(b, "p", 1e-3, 4);
+        adapterkit::train(b, &mut t, &data, &quick_cfg(3), &mut |_| {}).unwrap();
+        bits(&evaluate(b, &t, &data.test, 16, &[]).unwrap().outputs)
+    };
+    assert_eq!(trained(&packed), trained(&plain));
+}

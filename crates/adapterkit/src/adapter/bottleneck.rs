@@ -59,14 +59,8 @@ impl<'a> BottleneckAdapter<'a> {
         };
         Ok(Some(BottleneckAdapter {
             config: cfg,
-            down: LinearView {
-                w: get(Part::DownWeight)?,
-                b: get(Part::DownBias)?,
-            },
-            up: LinearView {
-                w: get(Part::UpWeight)?,
-                b: get(Part::UpBias)?,
-            },
+            down: LinearView::new(get(Part::DownWeight)?, get(Part::DownBias)?),
+            up: LinearView::new(get(Part::UpWeight)?, get(Part::UpBias)?),
             norm_before: norm(cfg.ln_before, Part::LnBeforeWeight, Part::LnBeforeBias)?,
             norm_after: norm(cfg.ln_after, Part::LnAfterWeight, Part::LnAfterBias)?,
             scale: match cfg.scaling {

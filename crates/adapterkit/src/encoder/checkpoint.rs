@@ -3,6 +3,7 @@
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
+use crate::kernels::PackedWeight;
 use crate::keys::{Leaf, ParamKey, Role};
 use crate::rng::Rng;
 use candle_core::{Device, Tensor};
@@ -25,6 +26,9 @@ pub struct Linear {
     pub weight: Param,
     /// b [out].
     pub bias: Param,
+    /// W packed once for the fused products (see [`PackedWeight`]), where the forward reads this
+    /// layer through them (attention output and FFN); `None` elsewhere or without AVX-512.
+    pub packed: Option<PackedWeight>,
 }
 
 /// A LayerNorm's scale and shift.
@@ -61,6 +65,8 @@ pub struct SelfAttention {
     /// q, k, v weights [3d, d] and biases [3d] concatenated once at load, for the fused block; the
     /// three projections above are views into them.
     pub qkv: (Tensor, Tensor),
+    /// The concatenated weight packed once for the fused attention's q|k|v product.
+    pub qkv_packed: Option<PackedWeight>,
 }
 
 /// `attention.output`: the output projection, then residual + LayerNorm (adapter site 1).
@@ -180,6 +186,7 @@ impl Loader {
         Ok(Linear {
             weight: self.take(format!("{prefix}.weight"), &[out, inp], role, Leaf::Weight)?,
             bias: self.take(format!("{prefix}.bias"), &[out], role, Leaf::Bias)?,
+            packed: None,
         })
     }
 
@@ -310,11 +317,46 @@ impl BertWeights {
         } else {
             None
         };
-        Ok(BertWeights {
+        BertWeights {
             embeddings,
             layers,
             pooler,
-        })
+        }
+        .packed()
+    }
+
+    /// The same weights with the products the fused forward runs on every step packed once (q|k|v,
+    /// attention output, both FFN projections): frozen weights never change, and packing the
+    /// transposed weight on every call cost a share of each product (see `PackedWeight`).
+    fn packed(mut self) -> Result<Self> {
+        for l in &mut self.layers {
+            l.attention.qkv_packed = PackedWeight::of(&l.attention.qkv.0)?;
+            for lin in [
+                &mut l.attention_output.dense,
+                &mut l.intermediate.dense,
+                &mut l.output.dense,
+            ] {
+                lin.packed = PackedWeight::of(&lin.weight.tensor)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Bytes of every packed panel (memory the packing adds to the weights).
+    pub fn packed_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.attention.qkv_packed,
+                    &l.attention_output.dense.packed,
+                    &l.intermediate.dense.packed,
+                    &l.output.dense.packed,
+                ]
+            })
+            .flatten()
+            .map(PackedWeight::bytes)
+            .sum()
     }
 
     /// Every base parameter, in checkpoint order.
@@ -360,6 +402,7 @@ impl BertWeights {
             Ok(Linear {
                 weight: p(&x.weight)?,
                 bias: p(&x.bias)?,
+                packed: None,
             })
         };
         let ln = |x: &LayerNorm| -> Result<LayerNorm> {
@@ -369,7 +412,7 @@ impl BertWeights {
             })
         };
         let e = &self.embeddings;
-        Ok(BertWeights {
+        BertWeights {
             embeddings: Embeddings {
                 word: p(&e.word)?,
                 position: p(&e.position)?,
@@ -407,7 +450,8 @@ impl BertWeights {
                 }),
                 None => None,
             },
-        })
+        }
+        .packed()
     }
 
     /// Moves every tensor to `device`.
@@ -442,6 +486,7 @@ impl SelfAttention {
             key,
             value,
             qkv: (w, b),
+            qkv_packed: None,
         })
     }
 }

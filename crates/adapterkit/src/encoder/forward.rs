@@ -102,7 +102,7 @@ impl BaseModel {
                 q: w.query.pair(),
                 k: w.key.pair(),
                 v: w.value.pair(),
-                o: w.attention_out.pair(),
+                o: w.attention_out,
                 qkv: w.qkv,
                 prefix: w.prefix,
                 qkv_scale: qkv_scale.as_ref(),
@@ -122,7 +122,7 @@ impl BaseModel {
                 delta: inter_delta.as_ref(),
                 out_lora: w.lora[Projection::Output as usize],
             };
-            let out = ffn(backend, &h, w.intermediate.pair(), w.output.pair(), adapt)?;
+            let out = ffn(backend, &h, w.intermediate, w.output, adapt)?;
             let out = match out_scale {
                 Some(s) => out.broadcast_mul(s)?,
                 None => out,

@@ -23,7 +23,7 @@ pub struct LayerView<'a> {
     /// `attention.self.value`.
     pub value: LinearView<'a>,
     /// The base's concatenated q, k, v, when the task trains none of them.
-    pub qkv: Option<(&'a Tensor, &'a Tensor)>,
+    pub qkv: Option<LinearView<'a>>,
     /// `attention.output.dense`.
     pub attention_out: LinearView<'a>,
     /// `intermediate.dense`.
@@ -180,9 +180,15 @@ impl<'a> TaskView<'a> {
             })
             .unwrap_or(&p.tensor)
         };
-        let lin = |l: &'a Linear| LinearView {
-            w: r(&l.weight),
-            b: r(&l.bias),
+        let lin = |l: &'a Linear| {
+            let (w, b) = (r(&l.weight), r(&l.bias));
+            // The panels are the base weight's: a task's own copy of W reads its own values.
+            let base_w = std::ptr::eq(w, &l.weight.tensor);
+            LinearView {
+                w,
+                b,
+                packed: l.packed.as_ref().filter(|_| base_w),
+            }
         };
         let norm = |n: &'a LayerNorm| NormView {
             gamma: r(&n.weight),
@@ -205,7 +211,11 @@ impl<'a> TaskView<'a> {
                 query,
                 key,
                 value,
-                qkv: untouched.then_some((&a.qkv.0, &a.qkv.1)),
+                qkv: untouched.then_some(LinearView {
+                    w: &a.qkv.0,
+                    b: &a.qkv.1,
+                    packed: a.qkv_packed.as_ref(),
+                }),
                 attention_out: lin(&layer.attention_output.dense),
                 intermediate: lin(&layer.intermediate.dense),
                 output: lin(&layer.output.dense),

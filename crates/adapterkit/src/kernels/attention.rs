@@ -7,7 +7,7 @@ use super::matmul::{affine_2d, batched_matmul, bmm, matmul_2d};
 use super::softmax::{attention_softmax, AttentionSoftmax, SoftmaxBackward};
 use super::{
     attach, attach2, attach3, f32_slice, Backend, CResult, InputGradient, InputGradients2,
-    InputGradients3,
+    InputGradients3, LinearView,
 };
 use crate::error::Result;
 use crate::rng::Rng;
@@ -173,10 +173,10 @@ pub struct AttentionWeights<'a> {
     pub k: (&'a Tensor, &'a Tensor),
     /// Value projection weight and bias.
     pub v: (&'a Tensor, &'a Tensor),
-    /// Output projection weight and bias.
-    pub o: (&'a Tensor, &'a Tensor),
+    /// Output projection (weight, bias and, where packed at load, its panels).
+    pub o: LinearView<'a>,
     /// q, k, v weights and biases already concatenated ([3d, d], [3d]), when the caller has them.
-    pub qkv: Option<(&'a Tensor, &'a Tensor)>,
+    pub qkv: Option<LinearView<'a>>,
     /// Learned key and value prefixes [heads, P, dh] (prefix tuning): P more key/value positions
     /// before the sequence's, attended by every query and hidden by no mask.
     pub prefix: Option<(&'a Tensor, &'a Tensor)>,
@@ -351,7 +351,9 @@ pub fn attention(
     scale: f64,
     dropout: Option<(f64, &mut Rng)>,
 ) -> Result<Tensor> {
-    let frozen = [w.q, w.k, w.v, w.o].iter().all(|(w, b)| frozen_f32(w, b));
+    let frozen = [w.q, w.k, w.v, w.o.pair()]
+        .iter()
+        .all(|(w, b)| frozen_f32(w, b));
     let prefix_fuses = w.prefix.is_none_or(|(k, v)| backend.fuses(&[k, v]));
     let extras_fuse = [w.qkv_scale, w.qkv_delta]
         .into_iter()
@@ -432,7 +434,7 @@ fn attention_composed(
         probs.matmul(&v)?
     };
     let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, s, d))?;
-    linear(backend, &ctx, w.o.0, Some(w.o.1))
+    linear(backend, &ctx, w.o.w, Some(w.o.b))
 }
 
 /// The fused block of [`attention`], with attention dropout `(p, seed)`.
@@ -451,15 +453,17 @@ fn frozen_attention(
         h: heads,
         dh: d / heads,
     };
-    let (wqkv, bqkv) = match w.qkv {
-        Some((wt, bt)) => (wt.clone(), bt.clone()),
-        None => (
-            Tensor::cat(&[w.q.0, w.k.0, w.v.0], 0)?,
-            Tensor::cat(&[w.q.1, w.k.1, w.v.1], 0)?,
-        ),
-    };
     let x = h.detach().reshape((b * s, d))?;
-    let mut qkv = affine_2d(&x, &wqkv, &bqkv)?.contiguous()?;
+    let (wqkv, mut qkv) = match w.qkv {
+        Some(lin) => (lin.w.clone(), lin.affine(&x)?),
+        None => {
+            let wqkv = Tensor::cat(&[w.q.0, w.k.0, w.v.0], 0)?;
+            let bqkv = Tensor::cat(&[w.q.1, w.k.1, w.v.1], 0)?;
+            let qkv = affine_2d(&x, &wqkv, &bqkv)?;
+            (wqkv, qkv)
+        }
+    };
+    qkv = qkv.contiguous()?;
     if let Some(delta) = w.qkv_delta {
         qkv = qkv
             .add(&delta.detach().reshape(qkv.shape())?)?
@@ -502,12 +506,12 @@ fn frozen_attention(
         heads: hs,
         to_split: false,
     })?;
-    let out = affine_2d(&ctx, w.o.0, w.o.1)?.reshape((b, s, d))?;
+    let out = w.o.affine(&ctx)?.reshape((b, s, d))?;
     let backward = FrozenAttention {
         scaled,
         delta: w.qkv_delta.is_some(),
         wqkv,
-        wo: w.o.0.clone(),
+        wo: w.o.w.clone(),
         heads: hs,
         scale: scale32,
         dropout: drop,
@@ -548,7 +552,7 @@ mod tests {
             q: (&w[0], &bias[0]),
             k: (&w[1], &bias[1]),
             v: (&w[2], &bias[2]),
-            o: (&w[3], &bias[3]),
+            o: LinearView::new(&w[3], &bias[3]),
             qkv: None,
             prefix: None,
             qkv_scale: None,
@@ -647,7 +651,7 @@ mod tests {
                 q: (&w[0], &bias[0]),
                 k: (&w[1], &bias[1]),
                 v: (&w[2], &bias[2]),
-                o: (&w[3], &bias[3]),
+                o: LinearView::new(&w[3], &bias[3]),
                 qkv: None,
                 prefix: Some((&t[1], &t[2])),
                 qkv_scale: None,
@@ -666,7 +670,7 @@ mod tests {
             q: (&w[0], &bias[0]),
             k: (&w[1], &bias[1]),
             v: (&w[2], &bias[2]),
-            o: (&w[3], &bias[3]),
+            o: LinearView::new(&w[3], &bias[3]),
             qkv: None,
             prefix: None,
             qkv_scale: None,
@@ -713,7 +717,7 @@ mod tests {
                 q: (&w[0], &bias[0]),
                 k: (&w[1], &bias[1]),
                 v: (&w[2], &bias[2]),
-                o: (&w[3], &bias[3]),
+                o: LinearView::new(&w[3], &bias[3]),
                 qkv: None,
                 prefix: None,
                 qkv_scale,
@@ -743,7 +747,8 @@ mod tests {
                     ..Default::default()
                 },
             };
-            crate::kernels::ffn(backend, &t[0], (&w1, &b1), (&w2, &b2), adapt).unwrap()
+            let (w1, w2) = (LinearView::new(&w1, &b1), LinearView::new(&w2, &b2));
+            crate::kernels::ffn(backend, &t[0], w1, w2, adapt).unwrap()
         };
         compare(
             &inputs,

@@ -5,8 +5,8 @@
 
 use super::activation::{gelu, Gelu, GeluBackward};
 use super::linear::{frozen_f32, linear};
-use super::matmul::{affine_2d, matmul_2d};
-use super::{attach, attach2, Backend, CResult, InputGradient, InputGradients2};
+use super::matmul::matmul_2d;
+use super::{attach, attach2, Backend, CResult, InputGradient, InputGradients2, LinearView};
 use crate::error::Result;
 use candle_core::Tensor;
 
@@ -28,8 +28,8 @@ pub struct FfnAdapt<'a> {
 pub fn ffn(
     backend: Backend,
     x: &Tensor,
-    w1: (&Tensor, &Tensor),
-    w2: (&Tensor, &Tensor),
+    w1: LinearView<'_>,
+    w2: LinearView<'_>,
     adapt: FfnAdapt<'_>,
 ) -> Result<Tensor> {
     let extra = match (adapt.scale, adapt.delta) {
@@ -43,13 +43,13 @@ pub fn ffn(
         .into_iter()
         .flatten()
         .all(|t| backend.fuses(&[t]));
-    let frozen = frozen_f32(w1.0, w1.1) && frozen_f32(w2.0, w2.1);
+    let frozen = frozen_f32(w1.w, w1.b) && frozen_f32(w2.w, w2.b);
     if let Some(extra) =
         extra.filter(|_| backend.fuses(&[x]) && extra_fuses && frozen && adapt.out_lora.is_none())
     {
         return Ok(frozen_ffn(x, w1, w2, extra, adapt)?);
     }
-    let mut pre = linear(backend, x, w1.0, Some(w1.1))?;
+    let mut pre = linear(backend, x, w1.w, Some(w1.b))?;
     if let Some(d) = adapt.delta {
         pre = pre.add(d)?;
     }
@@ -57,7 +57,7 @@ pub fn ffn(
         pre = pre.broadcast_mul(s)?;
     }
     let act = gelu(backend, &pre)?;
-    let out = linear(backend, &act, w2.0, Some(w2.1))?;
+    let out = linear(backend, &act, w2.w, Some(w2.b))?;
     match adapt.out_lora {
         Some((a, b)) => Ok(out.add(&act.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?)?),
         None => Ok(out),
@@ -130,15 +130,15 @@ impl InputGradients2 for FrozenFfn {
 /// The fused block of [`ffn`] for frozen f32 weights (no LoRA on the output projection).
 fn frozen_ffn(
     x: &Tensor,
-    w1: (&Tensor, &Tensor),
-    w2: (&Tensor, &Tensor),
+    w1: LinearView<'_>,
+    w2: LinearView<'_>,
     extra: Extra,
     adapt: FfnAdapt<'_>,
 ) -> CResult<Tensor> {
     let dims = x.dims().to_vec();
     let d = *dims.last().unwrap_or(&1);
     let x2 = x.detach().reshape(((), d))?;
-    let mut pre = affine_2d(&x2, w1.0, w1.1)?.contiguous()?;
+    let mut pre = w1.affine(&x2)?.contiguous()?;
     if let Some(delta) = adapt.delta {
         pre = pre
             .add(&delta.detach().reshape(pre.shape())?)?
@@ -150,12 +150,12 @@ fn frozen_ffn(
     };
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {
-        *last = w2.0.dim(0)?;
+        *last = w2.w.dim(0)?;
     }
-    let out = affine_2d(&act, w2.0, w2.1)?.reshape(out_dims)?;
+    let out = w2.affine(&act)?.reshape(out_dims)?;
     let backward = FrozenFfn {
-        w1: w1.0.clone(),
-        w2: w2.0.clone(),
+        w1: w1.w.clone(),
+        w2: w2.w.clone(),
         pre,
         extra,
     };
@@ -172,5 +172,11 @@ pub(crate) fn frozen_ffn_plain(
     w1: (&Tensor, &Tensor),
     w2: (&Tensor, &Tensor),
 ) -> CResult<Tensor> {
-    frozen_ffn(x, w1, w2, Extra::None, FfnAdapt::default())
+    frozen_ffn(
+        x,
+        LinearView::new(w1.0, w1.1),
+        LinearView::new(w2.0, w2.1),
+        Extra::None,
+        FfnAdapt::default(),
+    )
 }

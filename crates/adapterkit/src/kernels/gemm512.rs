@@ -109,32 +109,116 @@ pub(crate) fn gemm(
         return true;
     }
     let panels = n.div_ceil(NR);
-    let threads = if parallel {
+    let threads = threads(parallel);
+    with_buf(&BUF_B, panels * k * NR, |bp| {
+        pack_b(bp, rhs, k, n, threads > 1);
+        run_packed(dst, m, n, k, lhs, bp, accumulate, threads);
+    });
+    true
+}
+
+fn threads(parallel: bool) -> usize {
+    if parallel {
         rayon::current_num_threads().max(1)
     } else {
         1
-    };
-    with_buf(&BUF_B, panels * k * NR, |bp| {
-        pack_b(bp, rhs, k, n, threads > 1);
-        let row_panels = m.div_ceil(MR);
-        let tasks = threads.min(row_panels);
-        let per = row_panels.div_ceil(tasks) * MR;
-        let work = |(t, out): (usize, &mut [f32])| {
-            let r0 = t * per;
-            let rows = out.len() / n;
-            let my_panels = rows.div_ceil(MR);
-            with_buf(&BUF_A, my_panels * k * MR, |ap| {
-                pack_a(ap, lhs, r0, rows, k);
-                compute(out, rows, n, k, ap, bp, accumulate);
-            });
-        };
-        let dst = &mut dst[..m * n];
-        if tasks > 1 {
-            dst.par_chunks_mut(per * n).enumerate().for_each(work);
-        } else {
-            work((0, dst));
+    }
+}
+
+/// The row-parallel part of [`gemm`] once B is packed: each task packs its rows of A and runs the
+/// blocked loops against all of B.
+#[allow(clippy::too_many_arguments)]
+fn run_packed(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand<'_>,
+    bp: &[f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    let row_panels = m.div_ceil(MR);
+    let tasks = threads.min(row_panels);
+    let per = row_panels.div_ceil(tasks) * MR;
+    let work = |(t, out): (usize, &mut [f32])| {
+        let r0 = t * per;
+        let rows = out.len() / n;
+        if lhs.2 == 1 && direct_a() {
+            let (src, rs) = (lhs.0, lhs.1 as usize);
+            compute_direct(out, rows, n, k, &src[r0 * rs..], rs, bp, accumulate);
+            return;
         }
-    });
+        let my_panels = rows.div_ceil(MR);
+        with_buf(&BUF_A, my_panels * k * MR, |ap| {
+            pack_a(ap, lhs, r0, rows, k);
+            compute(out, rows, n, k, ap, bp, accumulate);
+        });
+    };
+    let dst = &mut dst[..m * n];
+    if tasks > 1 {
+        dst.par_chunks_mut(per * n).enumerate().for_each(work);
+    } else {
+        work((0, dst));
+    }
+}
+
+/// A frozen weight W [n, k] packed once as the right operand `Wᵀ` of `x · Wᵀ`, in the panel
+/// layout [`gemm`] would otherwise build on every call. Packing the transposed weight is a strided
+/// gather (the slowest packing there is), and base weights never change, so it is done at load.
+#[derive(Debug)]
+pub struct PackedB {
+    panels: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl PackedB {
+    /// Packs `w` (n rows of k, row-major) as `Wᵀ`; `None` when the AVX-512 kernel is off (the
+    /// panels would never be read) or `w` does not hold n·k elements.
+    pub fn transposed(w: &[f32], n: usize, k: usize) -> Option<PackedB> {
+        if !enabled() || w.len() != n * k || n == 0 || k == 0 {
+            return None;
+        }
+        let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
+        pack_b(&mut panels, (w, 1, k as isize), k, n, true);
+        Some(PackedB { panels, n, k })
+    }
+
+    /// Output columns (rows of W).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Depth (columns of W).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes the panels take.
+    pub fn bytes(&self) -> usize {
+        self.panels.len() * std::mem::size_of::<f32>()
+    }
+}
+
+/// `dst (m×n) = [dst +] lhs · Wᵀ` with W packed at load: [`gemm`] without packing B. Returns
+/// false, touching nothing, where [`gemm`] would (kernel off, negative strides, short `dst`).
+pub(crate) fn gemm_packed(
+    dst: &mut [f32],
+    m: usize,
+    lhs: Operand<'_>,
+    w: &PackedB,
+    accumulate: bool,
+    parallel: bool,
+) -> bool {
+    let (n, k) = (w.n, w.k);
+    if !enabled() || lhs.1 < 0 || lhs.2 < 0 || dst.len() < m * n {
+        return false;
+    }
+    if m == 0 {
+        return true;
+    }
+    run_packed(dst, m, n, k, lhs, &w.panels, accumulate, threads(parallel));
     true
 }
 
@@ -318,6 +402,179 @@ fn compute_with(
     }
 }
 
+/// Whether row-major left operands are read in place ([`compute_direct`]) instead of packed;
+/// `ADAPTERKIT_GEMM_A=pack` packs them (for A/B benchmarks).
+fn direct_a() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("ADAPTERKIT_GEMM_A").is_ok_and(|v| v == "pack"))
+}
+
+/// [`compute`] for a left operand with unit column stride (activations, row-major), read where it
+/// lies: rows `a[r·lda ..]`. A full 12-row panel goes to [`kernel_direct`]; the last, partial one
+/// is packed (it is at most one panel in a task's rows).
+#[allow(clippy::too_many_arguments)]
+fn compute_direct(
+    out: &mut [f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    bp: &[f32],
+    accumulate: bool,
+) {
+    let row_panels = rows.div_ceil(MR);
+    let panels = n.div_ceil(NR);
+    assert!(out.len() >= rows * n && bp.len() >= panels * k * NR && lda >= k);
+    assert!(rows == 0 || a.len() >= (rows - 1) * lda + k);
+    let full = rows / MR;
+    let blocks = k.div_ceil(KC);
+    let kc_even = k.div_ceil(blocks);
+    let mut tail = Vec::new();
+    if full < row_panels {
+        tail = vec![0f32; k * MR];
+        pack_a(
+            &mut tail,
+            (a, lda as isize, 1),
+            full * MR,
+            rows - full * MR,
+            k,
+        );
+    }
+    let mut pc = 0;
+    while pc < k {
+        let kc = kc_even.min(k - pc);
+        let add = accumulate || pc > 0;
+        let mut jc = 0;
+        while jc < panels {
+            let jc_end = panels.min(jc + NC_PANELS);
+            for ip in 0..row_panels {
+                let h = MR.min(rows - ip * MR);
+                for jp in jc..jc_end {
+                    let w = NR.min(n - jp * NR);
+                    let b = &bp[jp * k * NR + pc * NR..][..kc * NR];
+                    let c = &mut out[ip * MR * n + jp * NR..];
+                    // SAFETY: `enabled()` held for the caller; a full panel's 12 rows of kc
+                    // floats from column pc lie inside `a` (asserted above: the last row ends at
+                    // (rows−1)·lda + k); the tail panel holds kc·MR floats from pc·MR; `c` holds
+                    // h rows of stride n with w valid columns, inside `out`.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        if ip < full {
+                            let a = &a[ip * MR * lda + pc..];
+                            kernel_direct(kc, a, lda, b, c, n, w, add)
+                        } else {
+                            let a = &tail[pc * MR..][..kc * MR];
+                            kernel::<true>(kc, a, b, c, n, h, w, add)
+                        }
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (b, c, h, w, add);
+                }
+            }
+            jc = jc_end;
+        }
+        pc += kc;
+    }
+}
+
+/// [`kernel`] reading a full 12-row panel of A in place: row r's depth p at `a[r·lda + p]`.
+/// The rows are addressed from four bases three rows apart, so each broadcast is one load with a
+/// scaled index (x86 addressing reaches base + lda and base + 2·lda).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a` must hold 11·lda + kc elements, `b` kc·NR, `c`
+/// (MR − 1)·ldc + w, w ≤ NR.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_direct(
+    kc: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    w: usize,
+    add: bool,
+) {
+    debug_assert!(a.len() >= (MR - 1) * lda + kc && b.len() >= kc * NR && w <= NR);
+    debug_assert!(c.len() >= (MR - 1) * ldc + w);
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let bp = b.as_ptr();
+    let base = a.as_ptr();
+    let bases = [
+        base,
+        base.add(3 * lda),
+        base.add(6 * lda),
+        base.add(9 * lda),
+    ];
+    for r in 0..MR {
+        let row = c.as_ptr().add(r * ldc) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(row);
+        _mm_prefetch::<_MM_HINT_T0>(row.add(64));
+    }
+    for p in 0..kc {
+        _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR + 16) as *const i8);
+        // SAFETY: p < kc, and the panel holds kc·NR floats.
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_ps(bp.add(p * NR)),
+                _mm512_loadu_ps(bp.add(p * NR + 16)),
+            )
+        };
+        for (g, rows) in acc.chunks_exact_mut(3).enumerate() {
+            let at = bases[g].add(p);
+            for (i, acc) in rows.iter_mut().enumerate() {
+                // SAFETY: row 3g + i < MR at depth p < kc lies inside `a`.
+                let av = _mm512_set1_ps(unsafe { *at.add(i * lda) });
+                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+    }
+    store_tile(&acc, c, ldc, MR, w, add);
+}
+
+/// Writes (or adds) the accumulated tile's h rows and w columns into `c`.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `c` must hold (h − 1)·ldc + w elements, h ≤ MR, w ≤ NR.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile(
+    acc: &[[__m512; 2]; MR],
+    c: &mut [f32],
+    ldc: usize,
+    h: usize,
+    w: usize,
+    add: bool,
+) {
+    let lanes = |v: usize| -> __mmask16 {
+        if v >= 16 {
+            0xffff
+        } else {
+            ((1u32 << v) - 1) as __mmask16
+        }
+    };
+    let (m0, m1) = (lanes(w), lanes(w.saturating_sub(16)));
+    let cp = c.as_mut_ptr();
+    for (r, acc) in acc.iter().enumerate().take(h) {
+        // SAFETY: row r < h starts at r·ldc and the masks cover only its w valid columns.
+        unsafe {
+            let row = cp.add(r * ldc);
+            let (mut v0, mut v1) = (acc[0], acc[1]);
+            if add {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            }
+            _mm512_mask_storeu_ps(row, m0, v0);
+            _mm512_mask_storeu_ps(row.add(16), m1, v1);
+        }
+    }
+}
+
 /// The 12×32 register tile: `c[..h][..w] = [c +] a_panelᵀ · b_panel` over depth kc.
 ///
 /// # Safety
@@ -368,28 +625,7 @@ unsafe fn kernel<const PF: bool>(
             acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
         }
     }
-    let lanes = |v: usize| -> __mmask16 {
-        if v >= 16 {
-            0xffff
-        } else {
-            ((1u32 << v) - 1) as __mmask16
-        }
-    };
-    let (m0, m1) = (lanes(w), lanes(w.saturating_sub(16)));
-    let cp = c.as_mut_ptr();
-    for (r, acc) in acc.iter().enumerate().take(h) {
-        // SAFETY: row r < h starts at r·ldc and the masks cover only its w valid columns.
-        unsafe {
-            let row = cp.add(r * ldc);
-            let (mut v0, mut v1) = (acc[0], acc[1]);
-            if add {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-            }
-            _mm512_mask_storeu_ps(row, m0, v0);
-            _mm512_mask_storeu_ps(row.add(16), m1, v1);
-        }
-    }
+    store_tile(&acc, c, ldc, h, w, add);
 }
 
 #[cfg(test)]
@@ -499,6 +735,61 @@ mod tests {
     }
 
     #[test]
+    fn packed_weights_and_in_place_rows_match_the_reference() {
+        if !enabled() {
+            eprintln!("no AVX-512 on this CPU: the kernel is not used here, nothing to check");
+            return;
+        }
+        // Row tails (25 = two panels + 1), column tails, two depth blocks, and rows of A with
+        // a stride beyond the depth (a view into a wider matrix).
+        for (case, &(m, n, k, pad)) in [
+            (25, 300, 385, 3),
+            (12, 32, 7, 0),
+            (100, 64, 800, 1),
+            (5, 33, 19, 2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let lda = k + pad;
+            let a = values(m * lda, case as u64);
+            let w = values(n * k, 50 + case as u64);
+            let lhs = (&a[..], lda as isize, 1);
+            let want = reference(m, n, k, lhs, (&w, 1, k as isize));
+            let packed = PackedB::transposed(&w, n, k).expect("AVX-512 is on");
+            for accumulate in [false, true] {
+                for parallel in [false, true] {
+                    let init = values(m * n, 7);
+                    let mut dst = init.clone();
+                    assert!(gemm_packed(&mut dst, m, lhs, &packed, accumulate, parallel));
+                    for (i, (&d, &r)) in dst.iter().zip(&want).enumerate() {
+                        let r = r + if accumulate { init[i] as f64 } else { 0.0 };
+                        let tol = 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt();
+                        assert!((d as f64 - r).abs() < tol, "{m}x{n}x{k} at {i}: {d} vs {r}");
+                    }
+                }
+            }
+            // Reading A in place does the same multiply-adds in the same order as packing it.
+            let mut ap = vec![0f32; m.div_ceil(MR) * k * MR];
+            pack_a(&mut ap, lhs, 0, m, k);
+            let (mut via_pack, mut in_place) = (vec![0f32; m * n], vec![0f32; m * n]);
+            compute(&mut via_pack, m, n, k, &ap, &packed.panels, false);
+            compute_direct(&mut in_place, m, n, k, &a, lda, &packed.panels, false);
+            assert!(
+                via_pack
+                    .iter()
+                    .zip(&in_place)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{m}x{n}x{k}: in-place rows differ from packed rows"
+            );
+        }
+        assert!(
+            PackedB::transposed(&[0.0; 6], 2, 4).is_none(),
+            "wrong length"
+        );
+    }
+
+    #[test]
     #[ignore]
     fn time_kernel_in_l1() {
         for kc in [64, 128, 256] {
@@ -585,6 +876,54 @@ mod tests {
             for (bl, t) in variants.iter().zip(times) {
                 println!("  {bl:?}: {:.0} GFLOP/s in tiles", flop / med(t) / 1e9);
             }
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_direct_vs_packed_a() {
+        // Single-threaded, B packed beforehand (as frozen weights are): A packed then the tiles,
+        // against A read in place, at the MiniLM products of a 16×128 forward and the attention
+        // products of one head (interleaved, medians of 15).
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for (m, n, k) in [
+            (2048, 1152, 384),
+            (2048, 384, 384),
+            (2048, 1536, 384),
+            (2048, 384, 1536),
+            (128, 128, 32),
+            (128, 32, 128),
+        ] {
+            let a = values(m * k, 1);
+            let w = values(n * k, 2);
+            let packed = PackedB::transposed(&w, n, k).expect("AVX-512");
+            let lhs = (&a[..], k as isize, 1);
+            let mut ap = vec![0f32; m.div_ceil(MR) * k * MR];
+            let mut dst = vec![0f32; m * n];
+            let (mut tp, mut td) = (Vec::new(), Vec::new());
+            let reps = (1 << 28) / (m * n * k) + 1;
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    pack_a(&mut ap, lhs, 0, m, k);
+                    compute(&mut dst, m, n, k, &ap, &packed.panels, false);
+                }
+                tp.push(t.elapsed().as_secs_f64() / reps as f64);
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    compute_direct(&mut dst, m, n, k, &a, k, &packed.panels, false);
+                }
+                td.push(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            let flop = 2.0 * (m * n * k) as f64;
+            println!(
+                "{m}x{n}x{k}: packed A {:.0} GFLOP/s, in place {:.0} GFLOP/s",
+                flop / med(tp) / 1e9,
+                flop / med(td) / 1e9
+            );
         }
     }
 

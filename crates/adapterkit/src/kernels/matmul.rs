@@ -1,18 +1,62 @@
 //! Tensor-level products on the fused GEMMs: `x · Wᵀ + b` (affine), `g · w` (plain) and the
 //! batch-parallel batched product used by attention.
 
-use super::gemm::{gemm_crate_into, gemm_into};
+use super::gemm::{gemm_crate_into, gemm_into, xwt_into};
+use super::gemm512::PackedB;
 use super::{f32_slice, supported, CResult};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// `x · Wᵀ + b` for [rows, k] inputs and frozen W [n, k]: the bias is the product's starting value
 /// (no separate broadcast pass), and few-row inputs take the packing-free path of [`super::gemm::gemm_into`].
 pub(crate) fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    affine_packed(x, w, b, None)
+}
+
+/// [`affine_2d`] reading W from `packed` (W packed at load) where the product would pack it.
+pub(crate) fn affine_packed(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    packed: Option<&PackedWeight>,
+) -> candle_core::Result<Tensor> {
     if [x, w, b].iter().all(|t| supported(t)) {
-        return x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Affine);
+        let op = Affine {
+            packed: packed.map(|p| &*p.0),
+        };
+        return x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op);
     }
     x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// A frozen weight W [n, k] packed once for the AVX-512 product `x · Wᵀ` (see
+/// [`super::gemm512::PackedB`]), shared by every forward that reads the same W.
+#[derive(Debug, Clone)]
+pub struct PackedWeight(Arc<PackedB>);
+
+impl PackedWeight {
+    /// Packs `w` [n, k] (f32 on the CPU); `None` where no product would read the panels (another
+    /// dtype or device, or the AVX-512 kernel off).
+    pub fn of(w: &Tensor) -> candle_core::Result<Option<PackedWeight>> {
+        if !supported(w) || w.rank() != 2 || !super::gemm512::enabled() {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(PackedB::transposed(&data, n, k).map(|p| PackedWeight(Arc::new(p))))
+    }
+
+    /// Whether these are the panels of a weight of W's shape (a cheap guard against pairing a
+    /// packed weight with another tensor).
+    pub fn fits(&self, w: &Tensor) -> bool {
+        w.dims() == [self.0.n(), self.0.k()]
+    }
+
+    /// Bytes the panels take.
+    pub fn bytes(&self) -> usize {
+        self.0.bytes()
+    }
 }
 
 /// `g · w` for [rows, k] and [k, n] operands, without autograd, through [`super::gemm::gemm_into`] (so an input
@@ -65,10 +109,12 @@ impl CustomOp2 for PlainProduct {
     }
 }
 
-/// The forward-only product of [`affine_2d`].
-pub(crate) struct Affine;
+/// The forward-only product of [`affine_2d`], with W's panels when packed at load.
+pub(crate) struct Affine<'a> {
+    packed: Option<&'a PackedB>,
+}
 
-impl CustomOp3 for Affine {
+impl CustomOp3 for Affine<'_> {
     fn name(&self) -> &'static str {
         "affine"
     }
@@ -96,16 +142,7 @@ impl CustomOp3 for Affine {
             )));
         }
         let mut out = super::rows_of(b, m);
-        gemm_into(
-            &mut out,
-            m,
-            n,
-            k,
-            (x, k as isize, 1),
-            (w, 1, k as isize),
-            true,
-            true,
-        );
+        xwt_into(&mut out, m, n, k, x, w, self.packed, true, true);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

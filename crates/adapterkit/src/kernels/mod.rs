@@ -29,7 +29,7 @@ pub use ffn::ffn;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use loss::{cross_entropy, log_softmax_last_dim, mse};
-pub use matmul::{batched_matmul, matmul_2d};
+pub use matmul::{batched_matmul, matmul_2d, PackedWeight};
 pub use softmax::{attention_softmax, softmax_last_dim};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -212,12 +212,25 @@ pub struct LinearView<'a> {
     pub w: &'a Tensor,
     /// b [out].
     pub b: &'a Tensor,
+    /// W's panels packed at load, when `w` is a frozen base weight the fused products read.
+    pub packed: Option<&'a PackedWeight>,
 }
 
 impl<'a> LinearView<'a> {
-    /// As the `(weight, bias)` pair the kernels take.
+    /// A layer without packed panels.
+    pub fn new(w: &'a Tensor, b: &'a Tensor) -> Self {
+        LinearView { w, b, packed: None }
+    }
+
+    /// As the `(weight, bias)` pair the composed ops take.
     pub fn pair(self) -> (&'a Tensor, &'a Tensor) {
         (self.w, self.b)
+    }
+
+    /// `x · Wᵀ + b` for 2-D `x` outside the graph, from the packed panels where they fit W.
+    pub(crate) fn affine(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let packed = self.packed.filter(|p| p.fits(self.w));
+        matmul::affine_packed(x, self.w, self.b, packed)
     }
 
     pub(crate) fn same(self, other: LinearView<'_>) -> bool {
