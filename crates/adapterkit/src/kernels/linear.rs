@@ -2,10 +2,10 @@
 //! joins it through a node whose backward yields only the input gradient; the reference is candle's
 //! matmul, whose backward also computes (and keeps) a gradient for the weight.
 
-use super::matmul::matmul_2d;
-use super::{attach, Backend, CResult, InputGradient};
+use super::matmul::{matmul_2d, matmul_tn, Affine};
+use super::{attach, supported, Backend, CResult, InputGradient};
 use crate::error::Result;
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 /// `x · wᵀ + b` over the last dimension, for inputs of any rank.
 ///
@@ -17,9 +17,12 @@ pub fn linear(backend: Backend, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R
     let rows: usize = dims[..last].iter().product();
     let x2 = x.reshape((rows, dims[last]))?;
     let frozen = !w.track_op() && !b.is_some_and(Tensor::track_op);
-    let y = if frozen && backend == Backend::Fused && x2.track_op() && x2.device().is_cpu() {
+    let fused = backend == Backend::Fused;
+    let y = if frozen && fused && x2.track_op() && x2.device().is_cpu() {
         let out = linear_reference(&x2.detach(), w, b)?;
         attach(&x2, out, FrozenLinear { w: w.clone() })?
+    } else if let Some(b) = b.filter(|b| fused && [&x2, w, b].iter().all(|t| supported(t))) {
+        x2.apply_op3(&w.contiguous()?, &b.contiguous()?, TrainedAffine)?
     } else {
         linear_reference(&x2, w, b)?
     };
@@ -35,6 +38,45 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })
+}
+
+/// `x · Wᵀ + b` with trained W and b as one graph node: the forward on the fused GEMM with the
+/// bias as the product's starting value, the backward three products' worth of work in ours
+/// (`dx = g · W`, `dW = gᵀ · x`, `db = Σ rows of g`). Through candle's matmul the same layer ran
+/// its AVX2 `gemm`, a transposed copy for `Wᵀ` and separate broadcast and sum passes for the bias.
+struct TrainedAffine;
+
+impl CustomOp3 for TrainedAffine {
+    fn name(&self) -> &'static str {
+        "trained-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        Affine::plain().cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = x.track_op().then(|| matmul_2d(&g, w)).transpose()?;
+        let dw = matmul_tn(&g, &x.contiguous()?)?;
+        let db = g.sum(0)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
 }
 
 /// A frozen linear layer's backward: `grad · w` for the input, nothing for the weights.
@@ -55,4 +97,33 @@ impl InputGradient for FrozenLinear {
 /// tracked by autograd.
 pub(crate) fn frozen_f32(w: &Tensor, b: &Tensor) -> bool {
     !w.track_op() && !b.track_op() && w.dtype() == candle_core::DType::F32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+
+    #[test]
+    fn trained_linear_matches_candle_matmul_with_all_three_gradients() {
+        // Few rows (the packing-free product) and many (the blocked GEMM, row and column tails),
+        // 2-D and 3-D inputs.
+        for (case, dims) in [vec![5, 24], vec![3, 37, 24]].into_iter().enumerate() {
+            let seed = 40 + 10 * case as u64;
+            let inputs = [
+                randn(&dims, seed, 1.0),
+                randn(&[50, 24], seed + 1, 0.3),
+                randn(&[50], seed + 2, 0.1),
+            ];
+            let run = |backend: Backend| {
+                move |t: &[Tensor]| linear(backend, &t[0], &t[1], Some(&t[2])).unwrap()
+            };
+            compare(
+                &inputs,
+                &run(Backend::Fused),
+                &run(Backend::Reference),
+                1e-5,
+            );
+        }
+    }
 }

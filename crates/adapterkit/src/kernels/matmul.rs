@@ -66,13 +66,26 @@ pub fn matmul_2d(g: &Tensor, w: &Tensor) -> CResult<Tensor> {
     if supported(g) && supported(w) && g.rank() == 2 && w.rank() == 2 {
         return g
             .contiguous()?
-            .apply_op2_no_bwd(&w.contiguous()?, &PlainProduct);
+            .apply_op2_no_bwd(&w.contiguous()?, &PlainProduct { trans_a: false });
     }
     g.matmul(w)
 }
 
-/// The forward-only product of [`matmul_2d`].
-struct PlainProduct;
+/// `aᵀ · b` for [rows, m] and [rows, n] operands, without autograd: the weight gradient
+/// `gᵀ · x` of a linear layer, with the rows (tokens) as the depth, on the fused GEMM.
+pub(crate) fn matmul_tn(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    if supported(a) && supported(b) && a.rank() == 2 && b.rank() == 2 {
+        return a
+            .contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &PlainProduct { trans_a: true });
+    }
+    a.t()?.matmul(b)
+}
+
+/// The forward-only product of [`matmul_2d`] (`a · b`) and [`matmul_tn`] (`aᵀ · b`).
+struct PlainProduct {
+    trans_a: bool,
+}
 
 impl CustomOp2 for PlainProduct {
     fn name(&self) -> &'static str {
@@ -88,23 +101,20 @@ impl CustomOp2 for PlainProduct {
     ) -> CResult<(CpuStorage, Shape)> {
         let a = f32_slice(s1, l1, self.name())?;
         let b = f32_slice(s2, l2, self.name())?;
-        let ((m, k), (k2, n)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let ((ar, ac), (k2, n)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        // op(a) is m×k; stored [k, m] (row stride 1, column stride m) when transposed.
+        let ((m, k), lhs) = if self.trans_a {
+            ((ac, ar), (a, 1, ac as isize))
+        } else {
+            ((ar, ac), (a, ac as isize, 1))
+        };
         if k != k2 {
             return Err(candle_core::Error::Msg(format!(
                 "plain product: [{m}, {k}] · [{k2}, {n}] do not fit"
             )));
         }
         let mut out = super::zeros(m * n);
-        gemm_into(
-            &mut out,
-            m,
-            n,
-            k,
-            (a, k as isize, 1),
-            (b, n as isize, 1),
-            false,
-            true,
-        );
+        gemm_into(&mut out, m, n, k, lhs, (b, n as isize, 1), false, true);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
@@ -112,6 +122,13 @@ impl CustomOp2 for PlainProduct {
 /// The forward-only product of [`affine_2d`], with W's panels when packed at load.
 pub(crate) struct Affine<'a> {
     packed: Option<&'a PackedB>,
+}
+
+impl Affine<'static> {
+    /// The product without packed panels.
+    pub(crate) fn plain() -> Self {
+        Affine { packed: None }
+    }
 }
 
 impl CustomOp3 for Affine<'_> {
