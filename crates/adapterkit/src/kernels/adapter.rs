@@ -3,7 +3,7 @@
 use super::activation::{activate, scale_by_act_grad, Activation};
 use super::gemm::gemm_into;
 use super::linear::linear;
-use super::{f32_slice, rows_per_task, Backend, CResult};
+use super::{column_sums, f32_slice, Backend, CResult};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -23,26 +23,6 @@ pub fn adapter(
     }
     let z = act.apply(backend, &linear(backend, x, down.0, Some(down.1))?)?;
     Ok(x.add(&linear(backend, &z, up.0, Some(up.1))?)?)
-}
-
-fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
-    x.par_chunks(rows_per_task(cols) * cols)
-        .map(|chunk| {
-            let mut acc = vec![0f32; cols];
-            for row in chunk.chunks_exact(cols) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v;
-                }
-            }
-            acc
-        })
-        .reduce(
-            || vec![0f32; cols],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
 }
 
 /// A whole bottleneck adapter `x + W_up · f(W_down · x + b_down) + b_up` as one graph node over

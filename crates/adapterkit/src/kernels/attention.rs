@@ -274,7 +274,7 @@ impl FrozenAttention {
         let (dqkv, dscale) = match &self.scaled {
             Some((scale, unscaled)) => (
                 dqkv.broadcast_mul(scale)?.contiguous()?,
-                Some(dqkv.mul(unscaled)?.sum(0)?),
+                Some(super::sum_rows(&dqkv.mul(unscaled)?)?),
             ),
             None => (dqkv, None),
         };

@@ -92,7 +92,7 @@ impl FrozenFfn {
             Extra::Scale(s) => {
                 let z = self.pre.broadcast_mul(s)?;
                 let dz = z.apply_op2_no_bwd(&dact, &GeluBackward)?;
-                let dscale = dz.mul(&self.pre)?.sum(0)?;
+                let dscale = super::sum_rows(&dz.mul(&self.pre)?)?;
                 (dz.broadcast_mul(s)?, Some(dscale))
             }
             Extra::Delta => {

@@ -74,7 +74,7 @@ impl CustomOp3 for TrainedAffine {
         let g = grad.contiguous()?;
         let dx = x.track_op().then(|| matmul_2d(&g, w)).transpose()?;
         let dw = matmul_tn(&g, &x.contiguous()?)?;
-        let db = g.sum(0)?;
+        let db = super::sum_rows(&g)?;
         Ok((dx, Some(dw), Some(db)))
     }
 }
