@@ -648,6 +648,19 @@ mod tests {
         out
     }
 
+    fn med(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    /// The MiniLM products of a 16×128 forward (m, n, k), weights [out, in] as stored.
+    const FORWARD_SHAPES: [(usize, usize, usize); 4] = [
+        (2048, 1152, 384),
+        (2048, 384, 384),
+        (2048, 1536, 384),
+        (2048, 384, 1536),
+    ];
+
     fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut r = crate::rng::Rng::derive(seed, "gemm512-test");
         (0..len).map(|_| r.normal() as f32).collect()
@@ -817,16 +830,7 @@ mod tests {
     fn time_phases() {
         // Single-threaded: where one product's time goes (packing B, packing A, the tiles), at
         // the MiniLM products of a 16×128 forward, weights [out, in] as the model stores them.
-        let med = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        for (m, n, k) in [
-            (2048, 1152, 384),
-            (2048, 384, 384),
-            (2048, 1536, 384),
-            (2048, 384, 1536),
-        ] {
+        for (m, n, k) in FORWARD_SHAPES {
             let a = values(m * k, 1);
             let w = values(n * k, 2);
             let rhs = (&w[..], 1, k as isize);
@@ -885,18 +889,8 @@ mod tests {
         // Single-threaded, B packed beforehand (as frozen weights are): A packed then the tiles,
         // against A read in place, at the MiniLM products of a 16×128 forward and the attention
         // products of one head (interleaved, medians of 15).
-        let med = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        for (m, n, k) in [
-            (2048, 1152, 384),
-            (2048, 384, 384),
-            (2048, 1536, 384),
-            (2048, 384, 1536),
-            (128, 128, 32),
-            (128, 32, 128),
-        ] {
+        let attention = [(128, 128, 32), (128, 32, 128)];
+        for (m, n, k) in FORWARD_SHAPES.into_iter().chain(attention) {
             let a = values(m * k, 1);
             let w = values(n * k, 2);
             let packed = PackedB::transposed(&w, n, k).expect("AVX-512");
