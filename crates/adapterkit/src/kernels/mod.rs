@@ -195,14 +195,15 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     wide(Closure(f))
 }
 
-/// Runs `body` compiled for the widest vectors the CPU has: AVX-512 (16 lanes) or AVX2 + FMA (8
+/// Runs `body` compiled for the widest vectors the CPU has: AVX-512 F + DQ (16 lanes; DQ has the
+/// 64-bit integer products of the dropout hash) or AVX2 + FMA (8
 /// lanes), instead of the 4-wide SSE2 of the baseline target. The bodies do not reorder
 /// floating-point operations, so every width gives the same bits.
 #[inline(always)]
 pub(crate) fn wide<W: Wide>(body: W) -> W::Out {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
         unsafe fn avx512<W: Wide>(body: W) -> W::Out {
             body.run()
         }
@@ -212,8 +213,8 @@ pub(crate) fn wide<W: Wide>(body: W) -> W::Out {
         }
         let avx2_fma =
             std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        if avx2_fma && gemm512::enabled() {
-            // SAFETY: the CPU has AVX2, FMA and AVX-512F (`enabled` checked the last).
+        if avx2_fma && gemm512::enabled() && std::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the CPU has AVX2, FMA, AVX-512F (`enabled` checked it) and AVX-512DQ.
             return unsafe { avx512(body) };
         }
         if avx2_fma {
