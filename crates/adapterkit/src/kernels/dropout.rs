@@ -47,17 +47,20 @@ fn keeps(seed: u64, i: usize, keep_threshold: u32) -> bool {
 /// [`super::wide`] (the hash's 64-bit products included); it was a scalar loop over a zeroed
 /// buffer before, a few percent of a training step.
 #[inline(always)]
-fn masked_rows(
-    (y, x, (seed, base, keep_threshold, scale)): (
-        &mut [std::mem::MaybeUninit<f32>],
-        &[f32],
-        (u64, usize, u32, f32),
-    ),
-) {
+fn masked_rows((y, x, m): (&mut [std::mem::MaybeUninit<f32>], &[f32], ChunkMask)) {
     for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
-        let kept = keeps(seed, base + j, keep_threshold);
-        y.write(if kept { x * scale } else { 0.0 });
+        let kept = keeps(m.seed, m.base + j, m.keep_threshold);
+        y.write(if kept { x * m.scale } else { 0.0 });
     }
+}
+
+/// What [`masked_rows`] needs of the mask for one chunk starting at element `base`.
+#[derive(Clone, Copy)]
+struct ChunkMask {
+    seed: u64,
+    base: usize,
+    keep_threshold: u32,
+    scale: f32,
 }
 
 pub(crate) struct Dropout {
@@ -85,12 +88,12 @@ impl Dropout {
             .zip(x.par_chunks(MIN_TASK_ELEMS))
             .enumerate()
             .for_each(|(c, (y, x))| {
-                let mask = (
-                    self.seed,
-                    c * MIN_TASK_ELEMS,
-                    self.keep_threshold,
-                    self.scale,
-                );
+                let mask = ChunkMask {
+                    seed: self.seed,
+                    base: c * MIN_TASK_ELEMS,
+                    keep_threshold: self.keep_threshold,
+                    scale: self.scale,
+                };
                 super::wide(super::Call(masked_rows, (y, x, mask)));
             });
         // SAFETY: `masked_rows` wrote each of the first `len` slots (the chunks of `y` and `x`
