@@ -144,7 +144,8 @@ fn run_packed(
     let work = |(t, out): (usize, &mut [f32])| {
         let r0 = t * per;
         let rows = out.len() / n;
-        if lhs.2 == 1 && direct_a() {
+        // In place needs rows that do not overlap (a broadcast row, stride 0, is packed).
+        if lhs.2 == 1 && lhs.1 >= k as isize && direct_a() {
             let (src, rs) = (lhs.0, lhs.1 as usize);
             compute_direct(out, rows, n, k, &src[r0 * rs..], rs, bp, accumulate);
             return;
@@ -800,6 +801,18 @@ mod tests {
             PackedB::transposed(&[0.0; 6], 2, 4).is_none(),
             "wrong length"
         );
+        // One row broadcast to every row (row stride 0) cannot be read in place; it is packed.
+        let (m, n, k) = (30, 40, 9);
+        let (row, b) = (values(k, 3), values(k * n, 4));
+        let (lhs, rhs) = ((&row[..], 0, 1), (&b[..], n as isize, 1));
+        let mut dst = vec![0f32; m * n];
+        assert!(gemm(&mut dst, m, n, k, lhs, rhs, false, true));
+        for (i, (&d, &r)) in dst.iter().zip(&reference(m, n, k, lhs, rhs)).enumerate() {
+            assert!(
+                (d as f64 - r).abs() < 1e-4,
+                "broadcast row at {i}: {d} vs {r}"
+            );
+        }
     }
 
     #[test]
