@@ -1538,7 +1538,7 @@ fn weights_packed_at_load_give_the_same_forward_and_training_bit_for_bit() {
     // panels where the base has them (CPUs without AVX-512 pack nothing and run the same code).
     let packed = random_base(2, 64);
     let plain = without_packing(&packed);
-    if adapterkit::kernels::gemm512::enabled() {
+    if adapterkit::kernels::blocked::enabled() {
         // qkv [192, 64], attention output [64, 64], FFN [128, 64] and [64, 128], per layer.
         let floats = 2 * (192 * 64 + 64 * 64 + 128 * 64 + 64 * 128);
         assert_eq!(packed.weights.packed_bytes(), 4 * floats);

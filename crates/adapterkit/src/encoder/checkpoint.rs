@@ -27,7 +27,7 @@ pub struct Linear {
     /// b [out].
     pub bias: Param,
     /// W packed once for the fused products (see [`PackedWeight`]), where the forward reads this
-    /// layer through them (attention output and FFN); `None` elsewhere or without AVX-512.
+    /// layer through them (attention output and FFN); `None` elsewhere or without our kernel.
     pub packed: Option<PackedWeight>,
 }
 

@@ -1,4 +1,4 @@
-//! GEMM dispatch over raw slices: the packing-free skinny product for few rows, the AVX-512 kernel
+//! GEMM dispatch over raw slices: the packing-free skinny product for few rows, our blocked kernel
 //! where the CPU has it, the `gemm` crate otherwise.
 
 use rayon::prelude::*;
@@ -212,7 +212,7 @@ fn check_operands(
 }
 
 /// `dst (m×n, row-major) = [dst +] lhs · rhs`, operands given by pointer-free slices and (row
-/// stride, column stride): the packing-free path for few rows, the AVX-512 kernel where the CPU
+/// stride, column stride): the packing-free path for few rows, our blocked kernel where the CPU
 /// has it, `gemm` otherwise.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_into(
@@ -247,7 +247,7 @@ pub(crate) fn gemm_into(
         );
         return;
     }
-    if super::gemm512::gemm(dst, m, n, k, lhs, rhs, accumulate, parallel) {
+    if super::blocked::gemm(dst, m, n, k, lhs, rhs, accumulate, parallel) {
         return;
     }
     gemm_crate_into(dst, m, n, k, lhs, rhs, accumulate, parallel);
@@ -264,22 +264,22 @@ pub(crate) fn xwt_into(
     k: usize,
     x: &[f32],
     w: &[f32],
-    packed: Option<&super::gemm512::PackedB>,
+    packed: Option<&super::blocked::PackedB>,
     accumulate: bool,
     parallel: bool,
 ) {
     let (ki, xs) = (k as isize, (x, k as isize, 1));
     if let Some(p) = packed.filter(|p| p.n() == n && p.k() == k && m > SKINNY_ROWS) {
         check_operands(dst.len(), m, n, k, xs, (w, 1, ki));
-        if super::gemm512::gemm_packed(dst, m, xs, p, accumulate, parallel) {
+        if super::blocked::gemm_packed(dst, m, xs, p, accumulate, parallel) {
             return;
         }
     }
     gemm_into(dst, m, n, k, xs, (w, 1, ki), accumulate, parallel);
 }
 
-/// [`gemm_into`]'s product through the `gemm` crate (its AVX2 kernels), for CPUs without AVX-512
-/// and as the yardstick of the AVX-512 kernel's timing test.
+/// [`gemm_into`]'s product through the `gemm` crate (its AVX2 kernels), for CPUs without AVX2
+/// (or `ADAPTERKIT_GEMM=portable`) and as the yardstick of our kernel's timing test.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_crate_into(
     dst: &mut [f32],

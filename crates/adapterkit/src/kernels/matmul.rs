@@ -1,8 +1,8 @@
 //! Tensor-level products on the fused GEMMs: `x · Wᵀ + b` (affine), `g · w` (plain) and the
 //! batch-parallel batched product used by attention.
 
+use super::blocked::PackedB;
 use super::gemm::{gemm_crate_into, gemm_into, xwt_into};
-use super::gemm512::PackedB;
 use super::{f32_slice, supported, CResult};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -30,16 +30,16 @@ pub(crate) fn affine_packed(
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
-/// A frozen weight W [n, k] packed once for the AVX-512 product `x · Wᵀ` (see
-/// [`super::gemm512::PackedB`]), shared by every forward that reads the same W.
+/// A frozen weight W [n, k] packed once for our blocked product `x · Wᵀ` (see
+/// [`super::blocked::PackedB`]), shared by every forward that reads the same W.
 #[derive(Debug, Clone)]
 pub struct PackedWeight(Arc<PackedB>);
 
 impl PackedWeight {
     /// Packs `w` [n, k] (f32 on the CPU); `None` where no product would read the panels (another
-    /// dtype or device, or the AVX-512 kernel off).
+    /// dtype or device, or our kernel off).
     pub fn of(w: &Tensor) -> candle_core::Result<Option<PackedWeight>> {
-        if !supported(w) || w.rank() != 2 || !super::gemm512::enabled() {
+        if !supported(w) || w.rank() != 2 || !super::blocked::enabled() {
             return Ok(None);
         }
         let (n, k) = w.dims2()?;
@@ -220,7 +220,7 @@ impl CustomOp2 for BatchedMatmul {
             let lhs = &a[i * ar * ac..(i + 1) * ar * ac];
             let rhs = &b[i * br * bc..(i + 1) * br * bc];
             let (lhs, rhs) = ((lhs, a_rs, a_cs), (rhs, b_rs, b_cs));
-            if !super::gemm512::gemm(dst, m, n, k, lhs, rhs, false, false) {
+            if !super::blocked::gemm(dst, m, n, k, lhs, rhs, false, false) {
                 gemm_crate_into(dst, m, n, k, lhs, rhs, false, false);
             }
         });

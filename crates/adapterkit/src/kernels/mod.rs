@@ -11,10 +11,10 @@
 pub mod activation;
 pub mod adapter;
 pub mod attention;
+pub mod blocked;
 pub mod dropout;
 pub mod ffn;
 pub mod gemm;
-pub mod gemm512;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
@@ -213,8 +213,11 @@ pub(crate) fn wide<W: Wide>(body: W) -> W::Out {
         }
         let avx2_fma =
             std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        if avx2_fma && gemm512::enabled() && std::is_x86_feature_detected!("avx512dq") {
-            // SAFETY: the CPU has AVX2, FMA, AVX-512F (`enabled` checked it) and AVX-512DQ.
+        if avx2_fma
+            && blocked::isa() == Some(blocked::Isa::Avx512)
+            && std::is_x86_feature_detected!("avx512dq")
+        {
+            // SAFETY: the CPU has AVX2, FMA, AVX-512F (`isa` checked it) and AVX-512DQ.
             return unsafe { avx512(body) };
         }
         if avx2_fma {

@@ -1,0 +1,1482 @@
+//! Our f32 matrix product for the large products of training and batched inference: a
+//! GotoBLAS-style design with a register tile per instruction set, 12×32 on AVX-512 and 6×16 on
+//! AVX2 + FMA.
+//!
+//! Why it exists: the `gemm` crate runs only its AVX2 kernels on stable Rust, and MKL picks its
+//! AVX2 path on AMD CPUs. On a core with two 512-bit FMA pipes (AMD Zen 5, recent Intel server
+//! parts) that is half of the machine's f32 peak. On every CPU, `gemm` also packs both operands on
+//! every call, while frozen weights never change: here they are packed once at load
+//! ([`PackedB`]) and row-major activations are read in place. Both operands are otherwise packed
+//! into panels (so any strides work), the depth is blocked so the A panel stays in L1 and a block
+//! of B panels in L2, and the output rows are split across the rayon pool.
+//!
+//! `ADAPTERKIT_GEMM=portable` turns it off (for A/B benchmarks; the caller then uses `gemm`), and
+//! `ADAPTERKIT_GEMM=avx2` takes the AVX2 tile on an AVX-512 CPU.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// The instruction set a register tile is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F: a 12×32 tile in 24 zmm accumulators.
+    Avx512,
+    /// AVX2 + FMA: a 6×16 tile in 12 ymm accumulators.
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU can run the tile.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+}
+
+/// The tile this process uses: the widest the CPU has, unless `ADAPTERKIT_GEMM` says otherwise;
+/// `None` where there is none (the caller then uses the `gemm` crate).
+pub fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let choice = std::env::var("ADAPTERKIT_GEMM").unwrap_or_default();
+        match choice.as_str() {
+            "portable" => None,
+            "avx2" => Some(Isa::Avx2).filter(|i| i.supported()),
+            _ => [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()),
+        }
+    })
+}
+
+/// Whether this process uses one of our tiles at all.
+pub fn enabled() -> bool {
+    isa().is_some()
+}
+
+/// Every tile this CPU can run (for tests that check each).
+#[cfg(test)]
+fn available() -> Vec<Isa> {
+    [Isa::Avx512, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.supported())
+        .collect()
+}
+
+/// A register tile: its shape, the cache blocking around it, and its two micro-kernels.
+trait Tile {
+    /// Rows of the register tile.
+    const MR: usize;
+    /// Columns of the register tile.
+    const NR: usize;
+    /// Largest depth block: the depth is split into equal blocks of at most this many steps, so
+    /// an MR×KC A panel stays in L1.
+    const KC: usize;
+    /// B panels per column block, so KC × NR × NC_PANELS floats stay in L2.
+    const NC_PANELS: usize;
+    /// Whether row-major left operands are read in place rather than packed.
+    const DIRECT_A: bool;
+
+    /// `c[..h][..w] = [c +] a_panelᵀ · b_panel` over depth kc, prefetching when `PF`.
+    ///
+    /// # Safety
+    /// The CPU must run the tile; `a` must hold kc·MR floats, `b` kc·NR, `c` (h − 1)·ldc + w,
+    /// h ≤ MR, w ≤ NR.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel<const PF: bool>(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        h: usize,
+        w: usize,
+        add: bool,
+    );
+
+    /// [`Tile::kernel`] for a full panel of MR rows of A read in place: row r's depth p at
+    /// `a[r·lda + p]`.
+    ///
+    /// # Safety
+    /// The CPU must run the tile; `a` must hold (MR − 1)·lda + kc floats, `b` kc·NR, `c`
+    /// (MR − 1)·ldc + w, w ≤ NR.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_direct(
+        kc: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        w: usize,
+        add: bool,
+    );
+}
+
+/// The AVX-512 tile.
+struct Zmm;
+/// The AVX2 + FMA tile.
+struct Ymm;
+
+/// Runs the generic body `$f::<T>($args)` with the tile type of `$isa`.
+macro_rules! on_tile {
+    ($isa:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $isa {
+            Isa::Avx512 => $f::<Zmm>($($arg),*),
+            Isa::Avx2 => $f::<Ymm>($($arg),*),
+        }
+    };
+}
+
+thread_local! {
+    // Packing buffers are reused across calls: a fresh multi-MB allocation per product costs
+    // page faults comparable to the product itself at these sizes.
+    static BUF_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static BUF_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a zeroed-or-garbage scratch buffer of at least `len` floats from `cell`, or a
+/// fresh one when the cell is already in use (rayon can re-enter on a waiting thread).
+fn with_buf<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut f = Some(f);
+    let r = cell.with(|c| {
+        let Ok(mut v) = c.try_borrow_mut() else {
+            return None;
+        };
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        let f = f.take()?;
+        Some(f(&mut v[..len]))
+    });
+    match (r, f) {
+        (Some(r), _) => r,
+        (None, Some(f)) => f(&mut vec![0f32; len]),
+        (None, None) => unreachable!("the closure ran, so it returned a value"),
+    }
+}
+
+/// A strided matrix operand: element (r, c) is at `r * rs + c * cs`.
+type Operand<'a> = (&'a [f32], isize, isize);
+
+/// `dst (m×n, row-major) = [dst +] lhs · rhs` for `lhs` m×k and `rhs` k×n given as (slice, row
+/// stride, column stride). Returns false, touching nothing, when no tile is enabled or the
+/// strides are negative; the caller then uses another implementation. The caller has checked
+/// that every addressed element lies inside the slices.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    accumulate: bool,
+    parallel: bool,
+) -> bool {
+    match isa() {
+        Some(isa) => gemm_on(isa, dst, m, n, k, lhs, rhs, accumulate, parallel),
+        None => false,
+    }
+}
+
+/// [`gemm`] on a given tile, which the CPU must support.
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    isa: Isa,
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    accumulate: bool,
+    parallel: bool,
+) -> bool {
+    if !isa.supported() || lhs.1 < 0 || lhs.2 < 0 || rhs.1 < 0 || rhs.2 < 0 || dst.len() < m * n {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return true;
+    }
+    on_tile!(isa, gemm_tile(dst, m, n, k, lhs, rhs, accumulate, parallel));
+    true
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_tile<T: Tile>(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let threads = threads(parallel);
+    with_buf(&BUF_B, n.div_ceil(T::NR) * k * T::NR, |bp| {
+        pack_b::<T>(bp, rhs, k, n, threads > 1);
+        run_packed::<T>(dst, m, n, k, lhs, bp, accumulate, threads);
+    });
+}
+
+fn threads(parallel: bool) -> usize {
+    if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    }
+}
+
+/// The row-parallel part of [`gemm`] once B is packed: each task packs its rows of A (or reads
+/// them in place) and runs the blocked loops against all of B.
+#[allow(clippy::too_many_arguments)]
+fn run_packed<T: Tile>(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand<'_>,
+    bp: &[f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    let row_panels = m.div_ceil(T::MR);
+    let tasks = threads.min(row_panels);
+    let per = row_panels.div_ceil(tasks) * T::MR;
+    let work = |(t, out): (usize, &mut [f32])| {
+        let r0 = t * per;
+        let rows = out.len() / n;
+        // In place needs rows that do not overlap (a broadcast row, stride 0, is packed).
+        if T::DIRECT_A && lhs.2 == 1 && lhs.1 >= k as isize && direct_a() {
+            let (src, rs) = (lhs.0, lhs.1 as usize);
+            compute_direct::<T>(out, rows, n, k, &src[r0 * rs..], rs, bp, accumulate);
+            return;
+        }
+        let my_panels = rows.div_ceil(T::MR);
+        with_buf(&BUF_A, my_panels * k * T::MR, |ap| {
+            pack_a::<T>(ap, lhs, r0, rows, k);
+            compute::<T>(out, rows, n, k, ap, bp, accumulate);
+        });
+    };
+    let dst = &mut dst[..m * n];
+    if tasks > 1 {
+        dst.par_chunks_mut(per * n).enumerate().for_each(work);
+    } else {
+        work((0, dst));
+    }
+}
+
+/// A frozen weight W [n, k] packed once as the right operand `Wᵀ` of `x · Wᵀ`, in the panel
+/// layout [`gemm`] would otherwise build on every call. Packing the transposed weight is a strided
+/// gather (the slowest packing there is), and base weights never change, so it is done at load.
+#[derive(Debug)]
+pub struct PackedB {
+    panels: Vec<f32>,
+    n: usize,
+    k: usize,
+    isa: Isa,
+}
+
+impl PackedB {
+    /// Packs `w` (n rows of k, row-major) as `Wᵀ` for this process's tile; `None` when no tile is
+    /// enabled (the panels would never be read) or `w` does not hold n·k elements.
+    pub fn transposed(w: &[f32], n: usize, k: usize) -> Option<PackedB> {
+        Self::transposed_on(isa()?, w, n, k)
+    }
+
+    /// [`PackedB::transposed`] for a given tile; `None` also where the CPU cannot run it.
+    fn transposed_on(isa: Isa, w: &[f32], n: usize, k: usize) -> Option<PackedB> {
+        if !isa.supported() || w.len() != n * k || n == 0 || k == 0 {
+            return None;
+        }
+        let panels = on_tile!(isa, packed_panels(w, n, k));
+        Some(PackedB { panels, n, k, isa })
+    }
+
+    /// Output columns (rows of W).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Depth (columns of W).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes the panels take.
+    pub fn bytes(&self) -> usize {
+        self.panels.len() * std::mem::size_of::<f32>()
+    }
+}
+
+fn packed_panels<T: Tile>(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut panels = vec![0f32; n.div_ceil(T::NR) * k * T::NR];
+    pack_b::<T>(&mut panels, (w, 1, k as isize), k, n, true);
+    panels
+}
+
+/// `dst (m×n) = [dst +] lhs · Wᵀ` with W packed at load: [`gemm`] without packing B. Returns
+/// false, touching nothing, where [`gemm`] would (negative strides, short `dst`).
+pub(crate) fn gemm_packed(
+    dst: &mut [f32],
+    m: usize,
+    lhs: Operand<'_>,
+    w: &PackedB,
+    accumulate: bool,
+    parallel: bool,
+) -> bool {
+    let (n, k) = (w.n, w.k);
+    if lhs.1 < 0 || lhs.2 < 0 || dst.len() < m * n {
+        return false;
+    }
+    if m == 0 {
+        return true;
+    }
+    let threads = threads(parallel);
+    on_tile!(
+        w.isa,
+        run_packed(dst, m, n, k, lhs, &w.panels, accumulate, threads)
+    );
+    true
+}
+
+/// Packs `rhs` (k×n) into panels of NR columns, each k×NR row-major, zero-padded past n.
+fn pack_b<T: Tile>(bp: &mut [f32], (src, rs, cs): Operand<'_>, k: usize, n: usize, parallel: bool) {
+    let pack = |(jp, panel): (usize, &mut [f32])| {
+        let j0 = jp * T::NR;
+        pack_lines::<T>(
+            false,
+            panel,
+            src,
+            j0,
+            T::NR.min(n - j0),
+            cs as usize,
+            rs as usize,
+        );
+    };
+    if parallel {
+        bp.par_chunks_mut(k * T::NR).enumerate().for_each(pack);
+    } else {
+        bp.chunks_mut(k * T::NR).enumerate().for_each(pack);
+    }
+}
+
+/// Packs rows r0..r0+rows of `lhs` into panels of MR rows, each k×MR (row r of the panel at
+/// offset p·MR + r), zero-padded past the last row.
+fn pack_a<T: Tile>(ap: &mut [f32], (src, rs, cs): Operand<'_>, r0: usize, rows: usize, k: usize) {
+    for (ip, panel) in ap.chunks_exact_mut(k * T::MR).enumerate() {
+        let i0 = ip * T::MR;
+        pack_lines::<T>(
+            true,
+            panel,
+            src,
+            r0 + i0,
+            T::MR.min(rows - i0),
+            rs as usize,
+            cs as usize,
+        );
+    }
+}
+
+/// [`pack_panel`] with the panel width of the tile's A (`rows_of_a`) or B side as a constant.
+fn pack_lines<T: Tile>(
+    rows_of_a: bool,
+    panel: &mut [f32],
+    src: &[f32],
+    x0: usize,
+    lines: usize,
+    sx: usize,
+    sp: usize,
+) {
+    match if rows_of_a { T::MR } else { T::NR } {
+        6 => pack_panel::<6>(panel, src, x0, lines, sx, sp),
+        12 => pack_panel::<12>(panel, src, x0, lines, sx, sp),
+        16 => pack_panel::<16>(panel, src, x0, lines, sx, sp),
+        32 => pack_panel::<32>(panel, src, x0, lines, sx, sp),
+        w => unreachable!("no tile has a side of {w}"),
+    }
+}
+
+/// Packs one panel of W lines (rows of A, columns of B) starting at line x0, each read along the
+/// depth: element (x, p) of `src` is at x·sx + p·sp and goes to `panel[p·W + x − x0]`; lines past
+/// `lines` are zero. A unit stride on either side takes a contiguous copy, and the chunked
+/// iterators keep the loops free of bounds checks.
+fn pack_panel<const W: usize>(
+    panel: &mut [f32],
+    src: &[f32],
+    x0: usize,
+    lines: usize,
+    sx: usize,
+    sp: usize,
+) {
+    if sx == 1 {
+        for (p, row) in panel.chunks_exact_mut(W).enumerate() {
+            let s = p * sp + x0;
+            row[..lines].copy_from_slice(&src[s..s + lines]);
+            row[lines..].fill(0.0);
+        }
+        return;
+    }
+    // Depth in chunks, so the part of the panel written by the W passes stays in L1: one pass
+    // per line over the whole depth touched every cache line of a 74 KiB panel (k = 1536) W
+    // times, and packing A took a quarter of the product's time.
+    const CHUNK: usize = 64;
+    for (c, part) in panel.chunks_mut(CHUNK * W).enumerate() {
+        let p0 = c * CHUNK;
+        let len = part.len() / W;
+        for x in 0..W {
+            let rows = part.chunks_exact_mut(W);
+            let base = (x0 + x) * sx + p0 * sp;
+            if x >= lines {
+                rows.for_each(|d| d[x] = 0.0);
+            } else if sp == 1 {
+                rows.zip(&src[base..base + len])
+                    .for_each(|(d, &v)| d[x] = v);
+            } else {
+                rows.zip(src[base..].iter().step_by(sp))
+                    .for_each(|(d, &v)| d[x] = v);
+            }
+        }
+    }
+}
+
+/// The blocked loops over one task's rows.
+#[allow(clippy::too_many_arguments)]
+fn compute<T: Tile>(
+    out: &mut [f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    ap: &[f32],
+    bp: &[f32],
+    accumulate: bool,
+) {
+    compute_with::<T>(out, rows, n, k, ap, bp, accumulate, Blocking::of::<T>())
+}
+
+/// Cache blocking of [`compute`]: depth block, row panels per row block, B panels per column
+/// block, whether B panels (true) or A panels (false) are the inner loop, and whether the
+/// kernel prefetches its C tile and the panels' next lines.
+#[derive(Clone, Copy, Debug)]
+struct Blocking {
+    kc: usize,
+    mc_panels: usize,
+    nc_panels: usize,
+    b_inner: bool,
+    prefetch: bool,
+}
+
+impl Blocking {
+    fn of<T: Tile>() -> Blocking {
+        Blocking {
+            kc: T::KC,
+            mc_panels: usize::MAX,
+            nc_panels: T::NC_PANELS,
+            b_inner: true,
+            prefetch: true,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compute_with<T: Tile>(
+    out: &mut [f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    ap: &[f32],
+    bp: &[f32],
+    accumulate: bool,
+    bl: Blocking,
+) {
+    let (mr, nr) = (T::MR, T::NR);
+    let row_panels = rows.div_ceil(mr);
+    let panels = n.div_ceil(nr);
+    assert!(
+        out.len() >= rows * n && ap.len() >= row_panels * k * mr && bp.len() >= panels * k * nr
+    );
+    // Loop order (outer to inner): depth block, row block, column block, then A panel and B
+    // panel in the order `b_inner` says. `time_phases` compares orders and block sizes on one
+    // core; on the Xeon they were within 10% of each other, prefetching added about 5%, and the
+    // kernel alone with its panels in L1 reached 110 GFLOP/s against about 88 here.
+    let blocks = k.div_ceil(bl.kc);
+    let kc_even = k.div_ceil(blocks);
+    let mut pc = 0;
+    while pc < k {
+        let kc = kc_even.min(k - pc);
+        let add = accumulate || pc > 0;
+        let mut ic = 0;
+        while ic < row_panels {
+            let ic_end = row_panels.min(ic.saturating_add(bl.mc_panels));
+            let mut jc = 0;
+            while jc < panels {
+                let jc_end = panels.min(jc.saturating_add(bl.nc_panels));
+                let mut tile = |ip: usize, jp: usize| {
+                    let w = nr.min(n - jp * nr);
+                    let b = &bp[jp * k * nr + pc * nr..][..kc * nr];
+                    let h = mr.min(rows - ip * mr);
+                    let a = &ap[ip * k * mr + pc * mr..][..kc * mr];
+                    let c = &mut out[ip * mr * n + jp * nr..];
+                    // SAFETY: the caller chose a tile the CPU runs; `a` and `b` hold kc·MR and
+                    // kc·NR floats; `c` holds rows h with stride n and w ≤ n − jp·NR valid
+                    // columns, the last row ending inside `out` (asserted above).
+                    unsafe {
+                        if bl.prefetch {
+                            T::kernel::<true>(kc, a, b, c, n, h, w, add)
+                        } else {
+                            T::kernel::<false>(kc, a, b, c, n, h, w, add)
+                        }
+                    };
+                };
+                if bl.b_inner {
+                    for ip in ic..ic_end {
+                        for jp in jc..jc_end {
+                            tile(ip, jp);
+                        }
+                    }
+                } else {
+                    for jp in jc..jc_end {
+                        for ip in ic..ic_end {
+                            tile(ip, jp);
+                        }
+                    }
+                }
+                jc = jc_end;
+            }
+            ic = ic_end;
+        }
+        pc += kc;
+    }
+}
+
+/// Whether row-major left operands are read in place ([`compute_direct`]) instead of packed;
+/// `ADAPTERKIT_GEMM_A=pack` packs them (for A/B benchmarks).
+fn direct_a() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("ADAPTERKIT_GEMM_A").is_ok_and(|v| v == "pack"))
+}
+
+/// [`compute`] for a left operand with unit column stride (activations, row-major), read where it
+/// lies: rows `a[r·lda ..]`. A full panel of MR rows goes to [`Tile::kernel_direct`]; the last,
+/// partial one is packed (it is at most one panel in a task's rows).
+#[allow(clippy::too_many_arguments)]
+fn compute_direct<T: Tile>(
+    out: &mut [f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    bp: &[f32],
+    accumulate: bool,
+) {
+    let (mr, nr) = (T::MR, T::NR);
+    let row_panels = rows.div_ceil(mr);
+    let panels = n.div_ceil(nr);
+    assert!(out.len() >= rows * n && bp.len() >= panels * k * nr && lda >= k);
+    assert!(rows == 0 || a.len() >= (rows - 1) * lda + k);
+    let full = rows / mr;
+    let blocks = k.div_ceil(T::KC);
+    let kc_even = k.div_ceil(blocks);
+    let mut tail = Vec::new();
+    if full < row_panels {
+        tail = vec![0f32; k * mr];
+        pack_a::<T>(
+            &mut tail,
+            (a, lda as isize, 1),
+            full * mr,
+            rows - full * mr,
+            k,
+        );
+    }
+    let mut pc = 0;
+    while pc < k {
+        let kc = kc_even.min(k - pc);
+        let add = accumulate || pc > 0;
+        let mut jc = 0;
+        while jc < panels {
+            let jc_end = panels.min(jc + T::NC_PANELS);
+            for ip in 0..row_panels {
+                let h = mr.min(rows - ip * mr);
+                for jp in jc..jc_end {
+                    let w = nr.min(n - jp * nr);
+                    let b = &bp[jp * k * nr + pc * nr..][..kc * nr];
+                    let c = &mut out[ip * mr * n + jp * nr..];
+                    // SAFETY: the caller chose a tile the CPU runs; a full panel's MR rows of kc
+                    // floats from column pc lie inside `a` (asserted above: the last row ends at
+                    // (rows−1)·lda + k); the tail panel holds kc·MR floats from pc·MR; `c` holds
+                    // h rows of stride n with w valid columns, inside `out`.
+                    unsafe {
+                        if ip < full {
+                            let a = &a[ip * mr * lda + pc..];
+                            T::kernel_direct(kc, a, lda, b, c, n, w, add)
+                        } else {
+                            let a = &tail[pc * mr..][..kc * mr];
+                            T::kernel::<true>(kc, a, b, c, n, h, w, add)
+                        }
+                    };
+                }
+            }
+            jc = jc_end;
+        }
+        pc += kc;
+    }
+}
+
+impl Tile for Zmm {
+    const MR: usize = 12;
+    const NR: usize = 32;
+    // A 12×512 A panel is 24 KiB (L1 is 48 KiB); 8 B panels of 512×32 are 512 KiB (L2 ≥ 1 MiB).
+    const KC: usize = 512;
+    const NC_PANELS: usize = 8;
+    // Measured on the AMD EPYC (Zen 5): 1.0–1.4× packing them (`time_direct_vs_packed_a`).
+    const DIRECT_A: bool = true;
+
+    unsafe fn kernel<const PF: bool>(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        h: usize,
+        w: usize,
+        add: bool,
+    ) {
+        // SAFETY: forwarded from the caller.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            zmm::kernel::<PF>(kc, a, b, c, ldc, h, w, add)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AVX-512 off x86_64 {:?}", (kc, a, b, c, ldc, h, w, add))
+    }
+
+    unsafe fn kernel_direct(
+        kc: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        w: usize,
+        add: bool,
+    ) {
+        // SAFETY: forwarded from the caller.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            zmm::kernel_direct(kc, a, lda, b, c, ldc, w, add)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "no AVX-512 off x86_64 {:?}",
+            (kc, a, lda, b, c, ldc, w, add)
+        )
+    }
+}
+
+impl Tile for Ymm {
+    const MR: usize = 6;
+    const NR: usize = 16;
+    // A 6×512 A panel is 12 KiB (L1 is 32 KiB on Zen 3) and 8 B panels of 512×16 are 256 KiB
+    // (L2 is 512 KiB there). On a Zen 3 core (`time_phases`) this beat depth blocks of 128,
+    // 192 and 256 by 5–15%: the deeper the block, the fewer times each C tile is reloaded.
+    const KC: usize = 512;
+    const NC_PANELS: usize = 8;
+    // On a Zen 3 core six in-place row streams ran at 0.8–0.95× packed panels
+    // (`time_direct_vs_packed_a`), and whole products at 0.93× the `gemm` crate against 1.07–1.19×
+    // packed (`time_against_gemm_crate`, `ADAPTERKIT_GEMM_A=pack`).
+    const DIRECT_A: bool = false;
+
+    unsafe fn kernel<const PF: bool>(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        h: usize,
+        w: usize,
+        add: bool,
+    ) {
+        // SAFETY: forwarded from the caller.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            ymm::kernel::<PF>(kc, a, b, c, ldc, h, w, add)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AVX2 off x86_64 {:?}", (kc, a, b, c, ldc, h, w, add))
+    }
+
+    unsafe fn kernel_direct(
+        kc: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        w: usize,
+        add: bool,
+    ) {
+        // SAFETY: forwarded from the caller.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            ymm::kernel_direct(kc, a, lda, b, c, ldc, w, add)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AVX2 off x86_64 {:?}", (kc, a, lda, b, c, ldc, w, add))
+    }
+}
+
+/// The 12×32 AVX-512 micro-kernels.
+#[cfg(target_arch = "x86_64")]
+mod zmm {
+    use std::arch::x86_64::*;
+
+    const MR: usize = 12;
+    const NR: usize = 32;
+
+    /// [`kernel`] reading a full 12-row panel of A in place: row r's depth p at `a[r·lda + p]`.
+    /// The rows are addressed from four bases three rows apart, so each broadcast is one load with a
+    /// scaled index (x86 addressing reaches base + lda and base + 2·lda).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `a` must hold 11·lda + kc elements, `b` kc·NR, `c`
+    /// (MR − 1)·ldc + w, w ≤ NR.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel_direct(
+        kc: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        w: usize,
+        add: bool,
+    ) {
+        debug_assert!(a.len() >= (MR - 1) * lda + kc && b.len() >= kc * NR && w <= NR);
+        debug_assert!(c.len() >= (MR - 1) * ldc + w);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let bp = b.as_ptr();
+        let base = a.as_ptr();
+        let bases = [
+            base,
+            base.add(3 * lda),
+            base.add(6 * lda),
+            base.add(9 * lda),
+        ];
+        for r in 0..MR {
+            let row = c.as_ptr().add(r * ldc) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(row);
+            _mm_prefetch::<_MM_HINT_T0>(row.add(64));
+        }
+        for p in 0..kc {
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR + 16) as *const i8);
+            // SAFETY: p < kc, and the panel holds kc·NR floats.
+            let (b0, b1) = unsafe {
+                (
+                    _mm512_loadu_ps(bp.add(p * NR)),
+                    _mm512_loadu_ps(bp.add(p * NR + 16)),
+                )
+            };
+            for (g, rows) in acc.chunks_exact_mut(3).enumerate() {
+                let at = bases[g].add(p);
+                for (i, acc) in rows.iter_mut().enumerate() {
+                    // SAFETY: row 3g + i < MR at depth p < kc lies inside `a`.
+                    let av = _mm512_set1_ps(unsafe { *at.add(i * lda) });
+                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                }
+            }
+        }
+        store_tile(&acc, c, ldc, MR, w, add);
+    }
+
+    /// Writes (or adds) the accumulated tile's h rows and w columns into `c`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `c` must hold (h − 1)·ldc + w elements, h ≤ MR, w ≤ NR.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tile(
+        acc: &[[__m512; 2]; MR],
+        c: &mut [f32],
+        ldc: usize,
+        h: usize,
+        w: usize,
+        add: bool,
+    ) {
+        let lanes = |v: usize| -> __mmask16 {
+            if v >= 16 {
+                0xffff
+            } else {
+                ((1u32 << v) - 1) as __mmask16
+            }
+        };
+        let (m0, m1) = (lanes(w), lanes(w.saturating_sub(16)));
+        let cp = c.as_mut_ptr();
+        for (r, acc) in acc.iter().enumerate().take(h) {
+            // SAFETY: row r < h starts at r·ldc and the masks cover only its w valid columns.
+            unsafe {
+                let row = cp.add(r * ldc);
+                let (mut v0, mut v1) = (acc[0], acc[1]);
+                if add {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                }
+                _mm512_mask_storeu_ps(row, m0, v0);
+                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            }
+        }
+    }
+
+    /// The 12×32 register tile: `c[..h][..w] = [c +] a_panelᵀ · b_panel` over depth kc.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `c` must hold (h − 1)·ldc + w elements, h ≤ MR, w ≤ NR.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel<const PF: bool>(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        h: usize,
+        w: usize,
+        add: bool,
+    ) {
+        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR && h <= MR && w <= NR);
+        debug_assert!(c.len() >= (h - 1) * ldc + w);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        if PF {
+            for r in 0..h {
+                let row = c.as_ptr().add(r * ldc) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.add(64));
+            }
+        }
+        for p in 0..kc {
+            if PF {
+                // The panels are padded, so reading ahead stays inside the buffer or is dropped
+                // (a prefetch never faults).
+                _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add((p + 16) * MR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR + 16) as *const i8);
+            }
+            // SAFETY: p < kc, and the panels hold kc·NR and kc·MR floats.
+            let (b0, b1) = unsafe {
+                (
+                    _mm512_loadu_ps(bp.add(p * NR)),
+                    _mm512_loadu_ps(bp.add(p * NR + 16)),
+                )
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let av = _mm512_set1_ps(unsafe { *ap.add(p * MR + r) });
+                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        store_tile(&acc, c, ldc, h, w, add);
+    }
+}
+
+/// The 6×16 AVX2 + FMA micro-kernels: 12 ymm accumulators, two for the B row and one for the
+/// broadcast of A fill 15 of the 16 registers.
+#[cfg(target_arch = "x86_64")]
+mod ymm {
+    use std::arch::x86_64::*;
+
+    const MR: usize = 6;
+    const NR: usize = 16;
+
+    /// [`kernel`] reading a full 6-row panel of A in place: row r's depth p at `a[r·lda + p]`,
+    /// from two bases three rows apart (x86 addressing reaches base + lda and base + 2·lda).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a` must hold 5·lda + kc elements, `b` kc·NR, `c`
+    /// (MR − 1)·ldc + w, w ≤ NR.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel_direct(
+        kc: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        w: usize,
+        add: bool,
+    ) {
+        debug_assert!(a.len() >= (MR - 1) * lda + kc && b.len() >= kc * NR && w <= NR);
+        debug_assert!(c.len() >= (MR - 1) * ldc + w);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let bp = b.as_ptr();
+        let bases = [a.as_ptr(), a.as_ptr().add(3 * lda)];
+        for r in 0..MR {
+            _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().add(r * ldc) as *const i8);
+        }
+        for p in 0..kc {
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR) as *const i8);
+            // SAFETY: p < kc, and the panel holds kc·NR floats.
+            let (b0, b1) = unsafe {
+                (
+                    _mm256_loadu_ps(bp.add(p * NR)),
+                    _mm256_loadu_ps(bp.add(p * NR + 8)),
+                )
+            };
+            for (g, rows) in acc.chunks_exact_mut(3).enumerate() {
+                let at = bases[g].add(p);
+                for (i, acc) in rows.iter_mut().enumerate() {
+                    // SAFETY: row 3g + i < MR at depth p < kc lies inside `a`.
+                    let av = _mm256_set1_ps(unsafe { *at.add(i * lda) });
+                    acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+                }
+            }
+        }
+        store_tile(&acc, c, ldc, MR, w, add);
+    }
+
+    /// Writes (or adds) the accumulated tile's h rows and w columns into `c`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `c` must hold (h − 1)·ldc + w elements, h ≤ MR, w ≤ NR.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_tile(
+        acc: &[[__m256; 2]; MR],
+        c: &mut [f32],
+        ldc: usize,
+        h: usize,
+        w: usize,
+        add: bool,
+    ) {
+        for (r, acc) in acc.iter().enumerate().take(h) {
+            let row = &mut c[r * ldc..r * ldc + w];
+            if w == NR {
+                // SAFETY: the row holds NR = 16 floats.
+                unsafe {
+                    let p = row.as_mut_ptr();
+                    let (mut v0, mut v1) = (acc[0], acc[1]);
+                    if add {
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
+                    }
+                    _mm256_storeu_ps(p, v0);
+                    _mm256_storeu_ps(p.add(8), v1);
+                }
+            } else {
+                // A column tail (at most one per row of tiles): through a buffer.
+                let mut lanes = [0f32; NR];
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+                }
+                for (d, &v) in row.iter_mut().zip(&lanes) {
+                    *d = if add { v + *d } else { v };
+                }
+            }
+        }
+    }
+
+    /// The 6×16 register tile: `c[..h][..w] = [c +] a_panelᵀ · b_panel` over depth kc.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `c` must hold (h − 1)·ldc + w elements, h ≤ MR,
+    /// w ≤ NR.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel<const PF: bool>(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        h: usize,
+        w: usize,
+        add: bool,
+    ) {
+        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR && h <= MR && w <= NR);
+        debug_assert!(c.len() >= (h - 1) * ldc + w);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        if PF {
+            for r in 0..h {
+                _mm_prefetch::<_MM_HINT_T0>(c.as_ptr().add(r * ldc) as *const i8);
+            }
+        }
+        for p in 0..kc {
+            if PF {
+                // The panels are padded, so reading ahead stays inside the buffer or is dropped
+                // (a prefetch never faults). One B row is one 64-byte line.
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR) as *const i8);
+            }
+            // SAFETY: p < kc, and the panels hold kc·NR and kc·MR floats.
+            let (b0, b1) = unsafe {
+                (
+                    _mm256_loadu_ps(bp.add(p * NR)),
+                    _mm256_loadu_ps(bp.add(p * NR + 8)),
+                )
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let av = _mm256_set1_ps(unsafe { *ap.add(p * MR + r) });
+                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        store_tile(&acc, c, ldc, h, w, add);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, n: usize, k: usize, lhs: Operand<'_>, rhs: Operand<'_>) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let a = lhs.0[(i as isize * lhs.1 + p as isize * lhs.2) as usize];
+                    let b = rhs.0[(p as isize * rhs.1 + j as isize * rhs.2) as usize];
+                    s += a as f64 * b as f64;
+                }
+                out[i * n + j] = s;
+            }
+        }
+        out
+    }
+
+    fn med(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    /// The MiniLM products of a 16×128 forward (m, n, k), weights [out, in] as stored.
+    const FORWARD_SHAPES: [(usize, usize, usize); 4] = [
+        (2048, 1152, 384),
+        (2048, 384, 384),
+        (2048, 1536, 384),
+        (2048, 384, 1536),
+    ];
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::derive(seed, "gemm512-test");
+        (0..len).map(|_| r.normal() as f32).collect()
+    }
+
+    #[test]
+    fn matches_a_float64_reference_for_every_layout_and_tail() {
+        for isa in available() {
+            matches_reference_on(isa);
+        }
+    }
+
+    fn matches_reference_on(isa: Isa) {
+        // Shapes with row and column tails, a depth above one KC block, and more column panels
+        // than one NC block.
+        let shapes = [
+            (1, 1, 1),
+            (13, 33, 7),
+            (12, 32, 384),
+            (25, 300, 385),
+            (100, 64, 800),
+            (37, 2, 19),
+        ];
+        for (case, &(m, n, k)) in shapes.iter().enumerate() {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a = values(m * k, case as u64);
+                let b = values(k * n, 100 + case as u64);
+                let lhs = if ta {
+                    (&a[..], 1, m as isize)
+                } else {
+                    (&a[..], k as isize, 1)
+                };
+                let rhs = if tb {
+                    (&b[..], 1, k as isize)
+                } else {
+                    (&b[..], n as isize, 1)
+                };
+                let want = reference(m, n, k, lhs, rhs);
+                for accumulate in [false, true] {
+                    for parallel in [false, true] {
+                        let init = values(m * n, 7);
+                        let mut dst = init.clone();
+                        assert!(gemm_on(
+                            isa, &mut dst, m, n, k, lhs, rhs, accumulate, parallel
+                        ));
+                        for (i, (&d, &w)) in dst.iter().zip(&want).enumerate() {
+                            let w = w + if accumulate { init[i] as f64 } else { 0.0 };
+                            let tol = 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt();
+                            assert!(
+                                (d as f64 - w).abs() < tol,
+                                "{isa:?} {m}x{n}x{k} ta={ta} tb={tb} acc={accumulate} \
+                                 par={parallel} at {i}: {d} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_depth_clears_or_keeps_the_output() {
+        for isa in available() {
+            empty_depth_on(isa);
+        }
+    }
+
+    fn empty_depth_on(isa: Isa) {
+        let mut dst = vec![3f32; 6];
+        assert!(gemm_on(
+            isa,
+            &mut dst,
+            2,
+            3,
+            0,
+            (&[], 0, 1),
+            (&[], 3, 1),
+            true,
+            false
+        ));
+        assert_eq!(dst, vec![3f32; 6]);
+        assert!(gemm_on(
+            isa,
+            &mut dst,
+            2,
+            3,
+            0,
+            (&[], 0, 1),
+            (&[], 3, 1),
+            false,
+            false
+        ));
+        assert_eq!(dst, vec![0f32; 6]);
+    }
+
+    #[test]
+    fn packed_weights_and_in_place_rows_match_the_reference() {
+        for isa in available() {
+            on_tile!(isa, packed_and_in_place_on(isa));
+        }
+    }
+
+    fn packed_and_in_place_on<T: Tile>(isa: Isa) {
+        // Row tails (25 = two panels + 1), column tails, two depth blocks, and rows of A with
+        // a stride beyond the depth (a view into a wider matrix).
+        for (case, &(m, n, k, pad)) in [
+            (25, 300, 385, 3),
+            (12, 32, 7, 0),
+            (100, 64, 800, 1),
+            (5, 33, 19, 2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let lda = k + pad;
+            let a = values(m * lda, case as u64);
+            let w = values(n * k, 50 + case as u64);
+            let lhs = (&a[..], lda as isize, 1);
+            let want = reference(m, n, k, lhs, (&w, 1, k as isize));
+            let packed = PackedB::transposed_on(isa, &w, n, k).expect("the CPU runs the tile");
+            for accumulate in [false, true] {
+                for parallel in [false, true] {
+                    let init = values(m * n, 7);
+                    let mut dst = init.clone();
+                    assert!(gemm_packed(&mut dst, m, lhs, &packed, accumulate, parallel));
+                    for (i, (&d, &r)) in dst.iter().zip(&want).enumerate() {
+                        let r = r + if accumulate { init[i] as f64 } else { 0.0 };
+                        let tol = 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt();
+                        assert!(
+                            (d as f64 - r).abs() < tol,
+                            "{isa:?} {m}x{n}x{k} at {i}: {d} vs {r}"
+                        );
+                    }
+                }
+            }
+            // Reading A in place does the same multiply-adds in the same order as packing it.
+            let mut ap = vec![0f32; m.div_ceil(T::MR) * k * T::MR];
+            pack_a::<T>(&mut ap, lhs, 0, m, k);
+            let (mut via_pack, mut in_place) = (vec![0f32; m * n], vec![0f32; m * n]);
+            compute::<T>(&mut via_pack, m, n, k, &ap, &packed.panels, false);
+            compute_direct::<T>(&mut in_place, m, n, k, &a, lda, &packed.panels, false);
+            assert!(
+                via_pack
+                    .iter()
+                    .zip(&in_place)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {m}x{n}x{k}: in-place rows differ from packed rows"
+            );
+        }
+        assert!(
+            PackedB::transposed_on(isa, &[0.0; 6], 2, 4).is_none(),
+            "wrong length"
+        );
+        // One row broadcast to every row (row stride 0) cannot be read in place; it is packed.
+        let (m, n, k) = (30, 40, 9);
+        let (row, b) = (values(k, 3), values(k * n, 4));
+        let (lhs, rhs) = ((&row[..], 0, 1), (&b[..], n as isize, 1));
+        let mut dst = vec![0f32; m * n];
+        assert!(gemm_on(isa, &mut dst, m, n, k, lhs, rhs, false, true));
+        for (i, (&d, &r)) in dst.iter().zip(&reference(m, n, k, lhs, rhs)).enumerate() {
+            assert!(
+                (d as f64 - r).abs() < 1e-4,
+                "broadcast row at {i}: {d} vs {r}"
+            );
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_kernel_in_l1() {
+        for isa in available() {
+            on_tile!(isa, time_kernel_on(isa));
+        }
+    }
+
+    fn time_kernel_on<T: Tile>(isa: Isa) {
+        let (mr, nr) = (T::MR, T::NR);
+        for kc in [64, 128, 256] {
+            let a = values(kc * mr, 1);
+            let b = values(kc * nr, 2);
+            let mut c = vec![0f32; mr * nr];
+            let calls = 200_000_000 / kc;
+            let t = std::time::Instant::now();
+            for _ in 0..calls {
+                // SAFETY: the CPU runs the tile (`available`), and the buffers fit it.
+                unsafe { T::kernel::<false>(kc, &a, &b, &mut c, nr, mr, nr, true) };
+            }
+            let dt = t.elapsed().as_secs_f64();
+            println!(
+                "{isa:?} kc {kc}: {:.0} GFLOP/s",
+                2.0 * (calls * kc * mr * nr) as f64 / dt / 1e9
+            );
+        }
+        // The same tile with B panels streaming from L2 (one A panel against 8 B panels, as the
+        // B-inner loop runs) and with A panels streaming (24 A panels against one B panel).
+        let kc = 512;
+        for (a_panels, b_panels) in [(1, 8), (24, 1), (24, 8)] {
+            let a = values(kc * mr * a_panels, 1);
+            let b = values(kc * nr * b_panels, 2);
+            let mut c = vec![0f32; a_panels * mr * b_panels * nr];
+            let ldc = b_panels * nr;
+            let rounds = 200_000_000 / (kc * a_panels * b_panels);
+            let t = std::time::Instant::now();
+            for _ in 0..rounds {
+                for ip in 0..a_panels {
+                    for jp in 0..b_panels {
+                        let (ap, bp) = (&a[ip * kc * mr..][..kc * mr], &b[jp * kc * nr..][..kc * nr]);
+                        let cp = &mut c[ip * mr * ldc + jp * nr..];
+                        // SAFETY: as above; `cp` holds mr rows of stride ldc from the tile on.
+                        unsafe { T::kernel::<true>(kc, ap, bp, cp, ldc, mr, nr, true) };
+                    }
+                }
+            }
+            let dt = t.elapsed().as_secs_f64();
+            println!(
+                "{isa:?} kc {kc}, {a_panels} A x {b_panels} B panels: {:.0} GFLOP/s",
+                2.0 * (rounds * a_panels * b_panels * kc * mr * nr) as f64 / dt / 1e9
+            );
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_phases() {
+        for isa in available() {
+            on_tile!(isa, time_phases_on(isa));
+        }
+    }
+
+    fn time_phases_on<T: Tile>(isa: Isa) {
+        // Single-threaded: where one product's time goes (packing B, packing A, the tiles), at
+        // the MiniLM products of a 16×128 forward, weights [out, in] as the model stores them.
+        let (mr, nr) = (T::MR, T::NR);
+        for (m, n, k) in FORWARD_SHAPES {
+            let a = values(m * k, 1);
+            let w = values(n * k, 2);
+            let rhs = (&w[..], 1, k as isize);
+            let lhs = (&a[..], k as isize, 1);
+            let panels = n.div_ceil(nr);
+            let mut bp = vec![0f32; panels * k * nr];
+            let mut ap = vec![0f32; m.div_ceil(mr) * k * mr];
+            let mut dst = vec![0f32; m * n];
+            let mut variants = Vec::new();
+            for prefetch in [true] {
+                for (kc, mc_panels, nc_panels, b_inner) in [
+                    (T::KC, 10_000, T::NC_PANELS, true),
+                    (128, 32, 10_000, false),
+                    (192, 32, 10_000, false),
+                    (128, 10_000, 32, true),
+                    (512, 10_000, 8, true),
+                    (384, 24, 10_000, false),
+                    (256, 24, 10_000, false),
+                    (384, 10_000, 8, false),
+                ] {
+                    variants.push(Blocking {
+                        kc,
+                        mc_panels,
+                        nc_panels,
+                        b_inner,
+                        prefetch,
+                    });
+                }
+            }
+            let mut times = vec![Vec::new(); variants.len()];
+            let (mut tb, mut ta) = (Vec::new(), Vec::new());
+            for _ in 0..9 {
+                let t = std::time::Instant::now();
+                pack_b::<T>(&mut bp, rhs, k, n, false);
+                tb.push(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                pack_a::<T>(&mut ap, lhs, 0, m, k);
+                ta.push(t.elapsed().as_secs_f64());
+                for (v, bl) in variants.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    compute_with::<T>(&mut dst, m, n, k, &ap, &bp, false, *bl);
+                    times[v].push(t.elapsed().as_secs_f64());
+                }
+            }
+            let flop = 2.0 * (m * n * k) as f64;
+            println!(
+                "{isa:?} {m}x{n}x{k}: pack B {:.2} ms, pack A {:.2} ms",
+                med(tb) * 1e3,
+                med(ta) * 1e3
+            );
+            for (bl, t) in variants.iter().zip(times) {
+                println!("  {bl:?}: {:.0} GFLOP/s in tiles", flop / med(t) / 1e9);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_direct_vs_packed_a() {
+        for isa in available() {
+            on_tile!(isa, time_direct_on(isa));
+        }
+    }
+
+    fn time_direct_on<T: Tile>(isa: Isa) {
+        // Single-threaded, B packed beforehand (as frozen weights are): A packed then the tiles,
+        // against A read in place, at the MiniLM products of a 16×128 forward and the attention
+        // products of one head (interleaved, medians of 15).
+        let attention = [(128, 128, 32), (128, 32, 128)];
+        for (m, n, k) in FORWARD_SHAPES.into_iter().chain(attention) {
+            let a = values(m * k, 1);
+            let w = values(n * k, 2);
+            let packed = PackedB::transposed_on(isa, &w, n, k).expect("the CPU runs the tile");
+            let lhs = (&a[..], k as isize, 1);
+            let mut ap = vec![0f32; m.div_ceil(T::MR) * k * T::MR];
+            let mut dst = vec![0f32; m * n];
+            let (mut tp, mut td) = (Vec::new(), Vec::new());
+            let reps = (1 << 28) / (m * n * k) + 1;
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    pack_a::<T>(&mut ap, lhs, 0, m, k);
+                    compute::<T>(&mut dst, m, n, k, &ap, &packed.panels, false);
+                }
+                tp.push(t.elapsed().as_secs_f64() / reps as f64);
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    compute_direct::<T>(&mut dst, m, n, k, &a, k, &packed.panels, false);
+                }
+                td.push(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            let flop = 2.0 * (m * n * k) as f64;
+            println!(
+                "{isa:?} {m}x{n}x{k}: packed A {:.0} GFLOP/s, in place {:.0} GFLOP/s",
+                flop / med(tp) / 1e9,
+                flop / med(td) / 1e9
+            );
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_against_gemm_crate() {
+        // (m, n, k, rhs transposed): the MiniLM training products at 32×32 tokens.
+        for (m, n, k, tb) in [
+            (1024, 1536, 384, true),
+            (1024, 384, 1536, true),
+            (1024, 384, 384, true),
+            (1024, 1536, 384, false),
+            (1024, 384, 1536, false),
+            (2048, 3072, 768, false),
+        ] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let rhs = if tb {
+                (&b[..], 1, k as isize)
+            } else {
+                (&b[..], n as isize, 1)
+            };
+            let mut dst = vec![0f32; m * n];
+            let flop = 2.0 * (m * n * k) as f64;
+            let mut ours = Vec::new();
+            let mut theirs = Vec::new();
+            for _ in 0..7 {
+                let t = std::time::Instant::now();
+                assert!(gemm(
+                    &mut dst,
+                    m,
+                    n,
+                    k,
+                    (&a, k as isize, 1),
+                    rhs,
+                    false,
+                    true
+                ));
+                ours.push(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                crate::kernels::gemm::gemm_crate_into(
+                    &mut dst,
+                    m,
+                    n,
+                    k,
+                    (&a, k as isize, 1),
+                    rhs,
+                    false,
+                    true,
+                );
+                theirs.push(t.elapsed().as_secs_f64());
+            }
+            ours.sort_by(f64::total_cmp);
+            theirs.sort_by(f64::total_cmp);
+            println!(
+                "{m}x{n}x{k} tb={tb}: ours ({:?}) {:.0} GFLOP/s, gemm crate {:.0} GFLOP/s",
+                isa(),
+                flop / ours[3] / 1e9,
+                flop / theirs[3] / 1e9
+            );
+        }
+    }
+}
