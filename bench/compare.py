@@ -7,12 +7,13 @@ to the same run's measured GEMM peak. Standard library only; called by bench/run
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpuinfo import cpu_description  # noqa: E402
 
 # The cases that run an adapter, and so take --adapter-config.
 ADAPTER_CASES = ("adapter-train", "infer-adapter", "latency")
@@ -29,13 +30,7 @@ def run(cmd):
 
 
 def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpu_description()
 
 
 def main():

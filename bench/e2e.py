@@ -8,7 +8,11 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpuinfo import cpu_description  # noqa: E402
 
 
 def timed(cmd, env):
@@ -62,7 +66,7 @@ def main():
         print(f"  {k:<20} adapterkit {v['adapterkit']:.4g}   pytorch {v['pytorch']:.4g}")
     print(f"  speed-up (process wall, theirs/ours): {speed:.2f}x; per pair: "
           + ", ".join(f"{p:.2f}" for p in pairs))
-    json.dump({"task": a.task, "epochs": a.epochs, "threads": a.threads, "runs": runs,
+    json.dump({"cpu": cpu_description(), "task": a.task, "epochs": a.epochs, "threads": a.threads, "runs": runs,
                "summary": summary, "speedup": speed, "pair_speedups": pairs,
                "date": time.strftime("%Y-%m-%d")}, open(a.out, "w"), indent=1)
 

@@ -1519,7 +1519,7 @@ fn a_directory_states_each_configuration_once_and_refuses_a_mix_of_runs() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
-/// The base with its load-time weight panels dropped: every product packs W per call again.
+/// The base with its weight panels dropped: every product packs W per call again.
 fn without_packing(base: &BaseModel) -> BaseModel {
     let mut b = base.clone();
     for l in &mut b.weights.layers {
@@ -1533,17 +1533,19 @@ fn without_packing(base: &BaseModel) -> BaseModel {
 }
 
 #[test]
-fn weights_packed_at_load_give_the_same_forward_and_training_bit_for_bit() {
-    // 64 wide, 256-row batches: the products take the AVX-512 GEMM, which reads the packed
-    // panels where the base has them (CPUs without AVX-512 pack nothing and run the same code).
+fn weights_packed_once_give_the_same_forward_and_training_bit_for_bit() {
+    // 64 wide, 256-row batches: the products take our blocked GEMM, which reads the packed
+    // panels where the base has them (CPUs without AVX2 pack nothing and run the same code).
     let packed = random_base(2, 64);
     let plain = without_packing(&packed);
-    if adapterkit::kernels::blocked::enabled() {
-        // qkv [192, 64], attention output [64, 64], FFN [128, 64] and [64, 128], per layer.
-        let floats = 2 * (192 * 64 + 64 * 64 + 128 * 64 + 64 * 128);
-        assert_eq!(packed.weights.packed_bytes(), 4 * floats);
-    }
+    // Nothing is packed before a forward reads the weights.
+    assert_eq!(packed.weights.packed_bytes(), 0);
     let data = toy_data();
+    // Full fine-tuning trains its own copy of every weight, so it never packs the base's.
+    let mut full =
+        TaskModel::new(&packed, "full", TrainableSet::Full, None, head(), 32, 2).unwrap();
+    adapterkit::train(&packed, &mut full, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+    assert_eq!(packed.weights.packed_bytes(), 0, "full fine-tuning packed");
     let enc = packed.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
     let rows: Vec<usize> = (0..8).collect();
     let batch = Batch::select(&enc, &rows, 0, &packed.device).unwrap();
@@ -1554,6 +1556,11 @@ fn weights_packed_at_load_give_the_same_forward_and_training_bit_for_bit() {
         bits(&[h.flatten_all().unwrap().to_vec1::<f32>().unwrap()])
     };
     assert_eq!(encode(&packed), encode(&plain));
+    if adapterkit::kernels::blocked::enabled() {
+        // qkv [192, 64], attention output [64, 64], FFN [128, 64] and [64, 128], per layer.
+        let floats = 2 * (192 * 64 + 64 * 64 + 128 * 64 + 64 * 128);
+        assert_eq!(packed.weights.packed_bytes(), 4 * floats);
+    }
     let trained = |b: &BaseModel| {
         let mut t = adapter_task(b, "p", 1e-3, 4);
         adapterkit::train(b, &mut t, &data, &quick_cfg(3), &mut |_| {}).unwrap();

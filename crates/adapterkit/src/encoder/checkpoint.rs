@@ -3,7 +3,7 @@
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
-use crate::kernels::PackedWeight;
+use crate::kernels::{LazyPanels, PackedWeight};
 use crate::keys::{Leaf, ParamKey, Role};
 use crate::rng::Rng;
 use candle_core::{Device, Tensor};
@@ -26,9 +26,9 @@ pub struct Linear {
     pub weight: Param,
     /// b [out].
     pub bias: Param,
-    /// W packed once for the fused products (see [`PackedWeight`]), where the forward reads this
-    /// layer through them (attention output and FFN); `None` elsewhere or without our kernel.
-    pub packed: Option<PackedWeight>,
+    /// W packed once, on first use, for the fused products (see [`LazyPanels`]), where the
+    /// forward reads this layer through them (attention output and FFN); `None` elsewhere.
+    pub packed: Option<LazyPanels>,
 }
 
 /// A LayerNorm's scale and shift.
@@ -65,8 +65,9 @@ pub struct SelfAttention {
     /// q, k, v weights [3d, d] and biases [3d] concatenated once at load, for the fused block; the
     /// three projections above are views into them.
     pub qkv: (Tensor, Tensor),
-    /// The concatenated weight packed once for the fused attention's q|k|v product.
-    pub qkv_packed: Option<PackedWeight>,
+    /// The concatenated weight packed once, on first use, for the fused attention's q|k|v
+    /// product.
+    pub qkv_packed: Option<LazyPanels>,
 }
 
 /// `attention.output`: the output projection, then residual + LayerNorm (adapter site 1).
@@ -325,24 +326,25 @@ impl BertWeights {
         .packed()
     }
 
-    /// The same weights with the products the fused forward runs on every step packed once (q|k|v,
-    /// attention output, both FFN projections): frozen weights never change, and packing the
-    /// transposed weight on every call cost a share of each product (see `PackedWeight`).
+    /// The same weights with the products the fused forward runs on every step marked to be
+    /// packed once, on first use (q|k|v, attention output, both FFN projections): frozen weights
+    /// never change, and packing the transposed weight on every call cost a share of each product
+    /// (see `PackedWeight`).
     fn packed(mut self) -> Result<Self> {
         for l in &mut self.layers {
-            l.attention.qkv_packed = PackedWeight::of(&l.attention.qkv.0)?;
+            l.attention.qkv_packed = Some(LazyPanels::default());
             for lin in [
                 &mut l.attention_output.dense,
                 &mut l.intermediate.dense,
                 &mut l.output.dense,
             ] {
-                lin.packed = PackedWeight::of(&lin.weight.tensor)?;
+                lin.packed = Some(LazyPanels::default());
             }
         }
         Ok(self)
     }
 
-    /// Bytes of every packed panel (memory the packing adds to the weights).
+    /// Bytes of every panel packed so far (memory the packing adds to the weights).
     pub fn packed_bytes(&self) -> usize {
         self.layers
             .iter()
@@ -355,6 +357,7 @@ impl BertWeights {
                 ]
             })
             .flatten()
+            .filter_map(LazyPanels::packed)
             .map(PackedWeight::bytes)
             .sum()
     }

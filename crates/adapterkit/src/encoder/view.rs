@@ -187,7 +187,11 @@ impl<'a> TaskView<'a> {
             LinearView {
                 w,
                 b,
-                packed: l.packed.as_ref().filter(|_| base_w),
+                packed: l
+                    .packed
+                    .as_ref()
+                    .filter(|_| base_w)
+                    .and_then(|p| p.get(&l.weight.tensor)),
             }
         };
         let norm = |n: &'a LayerNorm| NormView {
@@ -211,10 +215,11 @@ impl<'a> TaskView<'a> {
                 query,
                 key,
                 value,
-                qkv: untouched.then_some(LinearView {
+                // Lazily: the panels are packed only where this view reads them.
+                qkv: untouched.then(|| LinearView {
                     w: &a.qkv.0,
                     b: &a.qkv.1,
-                    packed: a.qkv_packed.as_ref(),
+                    packed: a.qkv_packed.as_ref().and_then(|p| p.get(&a.qkv.0)),
                 }),
                 attention_out: lin(&layer.attention_output.dense),
                 intermediate: lin(&layer.intermediate.dense),

@@ -333,7 +333,9 @@ impl PackedB {
 
 fn packed_panels<T: Tile>(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut panels = vec![0f32; n.div_ceil(T::NR) * k * T::NR];
-    pack_b::<T>(&mut panels, (w, 1, k as isize), k, n, true);
+    // On the calling thread: the weights are packed on first use, inside a once-cell that a rayon
+    // worker could otherwise re-enter while it waited on its own packing jobs.
+    pack_b::<T>(&mut panels, (w, 1, k as isize), k, n, false);
     panels
 }
 
@@ -1292,7 +1294,8 @@ mod tests {
             for _ in 0..rounds {
                 for ip in 0..a_panels {
                     for jp in 0..b_panels {
-                        let (ap, bp) = (&a[ip * kc * mr..][..kc * mr], &b[jp * kc * nr..][..kc * nr]);
+                        let (ap, bp) =
+                            (&a[ip * kc * mr..][..kc * mr], &b[jp * kc * nr..][..kc * nr]);
                         let cp = &mut c[ip * mr * ldc + jp * nr..];
                         // SAFETY: as above; `cp` holds mr rows of stride ldc from the tile on.
                         unsafe { T::kernel::<true>(kc, ap, bp, cp, ldc, mr, nr, true) };

@@ -6,7 +6,7 @@ use super::gemm::{gemm_crate_into, gemm_into, xwt_into};
 use super::{f32_slice, supported, CResult};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// `x · Wᵀ + b` for [rows, k] inputs and frozen W [n, k]: the bias is the product's starting value
 /// (no separate broadcast pass), and few-row inputs take the packing-free path of [`super::gemm::gemm_into`].
@@ -56,6 +56,30 @@ impl PackedWeight {
     /// Bytes the panels take.
     pub fn bytes(&self) -> usize {
         self.0.bytes()
+    }
+}
+
+/// A frozen weight's [`PackedWeight`], packed the first time a product reads it: a process that
+/// never runs the base's own weight through the fused products (full fine-tuning trains a copy of
+/// every weight) never spends the memory. Clones share the panels.
+#[derive(Debug, Clone, Default)]
+pub struct LazyPanels(Arc<OnceLock<Option<PackedWeight>>>);
+
+impl LazyPanels {
+    /// The panels of `w`, packed on the first call; `None` where no product would read them (see
+    /// [`PackedWeight::of`]) or `w` is not the weight they were packed from.
+    pub fn get(&self, w: &Tensor) -> Option<&PackedWeight> {
+        // Packing fails only where `w` cannot be read as f32 on the CPU, where the products do
+        // not use panels either: they then pack per call, with the same result.
+        self.0
+            .get_or_init(|| PackedWeight::of(w).ok().flatten())
+            .as_ref()
+            .filter(|p| p.fits(w))
+    }
+
+    /// The panels, if a product has packed them.
+    pub fn packed(&self) -> Option<&PackedWeight> {
+        self.0.get().and_then(Option::as_ref)
     }
 }
 

@@ -29,7 +29,7 @@ pub use ffn::ffn;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use loss::{cross_entropy, log_softmax_last_dim, mse};
-pub use matmul::{batched_matmul, matmul_2d, PackedWeight};
+pub use matmul::{batched_matmul, matmul_2d, LazyPanels, PackedWeight};
 pub use softmax::{attention_softmax, softmax_last_dim};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
