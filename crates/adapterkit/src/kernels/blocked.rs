@@ -86,6 +86,8 @@ trait Tile {
     const NC_PANELS: usize;
     /// Whether row-major left operands are read in place rather than packed.
     const DIRECT_A: bool;
+    /// Products of fewer multiply-adds (m·n·k) go to the `gemm` crate, where it is faster.
+    const MIN_VOLUME: usize;
 
     /// `c[..h][..w] = [c +] a_panelᵀ · b_panel` over depth kc, prefetching when `PF`.
     ///
@@ -189,9 +191,15 @@ pub(crate) fn gemm(
     parallel: bool,
 ) -> bool {
     match isa() {
-        Some(isa) => gemm_on(isa, dst, m, n, k, lhs, rhs, accumulate, parallel),
-        None => false,
+        Some(isa) if m * n * k >= on_tile!(isa, min_volume()) => {
+            gemm_on(isa, dst, m, n, k, lhs, rhs, accumulate, parallel)
+        }
+        _ => false,
     }
+}
+
+fn min_volume<T: Tile>() -> usize {
+    T::MIN_VOLUME
 }
 
 /// [`gemm`] on a given tile, which the CPU must support.
@@ -655,6 +663,7 @@ impl Tile for Zmm {
     const NC_PANELS: usize = 8;
     // Measured on the AMD EPYC (Zen 5): 1.0–1.4× packing them (`time_direct_vs_packed_a`).
     const DIRECT_A: bool = true;
+    const MIN_VOLUME: usize = 0;
 
     unsafe fn kernel<const PF: bool>(
         kc: usize,
@@ -710,6 +719,10 @@ impl Tile for Ymm {
     // (`time_direct_vs_packed_a`), and whole products at 0.93× the `gemm` crate against 1.07–1.19×
     // packed (`time_against_gemm_crate`, `ADAPTERKIT_GEMM_A=pack`).
     const DIRECT_A: bool = false;
+    // One head's attention products (32×32×32 to 128×128×32) ran 1.2–1.8× as fast on the `gemm`
+    // crate on a Zen 3 core (`time_against_gemm_crate`): our per-call packing and the tile's
+    // C traffic dominate at depths of 32; the smallest model product above this is 1024×384×384.
+    const MIN_VOLUME: usize = 1 << 21;
 
     unsafe fn kernel<const PF: bool>(
         kc: usize,
@@ -1426,7 +1439,7 @@ mod tests {
     #[test]
     #[ignore]
     fn time_against_gemm_crate() {
-        // (m, n, k, rhs transposed): the MiniLM training products at 32×32 tokens.
+        // (m, n, k, rhs transposed): the MiniLM training products at 32×32 tokens, on 2 threads.
         for (m, n, k, tb) in [
             (1024, 1536, 384, true),
             (1024, 384, 1536, true),
@@ -1435,51 +1448,57 @@ mod tests {
             (1024, 384, 1536, false),
             (2048, 3072, 768, false),
         ] {
-            let a = values(m * k, 1);
-            let b = values(k * n, 2);
-            let rhs = if tb {
-                (&b[..], 1, k as isize)
-            } else {
-                (&b[..], n as isize, 1)
-            };
-            let mut dst = vec![0f32; m * n];
-            let flop = 2.0 * (m * n * k) as f64;
-            let mut ours = Vec::new();
-            let mut theirs = Vec::new();
-            for _ in 0..7 {
-                let t = std::time::Instant::now();
-                assert!(gemm(
-                    &mut dst,
-                    m,
-                    n,
-                    k,
-                    (&a, k as isize, 1),
-                    rhs,
-                    false,
-                    true
-                ));
-                ours.push(t.elapsed().as_secs_f64());
-                let t = std::time::Instant::now();
-                crate::kernels::gemm::gemm_crate_into(
-                    &mut dst,
-                    m,
-                    n,
-                    k,
-                    (&a, k as isize, 1),
-                    rhs,
-                    false,
-                    true,
-                );
-                theirs.push(t.elapsed().as_secs_f64());
-            }
-            ours.sort_by(f64::total_cmp);
-            theirs.sort_by(f64::total_cmp);
-            println!(
-                "{m}x{n}x{k} tb={tb}: ours ({:?}) {:.0} GFLOP/s, gemm crate {:.0} GFLOP/s",
-                isa(),
-                flop / ours[3] / 1e9,
-                flop / theirs[3] / 1e9
-            );
+            against_gemm_crate(m, n, k, tb, true, 7);
         }
+        // One head's attention products (q·kᵀ, p·v) at 32 and 128 tokens, on one thread each, as
+        // the batched product runs them.
+        for (m, n, k, tb) in [
+            (32, 32, 32, true),
+            (32, 32, 32, false),
+            (128, 128, 32, true),
+            (128, 32, 128, false),
+        ] {
+            against_gemm_crate(m, n, k, tb, false, 201);
+        }
+    }
+
+    fn against_gemm_crate(m: usize, n: usize, k: usize, tb: bool, parallel: bool, reps: usize) {
+        let a = values(m * k, 1);
+        let b = values(k * n, 2);
+        let rhs = if tb {
+            (&b[..], 1, k as isize)
+        } else {
+            (&b[..], n as isize, 1)
+        };
+        let mut dst = vec![0f32; m * n];
+        let flop = 2.0 * (m * n * k) as f64;
+        // Small products are timed in batches of calls so the clock's resolution does not count.
+        let calls = (1 << 24) / (m * n * k) + 1;
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            for _ in 0..calls {
+                let lhs = (&a[..], k as isize, 1);
+                let isa = isa().expect("a tile is enabled");
+                assert!(gemm_on(isa, &mut dst, m, n, k, lhs, rhs, false, parallel));
+            }
+            ours.push(t.elapsed().as_secs_f64() / calls as f64);
+            let t = std::time::Instant::now();
+            for _ in 0..calls {
+                let lhs = (&a[..], k as isize, 1);
+                crate::kernels::gemm::gemm_crate_into(&mut dst, m, n, k, lhs, rhs, false, parallel);
+            }
+            theirs.push(t.elapsed().as_secs_f64() / calls as f64);
+        }
+        let (ours, theirs) = (med(ours), med(theirs));
+        println!(
+            "{m}x{n}x{k} tb={tb} parallel={parallel}: ours ({:?}) {:.0} GFLOP/s, gemm crate {:.0} \
+             GFLOP/s ({:.2} us against {:.2} us)",
+            isa(),
+            flop / ours / 1e9,
+            flop / theirs / 1e9,
+            ours * 1e6,
+            theirs * 1e6
+        );
     }
 }
