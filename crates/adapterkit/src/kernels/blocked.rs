@@ -655,6 +655,50 @@ fn compute_direct<T: Tile>(
     }
 }
 
+/// The [`Tile`] micro-kernels as calls into `$m`, a module of target-feature functions (only on
+/// x86_64; no tile is ever enabled elsewhere).
+macro_rules! micro_kernels {
+    ($m:ident) => {
+        unsafe fn kernel<const PF: bool>(
+            kc: usize,
+            a: &[f32],
+            b: &[f32],
+            c: &mut [f32],
+            ldc: usize,
+            h: usize,
+            w: usize,
+            add: bool,
+        ) {
+            // SAFETY: forwarded from the caller.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                $m::kernel::<PF>(kc, a, b, c, ldc, h, w, add)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("no tile off x86_64 {:?}", (kc, a, b, c, ldc, h, w, add))
+        }
+
+        unsafe fn kernel_direct(
+            kc: usize,
+            a: &[f32],
+            lda: usize,
+            b: &[f32],
+            c: &mut [f32],
+            ldc: usize,
+            w: usize,
+            add: bool,
+        ) {
+            // SAFETY: forwarded from the caller.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                $m::kernel_direct(kc, a, lda, b, c, ldc, w, add)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("no tile off x86_64 {:?}", (kc, a, lda, b, c, ldc, w, add))
+        }
+    };
+}
+
 impl Tile for Zmm {
     const MR: usize = 12;
     const NR: usize = 32;
@@ -665,46 +709,7 @@ impl Tile for Zmm {
     const DIRECT_A: bool = true;
     const MIN_VOLUME: usize = 0;
 
-    unsafe fn kernel<const PF: bool>(
-        kc: usize,
-        a: &[f32],
-        b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
-        h: usize,
-        w: usize,
-        add: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            zmm::kernel::<PF>(kc, a, b, c, ldc, h, w, add)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no AVX-512 off x86_64 {:?}", (kc, a, b, c, ldc, h, w, add))
-    }
-
-    unsafe fn kernel_direct(
-        kc: usize,
-        a: &[f32],
-        lda: usize,
-        b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
-        w: usize,
-        add: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            zmm::kernel_direct(kc, a, lda, b, c, ldc, w, add)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!(
-            "no AVX-512 off x86_64 {:?}",
-            (kc, a, lda, b, c, ldc, w, add)
-        )
-    }
+    micro_kernels!(zmm);
 }
 
 impl Tile for Ymm {
@@ -724,43 +729,7 @@ impl Tile for Ymm {
     // C traffic dominate at depths of 32; the smallest model product above this is 1024×384×384.
     const MIN_VOLUME: usize = 1 << 21;
 
-    unsafe fn kernel<const PF: bool>(
-        kc: usize,
-        a: &[f32],
-        b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
-        h: usize,
-        w: usize,
-        add: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            ymm::kernel::<PF>(kc, a, b, c, ldc, h, w, add)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no AVX2 off x86_64 {:?}", (kc, a, b, c, ldc, h, w, add))
-    }
-
-    unsafe fn kernel_direct(
-        kc: usize,
-        a: &[f32],
-        lda: usize,
-        b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
-        w: usize,
-        add: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            ymm::kernel_direct(kc, a, lda, b, c, ldc, w, add)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no AVX2 off x86_64 {:?}", (kc, a, lda, b, c, ldc, w, add))
-    }
+    micro_kernels!(ymm);
 }
 
 /// The 12×32 AVX-512 micro-kernels.
