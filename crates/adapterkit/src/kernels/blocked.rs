@@ -50,11 +50,23 @@ impl Isa {
 pub fn isa() -> Option<Isa> {
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
     *ISA.get_or_init(|| {
+        let best = || [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported());
         let choice = std::env::var("ADAPTERKIT_GEMM").unwrap_or_default();
         match choice.as_str() {
             "portable" => None,
-            "avx2" => Some(Isa::Avx2).filter(|i| i.supported()),
-            _ => [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()),
+            "avx2" if Isa::Avx2.supported() => Some(Isa::Avx2),
+            "" => best(),
+            other => {
+                // Only the speed depends on it (every path computes the same product), so a value
+                // we cannot honour is a warning, not an error.
+                tracing::warn!(
+                    value = other,
+                    "ADAPTERKIT_GEMM: expected `portable`, or `avx2` on a CPU with AVX2 and FMA; \
+                     using {}",
+                    best().map_or("the gemm crate".to_string(), |i| format!("the {i:?} tile"))
+                );
+                best()
+            }
         }
     })
 }
