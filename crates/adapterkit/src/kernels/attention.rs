@@ -2,16 +2,17 @@
 //! gradient only), and the head-layout copies it needs.
 
 use super::dropout::Dropout;
+use super::gemm::gemm_crate_into;
 use super::linear::{frozen_f32, linear};
 use super::matmul::{affine_2d, batched_matmul, bmm, matmul_2d};
-use super::softmax::{attention_softmax, AttentionSoftmax, SoftmaxBackward};
+use super::softmax::{attention_softmax, softmax_rows, AttentionSoftmax, SoftmaxBackward};
 use super::{
-    attach, attach2, attach3, f32_slice, Backend, CResult, InputGradient, InputGradients2,
-    InputGradients3, LinearView,
+    attach, attach2, attach3, f32_slice, wide, Backend, CResult, Call, InputGradient,
+    InputGradients2, InputGradients3, LinearView,
 };
 use crate::error::Result;
 use crate::rng::Rng;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Head layout conversions between [batch, seq, heads·dh] (token-major, what linears produce) and
@@ -121,6 +122,81 @@ impl CustomOp1 for SplitPart {
                 }
             });
         Ok((CpuStorage::F32(dst), self.heads.split_shape()))
+    }
+}
+
+/// Inference attention straight from the fused q|k|v product [rows, 3·d] and the additive [b, s]
+/// mask: per (sequence, head), the scores, their softmax and the context run in buffers that stay
+/// in cache, q, k and v are read where the product wrote them, and the context comes back
+/// token-major [rows, d] for the output projection. The training path copies q, k and v into head
+/// order and keeps the [b, h, s, s] probabilities for its backward; without a backward, those
+/// copies and that buffer were memory passes per layer and nothing else.
+struct AttentionCore {
+    heads: Heads,
+    scale: f32,
+}
+
+impl CustomOp2 for AttentionCore {
+    fn name(&self) -> &'static str {
+        "attention-core"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, self.name())?;
+        let mask = f32_slice(s2, l2, self.name())?;
+        let Heads { b, s, h, dh } = self.heads;
+        let d = h * dh;
+        if qkv.len() != b * s * 3 * d || mask.len() != b * s {
+            return Err(candle_core::Error::Msg(format!(
+                "attention core: q|k|v {:?} and mask {:?} do not fit {b} × {s} tokens of {h} heads",
+                l1.dims(),
+                l2.dims()
+            )));
+        }
+        let row = 3 * d as isize;
+        let mut heads_out = super::zeros(b * h * s * dh);
+        heads_out.par_chunks_mut(s * dh).enumerate().for_each_init(
+            // Per worker, reused across its heads.
+            || (vec![0f32; s * s], vec![0f32; s * s]),
+            |(scores, probs), (bh, out)| {
+                let (bi, hi) = (bh / h, bh % h);
+                let seq = &qkv[bi * s * 3 * d..(bi + 1) * s * 3 * d];
+                let q = (&seq[hi * dh..], row, 1);
+                // kᵀ [dh, s]: element (p, j) is key j's entry p.
+                let kt = (&seq[d + hi * dh..], 1, row);
+                let v = (&seq[2 * d + hi * dh..], row, 1);
+                small_product(scores, s, s, dh, q, kt);
+                let m = &mask[bi * s..(bi + 1) * s];
+                wide(Call(
+                    softmax_rows,
+                    (&mut probs[..], &scores[..], m, self.scale),
+                ));
+                small_product(out, s, dh, s, (probs, s as isize, 1), v);
+            },
+        );
+        let ctx = self.heads.merge(&heads_out);
+        Ok((CpuStorage::F32(ctx), self.heads.merged_shape()))
+    }
+}
+
+/// `dst = lhs · rhs` for one head's product, on one thread (the heads run in parallel): our tile
+/// where it takes products this small, the `gemm` crate otherwise, as the batched product does.
+fn small_product(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+) {
+    if !super::blocked::gemm(dst, m, n, k, lhs, rhs, false, false) {
+        gemm_crate_into(dst, m, n, k, lhs, rhs, false, false);
     }
 }
 
@@ -476,6 +552,21 @@ fn frozen_attention(
         }
         None => (qkv, None),
     };
+    let scale32 = scale as f32;
+    let no_dropout = dropout.is_none_or(|(p, _)| p <= 0.0);
+    let tracked = [Some(h), w.qkv_scale, w.qkv_delta]
+        .into_iter()
+        .flatten()
+        .any(Tensor::track_op);
+    if w.prefix.is_none() && no_dropout && !tracked {
+        // Nothing to differentiate: no head-major copies, no probabilities kept.
+        let core = AttentionCore {
+            heads: hs,
+            scale: scale32,
+        };
+        let ctx = qkv.apply_op2_no_bwd(&mask.contiguous()?, &core)?;
+        return w.o.affine(&ctx)?.reshape((b, s, d));
+    }
     let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let (k, v, mask, prefix_len) = match w.prefix {
@@ -487,7 +578,6 @@ fn frozen_attention(
         ),
         None => (k, v, mask.clone(), 0),
     };
-    let scale32 = scale as f32;
     let probs = bmm(&q, &k, false, true)?.apply_op2_no_bwd(
         &mask.contiguous()?,
         &AttentionSoftmax {
@@ -628,6 +718,101 @@ mod tests {
             &|t| ffn_ref(&t[0]),
             1e-5,
         );
+    }
+
+    #[test]
+    fn inference_core_matches_composed_ops_with_padding_and_scales() {
+        // Untracked input and no dropout: the fused block takes the cache-resident core. Two
+        // sequences, the second padded after 4 of 9 tokens; once plain, once with (IA)³-style
+        // q|k|v scales.
+        let (b, s, d, heads) = (2, 9, 16, 4);
+        let w: Vec<Tensor> = (0..4).map(|i| randn(&[d, d], 120 + i, 0.3)).collect();
+        let bias: Vec<Tensor> = (0..4).map(|i| randn(&[d], 130 + i, 0.1)).collect();
+        let mut m = vec![0f32; b * s];
+        for j in 4..s {
+            m[s + j] = -1e9;
+        }
+        let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
+        let h = randn(&[b, s, d], 140, 1.0);
+        let scales = randn(&[3 * d], 141, 0.5).affine(1.0, 1.0).unwrap();
+        for with_scales in [false, true] {
+            let weights = AttentionWeights {
+                q: (&w[0], &bias[0]),
+                k: (&w[1], &bias[1]),
+                v: (&w[2], &bias[2]),
+                o: LinearView::new(&w[3], &bias[3]),
+                qkv: None,
+                prefix: None,
+                qkv_scale: with_scales.then_some(&scales),
+                qkv_delta: None,
+            };
+            let run = |backend| attention(backend, &h, &weights, &mask, heads, 0.5, None).unwrap();
+            let (fused, reference) = (run(Backend::Fused), run(Backend::Reference));
+            assert!(!h.track_op());
+            let err = rel(&fused, &reference);
+            assert!(err < 1e-5, "scales={with_scales}: relative error {err}");
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_inference_core_against_head_major_copies() {
+        // One MiniLM layer's attention between the q|k|v product and the output projection,
+        // interleaved A B A B on 2 threads: the head-major path the training forward takes
+        // (three splits, scores, softmax, context, merge) against the inference core.
+        for (b, s) in [(16, 128), (32, 32), (32, 64)] {
+            let (heads, dh) = (12, 32);
+            let d = heads * dh;
+            let hs = Heads { b, s, h: heads, dh };
+            let qkv = randn(&[b * s, 3 * d], 1, 1.0)
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            let mask = Tensor::zeros((b, s), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let scale = 1.0 / (dh as f32).sqrt();
+            let old = || {
+                let part = |p| {
+                    qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p })
+                        .unwrap()
+                };
+                let (q, k, v) = (part(0), part(1), part(2));
+                let sm = AttentionSoftmax {
+                    scale,
+                    heads_q: heads * s,
+                };
+                let probs = bmm(&q, &k, false, true)
+                    .unwrap()
+                    .apply_op2_no_bwd(&mask, &sm);
+                bmm(&probs.unwrap(), &v, false, false)
+                    .unwrap()
+                    .apply_op1_no_bwd(&Relayout {
+                        heads: hs,
+                        to_split: false,
+                    })
+                    .unwrap()
+            };
+            let new = || {
+                let core = AttentionCore { heads: hs, scale };
+                qkv.apply_op2_no_bwd(&mask, &core).unwrap()
+            };
+            assert!(rel(&old(), &new()) < 1e-5);
+            let (mut a, mut c) = (Vec::new(), Vec::new());
+            for _ in 0..30 {
+                let t = std::time::Instant::now();
+                std::hint::black_box(old());
+                a.push(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                std::hint::black_box(new());
+                c.push(t.elapsed().as_secs_f64());
+            }
+            a.sort_by(f64::total_cmp);
+            c.sort_by(f64::total_cmp);
+            println!(
+                "{b}x{s}: head-major {:.2} ms, core {:.2} ms ({:.2}x)",
+                a[15] * 1e3,
+                c[15] * 1e3,
+                a[15] / c[15]
+            );
+        }
     }
 
     #[test]

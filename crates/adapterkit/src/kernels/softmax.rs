@@ -111,6 +111,16 @@ impl Wide for SoftmaxRows<'_> {
     }
 }
 
+/// `p = softmax(scale · s + m)` for every row of `p` and `s` (the row length is `m`'s): one
+/// sequence's head of attention scores, all rows under the same mask.
+#[inline(always)]
+pub(crate) fn softmax_rows((p, s, m, scale): (&mut [f32], &[f32], &[f32], f32)) {
+    let k = m.len().max(1);
+    for (p, s) in p.chunks_exact_mut(k).zip(s.chunks_exact(k)) {
+        softmax_row(p, s, m, scale);
+    }
+}
+
 /// Lanes of the row loops' partial maxima and sums: one AVX-512 register. Separate partials per
 /// lane let the compiler vectorise the reductions (a single running sum is a serial chain it may
 /// not reorder), which made this op a fifth of an inference step when it ran scalar.
