@@ -5,7 +5,9 @@ use super::dropout::Dropout;
 use super::gemm::gemm_crate_into;
 use super::linear::{frozen_f32, linear};
 use super::matmul::{affine_2d, batched_matmul, bmm, matmul_2d};
-use super::softmax::{attention_softmax, softmax_rows, AttentionSoftmax, SoftmaxBackward};
+use super::softmax::{
+    attention_softmax, softmax_backward_rows, softmax_rows, AttentionSoftmax, SoftmaxBackward,
+};
 use super::{
     attach, attach2, attach3, f32_slice, wide, Backend, CResult, Call, InputGradient,
     InputGradients2, InputGradients3, LinearView,
@@ -159,20 +161,14 @@ impl CustomOp2 for AttentionCore {
                 l2.dims()
             )));
         }
-        let row = 3 * d as isize;
         let mut heads_out = super::zeros(b * h * s * dh);
         heads_out.par_chunks_mut(s * dh).enumerate().for_each_init(
             // Per worker, reused across its heads.
             || (vec![0f32; s * s], vec![0f32; s * s]),
             |(scores, probs), (bh, out)| {
-                let (bi, hi) = (bh / h, bh % h);
-                let seq = &qkv[bi * s * 3 * d..(bi + 1) * s * 3 * d];
-                let q = (&seq[hi * dh..], row, 1);
-                // kᵀ [dh, s]: element (p, j) is key j's entry p.
-                let kt = (&seq[d + hi * dh..], 1, row);
-                let v = (&seq[2 * d + hi * dh..], row, 1);
+                let [q, kt, v] = head_operands(qkv, self.heads, bh);
                 small_product(scores, s, s, dh, q, kt);
-                let m = &mask[bi * s..(bi + 1) * s];
+                let m = &mask[(bh / h) * s..(bh / h + 1) * s];
                 wide(Call(
                     softmax_rows,
                     (&mut probs[..], &scores[..], m, self.scale),
@@ -182,6 +178,174 @@ impl CustomOp2 for AttentionCore {
         );
         let ctx = self.heads.merge(&heads_out);
         Ok((CpuStorage::F32(ctx), self.heads.merged_shape()))
+    }
+}
+
+/// One (sequence, head)'s q, kᵀ and v as strided operands of the q|k|v rows [rows, 3d]: q and v
+/// [s, dh] with row stride 3d, kᵀ [dh, s].
+fn head_operands(qkv: &[f32], hs: Heads, bh: usize) -> [(&[f32], isize, isize); 3] {
+    let Heads { s, h, dh, .. } = hs;
+    let (bi, hi) = (bh / h, bh % h);
+    let d = h * dh;
+    let row = 3 * d as isize;
+    let seq = &qkv[bi * s * 3 * d..(bi + 1) * s * 3 * d];
+    [
+        (&seq[hi * dh..], row, 1),
+        (&seq[d + hi * dh..], 1, row),
+        (&seq[2 * d + hi * dh..], row, 1),
+    ]
+}
+
+/// The training forward of attention without prefixes: [`AttentionCore`]'s per-(sequence, head)
+/// loop, also writing the probabilities [b, h, s, s] the backward reads (returned) and applying
+/// attention dropout to each head's block in cache; the context [rows, d] is left in `ctx`. q, k
+/// and v are not copied into head order: the backward reads them from the q|k|v rows too.
+struct TrainCore<'a> {
+    heads: Heads,
+    scale: f32,
+    dropout: Option<&'a Dropout>,
+    ctx: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp2 for TrainCore<'_> {
+    fn name(&self) -> &'static str {
+        "attention-train-core"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, self.name())?;
+        let mask = f32_slice(s2, l2, self.name())?;
+        let hs = self.heads;
+        let Heads { b, s, h, dh } = hs;
+        if qkv.len() != b * s * 3 * h * dh || mask.len() != b * s {
+            return Err(candle_core::Error::Msg(format!(
+                "attention: q|k|v {:?} and mask {:?} do not fit {b} × {s} tokens of {h} heads",
+                l1.dims(),
+                l2.dims()
+            )));
+        }
+        let mut probs = super::zeros(b * h * s * s);
+        let mut heads_out = super::zeros(b * h * s * dh);
+        probs
+            .par_chunks_mut(s * s)
+            .zip(heads_out.par_chunks_mut(s * dh))
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; s * s], vec![0f32; s * s]),
+                |(scores, dropped), (bh, (p, out))| {
+                    let [q, kt, v] = head_operands(qkv, hs, bh);
+                    small_product(scores, s, s, dh, q, kt);
+                    let m = &mask[(bh / h) * s..(bh / h + 1) * s];
+                    wide(Call(softmax_rows, (&mut p[..], &scores[..], m, self.scale)));
+                    let pd: &[f32] = match self.dropout {
+                        Some(op) => {
+                            op.apply_block(dropped, p, bh * s * s);
+                            dropped
+                        }
+                        None => p,
+                    };
+                    small_product(out, s, dh, s, (pd, s as isize, 1), v);
+                },
+            );
+        let ctx = hs.merge(&heads_out);
+        *self
+            .ctx
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))? = Some(ctx);
+        Ok((CpuStorage::F32(probs), Shape::from((b, h, s, s))))
+    }
+}
+
+/// The backward of [`TrainCore`]: d(q|k|v) [rows, 3d] from the q|k|v rows, the probabilities
+/// [b, h, s, s] and d(context) [rows, d], per (sequence, head) with every s × s intermediate
+/// (the dropped-out probabilities, their gradient before and after dropout, the scores'
+/// gradient) in two reused buffers instead of four [b, h, s, s] tensors.
+struct TrainCoreBackward<'a> {
+    heads: Heads,
+    scale: f32,
+    dropout: Option<&'a Dropout>,
+}
+
+impl CustomOp3 for TrainCoreBackward<'_> {
+    fn name(&self) -> &'static str {
+        "attention-train-core-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, self.name())?;
+        let probs = f32_slice(s2, l2, self.name())?;
+        let dctx = f32_slice(s3, l3, self.name())?;
+        let hs = self.heads;
+        let Heads { b, s, h, dh } = hs;
+        let d = h * dh;
+        if qkv.len() != b * s * 3 * d || probs.len() != b * h * s * s || dctx.len() != b * s * d {
+            return Err(candle_core::Error::Msg(format!(
+                "attention backward: {:?}, {:?}, {:?} do not fit {b} × {s} tokens of {h} heads",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )));
+        }
+        let n = b * h * s * dh;
+        let (mut dq, mut dk, mut dv) = (super::zeros(n), super::zeros(n), super::zeros(n));
+        dq.par_chunks_mut(s * dh)
+            .zip(dk.par_chunks_mut(s * dh))
+            .zip(dv.par_chunks_mut(s * dh))
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; s * s], vec![0f32; s * s]),
+                |(x, y), (bh, ((dq, dk), dv))| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    let [q, kt, v] = head_operands(qkv, hs, bh);
+                    let (k, vt) = ((kt.0, kt.2, kt.1), (v.0, v.2, v.1));
+                    let dc = (&dctx[bi * s * d + hi * dh..], d as isize, 1);
+                    let p = &probs[bh * s * s..(bh + 1) * s * s];
+                    let base = bh * s * s;
+                    // d(dropped-out probabilities) = dctx · vᵀ, into y.
+                    small_product(y, s, s, dh, dc, vt);
+                    // dv = (dropped-out probabilities)ᵀ · dctx, those probabilities in x.
+                    let pd: &[f32] = match self.dropout {
+                        Some(op) => {
+                            op.apply_block(x, p, base);
+                            x
+                        }
+                        None => p,
+                    };
+                    small_product(dv, s, dh, s, (pd, 1, s as isize), dc);
+                    // Through dropout (the same mask), then the softmax: d(scores) lands in
+                    // whichever buffer does not hold d(probabilities).
+                    let (dp, ds): (&[f32], &mut [f32]) = match self.dropout {
+                        Some(op) => {
+                            op.apply_block(x, y, base);
+                            (x, y)
+                        }
+                        None => (y, x),
+                    };
+                    wide(Call(
+                        softmax_backward_rows,
+                        (&mut *ds, p, dp, s, self.scale),
+                    ));
+                    let ds = &ds[..];
+                    small_product(dq, s, dh, s, (ds, s as isize, 1), k);
+                    small_product(dk, s, dh, s, (ds, 1, s as isize), q);
+                },
+            );
+        let dqkv = merge_heads3(hs, [&dq, &dk, &dv]);
+        Ok((CpuStorage::F32(dqkv), Shape::from((b * s, 3 * d))))
     }
 }
 
@@ -225,20 +389,28 @@ impl CustomOp3 for MergeQkv {
             f32_slice(s3, l3, "merge qkv")?,
         ];
         let Heads { b, s, h, dh } = self.heads;
-        let d = h * dh;
-        let mut dst = super::zeros(b * s * 3 * d);
-        dst.par_chunks_mut(3 * d).enumerate().for_each(|(bt, row)| {
-            let (bi, t) = (bt / s, bt % s);
-            for (p, src) in parts.iter().enumerate() {
-                for hi in 0..h {
-                    let from = ((bi * h + hi) * s + t) * dh;
-                    row[p * d + hi * dh..p * d + (hi + 1) * dh]
-                        .copy_from_slice(&src[from..from + dh]);
-                }
-            }
-        });
-        Ok((CpuStorage::F32(dst), Shape::from((b * s, 3 * d))))
+        Ok((
+            CpuStorage::F32(merge_heads3(self.heads, parts)),
+            Shape::from((b * s, 3 * h * dh)),
+        ))
     }
+}
+
+/// Head-major q, k, v parts [b, h, s, dh] merged into token-major rows [rows, 3d].
+fn merge_heads3(hs: Heads, parts: [&[f32]; 3]) -> Vec<f32> {
+    let Heads { b, s, h, dh } = hs;
+    let d = h * dh;
+    let mut dst = super::zeros(b * s * 3 * d);
+    dst.par_chunks_mut(3 * d).enumerate().for_each(|(bt, row)| {
+        let (bi, t) = (bt / s, bt % s);
+        for (p, src) in parts.iter().enumerate() {
+            for hi in 0..h {
+                let from = ((bi * h + hi) * s + t) * dh;
+                row[p * d + hi * dh..p * d + (hi + 1) * dh].copy_from_slice(&src[from..from + dh]);
+            }
+        }
+    });
+    dst
 }
 
 /// The frozen weights of one self-attention block, by role.
@@ -264,14 +436,20 @@ pub struct AttentionWeights<'a> {
     pub qkv_delta: Option<&'a Tensor>,
 }
 
-/// What the backward needs: q [b, h, s, dh]; k and v with the prefix positions first
-/// [b, h, P + s, dh]; the probabilities [b, h, s, P + s].
-struct AttentionSaved {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    probs: Tensor,
-    prefix_len: usize,
+/// What the backward needs.
+enum AttentionSaved {
+    /// Without prefixes: the q|k|v product as the heads read it [rows, 3d] and the probabilities
+    /// [b, h, s, s] (see [`TrainCore`]).
+    Rows { qkv: Tensor, probs: Tensor },
+    /// With P prefix positions: q [b, h, s, dh]; k and v with the prefix positions first
+    /// [b, h, P + s, dh]; the probabilities [b, h, s, P + s].
+    HeadMajor {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        probs: Tensor,
+        prefix_len: usize,
+    },
 }
 
 /// `t` [h, P, dh] repeated for every row: [b, h, P, dh].
@@ -308,15 +486,56 @@ impl FrozenAttention {
     /// scales when there are any.
     fn gradients(&self, arg: &Tensor, grad: &Tensor) -> CResult<(Tensor, Option<Prefixed>)> {
         let hs = self.heads;
-        let AttentionSaved {
-            q,
-            k,
-            v,
-            probs,
-            prefix_len: p,
-        } = &self.saved;
         let g = grad.reshape((hs.b * hs.s, hs.h * hs.dh))?.contiguous()?;
-        let dctx = matmul_2d(&g, &self.wo)?.apply_op1_no_bwd(&Relayout {
+        let dctx = matmul_2d(&g, &self.wo)?;
+        let (dqkv, dprefix) = match &self.saved {
+            AttentionSaved::Rows { qkv, probs } => {
+                let op = TrainCoreBackward {
+                    heads: hs,
+                    scale: self.scale,
+                    dropout: self.dropout.as_ref(),
+                };
+                (qkv.apply_op3_no_bwd(probs, &dctx, &op)?, None)
+            }
+            AttentionSaved::HeadMajor {
+                q,
+                k,
+                v,
+                probs,
+                prefix_len: p,
+            } => self.head_major_gradients(&dctx, q, k, v, probs, *p)?,
+        };
+        let (dqkv, dscale) = match &self.scaled {
+            Some((scale, unscaled)) => (
+                dqkv.broadcast_mul(scale)?.contiguous()?,
+                Some(super::sum_rows(&dqkv.mul(unscaled)?)?),
+            ),
+            None => (dqkv, None),
+        };
+        let dh = matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())?;
+        let extra = match (dprefix, dscale) {
+            (Some(p), _) => Some(Prefixed::Prefix(p)),
+            (None, Some(s)) => Some(Prefixed::Scale(s)),
+            // The q|k|v updates were added to the product: their gradient is the product's.
+            (None, None) if self.delta => Some(Prefixed::Delta(dqkv)),
+            (None, None) => None,
+        };
+        Ok((dh, extra))
+    }
+    /// d(q|k|v) [rows, 3d] and the prefixes' gradients from the head-major copies the prefixed
+    /// forward keeps, given d(context) [rows, d].
+    #[allow(clippy::too_many_arguments)]
+    fn head_major_gradients(
+        &self,
+        dctx: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        probs: &Tensor,
+        prefix_len: usize,
+    ) -> CResult<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (hs, p) = (self.heads, &prefix_len);
+        let dctx = dctx.apply_op1_no_bwd(&Relayout {
             heads: hs,
             to_split: true,
         })?;
@@ -346,23 +565,10 @@ impl FrozenAttention {
         } else {
             (dk.contiguous()?, dv.contiguous()?, None)
         };
-        let dqkv = dq.apply_op3_no_bwd(&dk, &dv, &MergeQkv { heads: hs })?;
-        let (dqkv, dscale) = match &self.scaled {
-            Some((scale, unscaled)) => (
-                dqkv.broadcast_mul(scale)?.contiguous()?,
-                Some(super::sum_rows(&dqkv.mul(unscaled)?)?),
-            ),
-            None => (dqkv, None),
-        };
-        let dh = matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())?;
-        let extra = match (dprefix, dscale) {
-            (Some(p), _) => Some(Prefixed::Prefix(p)),
-            (None, Some(s)) => Some(Prefixed::Scale(s)),
-            // The q|k|v updates were added to the product: their gradient is the product's.
-            (None, None) if self.delta => Some(Prefixed::Delta(dqkv)),
-            (None, None) => None,
-        };
-        Ok((dh, extra))
+        Ok((
+            dq.apply_op3_no_bwd(&dk, &dv, &MergeQkv { heads: hs })?,
+            dprefix,
+        ))
     }
 }
 
@@ -567,35 +773,59 @@ fn frozen_attention(
         let ctx = qkv.apply_op2_no_bwd(&mask.contiguous()?, &core)?;
         return w.o.affine(&ctx)?.reshape((b, s, d));
     }
-    let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
-    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let (k, v, mask, prefix_len) = match w.prefix {
-        Some((pk, pv)) => (
-            Tensor::cat(&[&per_row(&pk.detach(), b)?, &k], 2)?,
-            Tensor::cat(&[&per_row(&pv.detach(), b)?, &v], 2)?,
-            prefixed_mask(mask, pk.dim(1)?)?,
-            pk.dim(1)?,
-        ),
-        None => (k, v, mask.clone(), 0),
-    };
-    let probs = bmm(&q, &k, false, true)?.apply_op2_no_bwd(
-        &mask.contiguous()?,
-        &AttentionSoftmax {
-            scale: scale32,
-            heads_q: heads * s,
-        },
-    )?;
     let drop = dropout
         .filter(|(p, _)| *p > 0.0)
         .map(|(p, seed)| Dropout::new(p, seed));
-    let probs_d = match &drop {
-        Some(op) => probs.apply_op1_no_bwd(op)?,
-        None => probs.clone(),
+    let (ctx, saved) = match w.prefix {
+        None => {
+            let core = TrainCore {
+                heads: hs,
+                scale: scale32,
+                dropout: drop.as_ref(),
+                ctx: std::sync::Mutex::new(None),
+            };
+            let probs = qkv.apply_op2_no_bwd(&mask.contiguous()?, &core)?;
+            let ctx = core
+                .ctx
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
+                .take()
+                .ok_or_else(|| candle_core::Error::Msg("attention: no context".into()))?;
+            let ctx = Tensor::from_vec(ctx, hs.merged_shape(), h.device())?;
+            (ctx, AttentionSaved::Rows { qkv, probs })
+        }
+        Some((pk, pv)) => {
+            let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let prefix_len = pk.dim(1)?;
+            let k = Tensor::cat(&[&per_row(&pk.detach(), b)?, &k], 2)?;
+            let v = Tensor::cat(&[&per_row(&pv.detach(), b)?, &v], 2)?;
+            let mask = prefixed_mask(mask, prefix_len)?;
+            let probs = bmm(&q, &k, false, true)?.apply_op2_no_bwd(
+                &mask.contiguous()?,
+                &AttentionSoftmax {
+                    scale: scale32,
+                    heads_q: heads * s,
+                },
+            )?;
+            let probs_d = match &drop {
+                Some(op) => probs.apply_op1_no_bwd(op)?,
+                None => probs.clone(),
+            };
+            let ctx = bmm(&probs_d, &v, false, false)?.apply_op1_no_bwd(&Relayout {
+                heads: hs,
+                to_split: false,
+            })?;
+            let saved = AttentionSaved::HeadMajor {
+                q,
+                k,
+                v,
+                probs,
+                prefix_len,
+            };
+            (ctx, saved)
+        }
     };
-    let ctx = bmm(&probs_d, &v, false, false)?.apply_op1_no_bwd(&Relayout {
-        heads: hs,
-        to_split: false,
-    })?;
     let out = w.o.affine(&ctx)?.reshape((b, s, d))?;
     let backward = FrozenAttention {
         scaled,
@@ -605,13 +835,7 @@ fn frozen_attention(
         heads: hs,
         scale: scale32,
         dropout: drop,
-        saved: AttentionSaved {
-            q,
-            k,
-            v,
-            probs,
-            prefix_len,
-        },
+        saved,
     };
     match (w.prefix, w.qkv_scale.or(w.qkv_delta)) {
         (Some((pk, pv)), _) => attach3([h, pk, pv], out, backward),
@@ -811,6 +1035,94 @@ mod tests {
                 a[15] * 1e3,
                 c[15] * 1e3,
                 a[15] / c[15]
+            );
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn time_training_core_against_head_major_copies() {
+        // One MiniLM layer's attention between the q|k|v product and the output projection,
+        // forward and backward with attention dropout 0.1, interleaved A B A B on 2 threads: the
+        // head-major ops (splits, scores, softmax, dropout, context, merge, and their backward)
+        // against the training core and its backward.
+        for (b, s) in [(16, 128), (32, 32), (32, 64)] {
+            let (heads, dh) = (12, 32);
+            let d = heads * dh;
+            let hs = Heads { b, s, h: heads, dh };
+            let qkv = randn(&[b * s, 3 * d], 1, 1.0);
+            let dctx = randn(&[b * s, d], 2, 1.0);
+            let mask = Tensor::zeros((b, s), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let scale = 1.0 / (dh as f32).sqrt();
+            let drop = Dropout::new(0.1, 9);
+            let old = || {
+                let part = |p| {
+                    qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p })
+                        .unwrap()
+                };
+                let (q, k, v) = (part(0), part(1), part(2));
+                let sm = AttentionSoftmax {
+                    scale,
+                    heads_q: heads * s,
+                };
+                let probs = bmm(&q, &k, false, true)
+                    .unwrap()
+                    .apply_op2_no_bwd(&mask, &sm);
+                let probs = probs.unwrap();
+                let probs_d = probs.apply_op1_no_bwd(&drop).unwrap();
+                let relayout = |to_split| Relayout {
+                    heads: hs,
+                    to_split,
+                };
+                let ctx = bmm(&probs_d, &v, false, false).unwrap();
+                let ctx = ctx.apply_op1_no_bwd(&relayout(false)).unwrap();
+                let dc = dctx.apply_op1_no_bwd(&relayout(true)).unwrap();
+                let probs_d = probs.apply_op1_no_bwd(&drop).unwrap();
+                let dprobs_d = bmm(&dc, &v, false, true).unwrap();
+                let dv = bmm(&probs_d, &dc, true, false).unwrap();
+                let dprobs = dprobs_d.apply_op1_no_bwd(&drop).unwrap();
+                let sb = SoftmaxBackward { scale };
+                let dscores = probs.apply_op2_no_bwd(&dprobs, &sb).unwrap();
+                let dq = bmm(&dscores, &k, false, false).unwrap();
+                let dk = bmm(&dscores, &q, true, false).unwrap();
+                let dqkv = dq.apply_op3_no_bwd(&dk, &dv, &MergeQkv { heads: hs });
+                (ctx, dqkv.unwrap())
+            };
+            let new = || {
+                let core = TrainCore {
+                    heads: hs,
+                    scale,
+                    dropout: Some(&drop),
+                    ctx: std::sync::Mutex::new(None),
+                };
+                let probs = qkv.apply_op2_no_bwd(&mask, &core).unwrap();
+                let ctx = core.ctx.lock().unwrap().take().unwrap();
+                let ctx = Tensor::from_vec(ctx, hs.merged_shape(), &Device::Cpu).unwrap();
+                let back = TrainCoreBackward {
+                    heads: hs,
+                    scale,
+                    dropout: Some(&drop),
+                };
+                (ctx, qkv.apply_op3_no_bwd(&probs, &dctx, &back).unwrap())
+            };
+            let ((c0, g0), (c1, g1)) = (old(), new());
+            assert!(rel(&c0, &c1) < 1e-5 && rel(&g0, &g1) < 1e-5);
+            let (mut a, mut c) = (Vec::new(), Vec::new());
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                std::hint::black_box(old());
+                a.push(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                std::hint::black_box(new());
+                c.push(t.elapsed().as_secs_f64());
+            }
+            a.sort_by(f64::total_cmp);
+            c.sort_by(f64::total_cmp);
+            println!(
+                "{b}x{s}: head-major {:.2} ms, core {:.2} ms ({:.2}x)",
+                a[10] * 1e3,
+                c[10] * 1e3,
+                a[10] / c[10]
             );
         }
     }

@@ -103,6 +103,24 @@ impl Dropout {
     }
 }
 
+impl Dropout {
+    /// `y = dropout(x)` for the elements `base..base + x.len()` of the whole tensor the mask
+    /// covers, on this thread: the same mask [`Dropout::apply`] draws for them.
+    pub(crate) fn apply_block(&self, y: &mut [f32], x: &[f32], base: usize) {
+        let n = y.len().min(x.len());
+        // SAFETY: `MaybeUninit<f32>` has the layout of f32, and `masked_rows` writes only
+        // initialised values.
+        let y = unsafe { &mut *(&mut y[..n] as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+        let mask = ChunkMask {
+            seed: self.seed,
+            base,
+            keep_threshold: self.keep_threshold,
+            scale: self.scale,
+        };
+        super::wide(super::Call(masked_rows, (y, &x[..n], mask)));
+    }
+}
+
 impl CustomOp1 for Dropout {
     fn name(&self) -> &'static str {
         "fused-dropout"

@@ -196,7 +196,9 @@ impl CustomOp2 for SoftmaxBackward {
 
 /// `ds = scale · p ⊙ (dp − p · dp)` for each row of one parallel task.
 #[inline(always)]
-fn softmax_backward_rows((ds, p, dp, k, scale): (&mut [f32], &[f32], &[f32], usize, f32)) {
+pub(crate) fn softmax_backward_rows(
+    (ds, p, dp, k, scale): (&mut [f32], &[f32], &[f32], usize, f32),
+) {
     for ((ds, p), dp) in ds
         .chunks_exact_mut(k)
         .zip(p.chunks_exact(k))
