@@ -231,10 +231,15 @@ type FigPoint = (&'static str, &'static str, f64, f64, f64);
 /// full fine-tuning when it is among the points (the paper's Figure 3), else absolute.
 fn accuracy_figure(title: &str, points: &[FigPoint]) -> chart::Chart {
     let full = points.iter().find(|x| x.1 == "full").map(|x| x.3);
+    // Every method family but full fine-tuning (the zero line the others are drawn against).
     let series: Vec<chart::Series> = [
         "houlsby",
         "pfeiffer",
         "parallel",
+        "lora",
+        "ia3",
+        "compacter",
+        "prefix",
         "top-k",
         "layernorm",
         "head",
@@ -428,6 +433,25 @@ fn claims(p: &Plan, cells: &BTreeMap<(String, String), Cell>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accuracy_figure_draws_every_method_of_the_suite() {
+        let points: Vec<FigPoint> = crate::suite::METHODS
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.family, m.name, 1e3 * (i + 1) as f64, 80.0, 0.0))
+            .collect();
+        let chart::Chart::Lines { series, .. } = accuracy_figure("t", &points) else {
+            panic!("a line plot");
+        };
+        let drawn: Vec<&str> = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.2.as_str()))
+            .collect();
+        for m in crate::suite::METHODS.iter().filter(|m| m.family != "full") {
+            assert!(drawn.contains(&m.name), "{} ({}) is not drawn", m.name, m.family);
+        }
+    }
 
     #[test]
     fn claims_call_a_margin_inside_the_seed_noise_a_tie() {
