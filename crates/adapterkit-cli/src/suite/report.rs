@@ -449,7 +449,12 @@ mod tests {
             .flat_map(|s| s.points.iter().map(|p| p.2.as_str()))
             .collect();
         for m in crate::suite::METHODS.iter().filter(|m| m.family != "full") {
-            assert!(drawn.contains(&m.name), "{} ({}) is not drawn", m.name, m.family);
+            assert!(
+                drawn.contains(&m.name),
+                "{} ({}) is not drawn",
+                m.name,
+                m.family
+            );
         }
     }
 
