@@ -978,6 +978,28 @@ mod tests {
         }
     }
 
+    /// Times `old` and `new` interleaved, `rounds` times each, and prints their medians.
+    fn interleaved<A, B>(what: &str, rounds: usize, old: impl Fn() -> A, new: impl Fn() -> B) {
+        let (mut a, mut c) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let t = std::time::Instant::now();
+            std::hint::black_box(old());
+            a.push(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            std::hint::black_box(new());
+            c.push(t.elapsed().as_secs_f64());
+        }
+        a.sort_by(f64::total_cmp);
+        c.sort_by(f64::total_cmp);
+        let (a, c) = (a[rounds / 2], c[rounds / 2]);
+        println!(
+            "{what}: head-major {:.2} ms, core {:.2} ms ({:.2}x)",
+            a * 1e3,
+            c * 1e3,
+            a / c
+        );
+    }
+
     #[test]
     #[ignore]
     fn time_inference_core_against_head_major_copies() {
@@ -1019,23 +1041,7 @@ mod tests {
                 qkv.apply_op2_no_bwd(&mask, &core).unwrap()
             };
             assert!(rel(&old(), &new()) < 1e-5);
-            let (mut a, mut c) = (Vec::new(), Vec::new());
-            for _ in 0..30 {
-                let t = std::time::Instant::now();
-                std::hint::black_box(old());
-                a.push(t.elapsed().as_secs_f64());
-                let t = std::time::Instant::now();
-                std::hint::black_box(new());
-                c.push(t.elapsed().as_secs_f64());
-            }
-            a.sort_by(f64::total_cmp);
-            c.sort_by(f64::total_cmp);
-            println!(
-                "{b}x{s}: head-major {:.2} ms, core {:.2} ms ({:.2}x)",
-                a[15] * 1e3,
-                c[15] * 1e3,
-                a[15] / c[15]
-            );
+            interleaved(&format!("{b}x{s}"), 30, old, new);
         }
     }
 
@@ -1107,23 +1113,7 @@ mod tests {
             };
             let ((c0, g0), (c1, g1)) = (old(), new());
             assert!(rel(&c0, &c1) < 1e-5 && rel(&g0, &g1) < 1e-5);
-            let (mut a, mut c) = (Vec::new(), Vec::new());
-            for _ in 0..20 {
-                let t = std::time::Instant::now();
-                std::hint::black_box(old());
-                a.push(t.elapsed().as_secs_f64());
-                let t = std::time::Instant::now();
-                std::hint::black_box(new());
-                c.push(t.elapsed().as_secs_f64());
-            }
-            a.sort_by(f64::total_cmp);
-            c.sort_by(f64::total_cmp);
-            println!(
-                "{b}x{s}: head-major {:.2} ms, core {:.2} ms ({:.2}x)",
-                a[10] * 1e3,
-                c[10] * 1e3,
-                a[10] / c[10]
-            );
+            interleaved(&format!("{b}x{s}"), 20, old, new);
         }
     }
 
