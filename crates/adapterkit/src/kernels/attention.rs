@@ -1,5 +1,6 @@
 //! Multi-head self-attention with frozen weights as one graph node (hand-written backward, input
-//! gradient only), and the head-layout copies it needs.
+//! gradient only), computed per (sequence, head) from the q|k|v product, and the head-layout
+//! copies the prefixed path still needs.
 
 use super::dropout::Dropout;
 use super::gemm::gemm_crate_into;
@@ -130,9 +131,10 @@ impl CustomOp1 for SplitPart {
 /// Inference attention straight from the fused q|k|v product [rows, 3·d] and the additive [b, s]
 /// mask: per (sequence, head), the scores, their softmax and the context run in buffers that stay
 /// in cache, q, k and v are read where the product wrote them, and the context comes back
-/// token-major [rows, d] for the output projection. The training path copies q, k and v into head
-/// order and keeps the [b, h, s, s] probabilities for its backward; without a backward, those
-/// copies and that buffer were memory passes per layer and nothing else.
+/// token-major [rows, d] for the output projection. Nothing is kept: the training forward
+/// ([`TrainCore`]) runs the same loop but must also write the [b, h, s, s] probabilities its
+/// backward reads. Before, inference copied q, k and v into head order and wrote and read back
+/// that buffer too: memory passes per layer and nothing else.
 struct AttentionCore {
     heads: Heads,
     scale: f32,
