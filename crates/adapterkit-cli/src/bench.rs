@@ -6,6 +6,7 @@ use adapterkit::flops::{step_flops, StepKind};
 use adapterkit::kernels::cross_entropy;
 use adapterkit::metrics::median;
 use adapterkit::rng::Rng;
+use adapterkit::tokenizer::TextTokenizer;
 use adapterkit::train::AdamW;
 use adapterkit::{
     AdapterConfig, BaseModel, Batch, BertConfig, ForwardOptions, HeadConfig, TaskModel,
@@ -148,11 +149,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .model
         .clone()
         .unwrap_or_else(adapterkit::default_model_dir);
-    let minilm = BaseModel::load(&minilm_dir)
-        .with_context(|| format!("loading {} (run `adapterkit fetch`)", minilm_dir.display()))?;
+    let context = || format!("loading {} (run `adapterkit fetch`)", minilm_dir.display());
     let base = match a.shape {
-        Shape::Minilm => minilm,
-        Shape::BertBase => BaseModel::random(bert_base_config()?, minilm.tokenizer.clone(), 0)?,
+        Shape::Minilm => BaseModel::load(&minilm_dir).with_context(context)?,
+        // Only MiniLM's vocabulary: its weights would sit beside BERT-base's in the peak RSS
+        // (the PyTorch side builds BERT-base without loading MiniLM either).
+        Shape::BertBase => BaseModel::random(
+            bert_base_config()?,
+            TextTokenizer::from_dir(&minilm_dir).with_context(context)?,
+            0,
+        )?,
     }
     .with_backend(crate::cmd::backend_of(a.reference_ops));
     let cfg = base.config.clone();
