@@ -103,6 +103,7 @@ fn snapshot(base: &BaseModel) -> HashMap<String, Vec<u32>> {
             let bits = base
                 .weight(&n)
                 .unwrap()
+                .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1::<f32>()
@@ -1519,33 +1520,60 @@ fn a_directory_states_each_configuration_once_and_refuses_a_mix_of_runs() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
-/// The base with its weight panels dropped: every product packs W per call again.
+/// The base with every weight held as a tensor: every product packs W per call again.
 fn without_packing(base: &BaseModel) -> BaseModel {
     let mut b = base.clone();
-    for l in &mut b.weights.layers {
-        l.attention.qkv_packed = None;
-        l.attention_output.dense.packed = None;
-        l.intermediate.dense.packed = None;
-        l.output.dense.packed = None;
-    }
+    b.weights = b.weights.unpacked().unwrap();
     assert_eq!(b.weights.packed_bytes(), 0);
     b
 }
 
+/// Whether two runs' outputs agree to float rounding: the panels always take our tile, while a
+/// product of W held as a tensor takes the `gemm` crate below the tile's minimum volume (AVX2),
+/// which sums in another order.
+fn close(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
+    let (a, b): (Vec<f32>, Vec<f32>) = (a.concat(), b.concat());
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+}
+
 #[test]
-fn weights_packed_once_give_the_same_forward_and_training_bit_for_bit() {
+fn weights_held_as_panels_give_the_forward_and_training_of_tensors() {
     // 64 wide, 256-row batches: the products take our blocked GEMM, which reads the packed
     // panels where the base has them (CPUs without AVX2 pack nothing and run the same code).
     let packed = random_base(2, 64);
     let plain = without_packing(&packed);
-    // Nothing is packed before a forward reads the weights.
-    assert_eq!(packed.weights.packed_bytes(), 0);
     let data = toy_data();
-    // Full fine-tuning trains its own copy of every weight, so it never packs the base's.
-    let mut full =
-        TaskModel::new(&packed, "full", TrainableSet::Full, None, head(), 32, 2).unwrap();
-    adapterkit::train(&packed, &mut full, &data, &quick_cfg(1), &mut |_| {}).unwrap();
-    assert_eq!(packed.weights.packed_bytes(), 0, "full fine-tuning packed");
+    if adapterkit::kernels::blocked::enabled() {
+        // qkv [192, 64], attention output [64, 64], FFN [128, 64] and [64, 128], per layer,
+        // packed at load and held only as panels.
+        let floats = 2 * (192 * 64 + 64 * 64 + 128 * 64 + 64 * 128);
+        assert_eq!(packed.weights.packed_bytes(), 4 * floats);
+        let l = &packed.weights.layers[1];
+        for lin in [
+            &l.attention.query,
+            &l.attention.value,
+            &l.attention_output.dense,
+            &l.intermediate.dense,
+            &l.output.dense,
+        ] {
+            assert!(
+                lin.weight.as_tensor().is_none(),
+                "{}",
+                lin.weight.key.name()
+            );
+            assert_eq!(lin.weight.tensor().unwrap().dims(), lin.weight.dims());
+        }
+    }
+    // Full fine-tuning trains its own copy of every weight, unpacked from the panels.
+    let full = |b: &BaseModel| {
+        let mut t = TaskModel::new(b, "full", TrainableSet::Full, None, head(), 32, 2).unwrap();
+        adapterkit::train(b, &mut t, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+        evaluate(b, &t, &data.test, 16, &[]).unwrap().outputs
+    };
+    assert!(close(&full(&packed), &full(&plain)), "full fine-tuning");
     let enc = packed.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
     let rows: Vec<usize> = (0..8).collect();
     let batch = Batch::select(&enc, &rows, 0, &packed.device).unwrap();
@@ -1553,18 +1581,16 @@ fn weights_packed_once_give_the_same_forward_and_training_bit_for_bit() {
         let h = b
             .encode(None, &batch, &mut ForwardOptions::default())
             .unwrap();
-        bits(&[h.flatten_all().unwrap().to_vec1::<f32>().unwrap()])
+        vec![h.flatten_all().unwrap().to_vec1::<f32>().unwrap()]
     };
-    assert_eq!(encode(&packed), encode(&plain));
-    if adapterkit::kernels::blocked::enabled() {
-        // qkv [192, 64], attention output [64, 64], FFN [128, 64] and [64, 128], per layer.
-        let floats = 2 * (192 * 64 + 64 * 64 + 128 * 64 + 64 * 128);
-        assert_eq!(packed.weights.packed_bytes(), 4 * floats);
-    }
+    assert!(close(&encode(&packed), &encode(&plain)), "forward");
     let trained = |b: &BaseModel| {
         let mut t = adapter_task(b, "p", 1e-3, 4);
         adapterkit::train(b, &mut t, &data, &quick_cfg(3), &mut |_| {}).unwrap();
-        bits(&evaluate(b, &t, &data.test, 16, &[]).unwrap().outputs)
+        evaluate(b, &t, &data.test, 16, &[]).unwrap().outputs
     };
-    assert_eq!(trained(&packed), trained(&plain));
+    assert!(
+        close(&trained(&packed), &trained(&plain)),
+        "adapter training"
+    );
 }

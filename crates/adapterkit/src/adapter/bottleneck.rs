@@ -6,7 +6,7 @@ use super::site::{residual_norm, SiteAdapter, SiteContext};
 use super::{AdapterConfig, Part, Residual, Scaling, Site};
 use crate::error::{Error, Result};
 use crate::kernels::{adapter, dropout, layer_norm, linear};
-use crate::kernels::{Backend, LinearView, NormView};
+use crate::kernels::{Backend, NormView};
 use crate::keys::ParamKey;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -18,8 +18,10 @@ const ADAPTER_LN_EPS: f64 = 1e-5;
 #[derive(Debug, Clone)]
 pub struct BottleneckAdapter<'a> {
     config: &'a AdapterConfig,
-    down: LinearView<'a>,
-    up: LinearView<'a>,
+    /// Down projection (W, b).
+    down: (&'a Tensor, &'a Tensor),
+    /// Up projection (W, b).
+    up: (&'a Tensor, &'a Tensor),
     norm_before: Option<NormView<'a>>,
     norm_after: Option<NormView<'a>>,
     scale: Option<&'a Tensor>,
@@ -59,8 +61,8 @@ impl<'a> BottleneckAdapter<'a> {
         };
         Ok(Some(BottleneckAdapter {
             config: cfg,
-            down: LinearView::new(get(Part::DownWeight)?, get(Part::DownBias)?),
-            up: LinearView::new(get(Part::UpWeight)?, get(Part::UpBias)?),
+            down: (get(Part::DownWeight)?, get(Part::DownBias)?),
+            up: (get(Part::UpWeight)?, get(Part::UpBias)?),
             norm_before: norm(cfg.ln_before, Part::LnBeforeWeight, Part::LnBeforeBias)?,
             norm_after: norm(cfg.ln_after, Part::LnAfterWeight, Part::LnAfterBias)?,
             scale: match cfg.scaling {
@@ -80,9 +82,9 @@ impl BottleneckAdapter<'_> {
             Some(n) => own_norm(backend, x, n)?,
             None => x.clone(),
         };
-        let down = linear(backend, &x, self.down.w, Some(self.down.b))?;
+        let down = linear(backend, &x, self.down.0, Some(self.down.1))?;
         let down = cfg.nonlinearity.apply(backend, &down)?;
-        let up = linear(backend, &down, self.up.w, Some(self.up.b))?;
+        let up = linear(backend, &down, self.up.0, Some(self.up.1))?;
         let up = match (cfg.scaling, self.scale) {
             (_, Some(s)) => up.broadcast_mul(s)?,
             (Scaling::Fixed(f), None) if f != 1.0 => (up * f)?,
@@ -111,13 +113,7 @@ impl SiteAdapter for BottleneckAdapter<'_> {
         let cfg = self.config;
         let backend = ctx.backend;
         if cfg.is_plain() {
-            let adapted = adapter(
-                backend,
-                sub,
-                self.down.pair(),
-                self.up.pair(),
-                cfg.nonlinearity,
-            )?;
+            let adapted = adapter(backend, sub, self.down, self.up, cfg.nonlinearity)?;
             return residual_norm(ctx, &adapted, input, norm);
         }
         let eps = ctx.eps;

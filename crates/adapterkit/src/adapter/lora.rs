@@ -434,21 +434,22 @@ impl LoraConfig {
         for l in (0..layers).filter(|&l| self.has_layer(l)) {
             for &p in &self.targets {
                 let w = base_param(format!("encoder.layer.{l}.{}.weight", p.module()))?;
+                let base_w = w.tensor()?;
                 let b_name = self.param_name(l, p, task, LoraPart::B);
-                let lb = get(&b_name)?.to_dtype(w.tensor.dtype())?;
+                let lb = get(&b_name)?.to_dtype(base_w.dtype())?;
                 match self.composition {
                     Composition::Add => {
                         let la = get(&self.param_name(l, p, task, LoraPart::A))?
-                            .to_dtype(w.tensor.dtype())?;
+                            .to_dtype(base_w.dtype())?;
                         let delta = (lb.matmul(&la)? * s)?;
-                        out.insert(w.key.clone(), w.tensor.add(&delta)?);
+                        out.insert(w.key.clone(), base_w.add(&delta)?);
                     }
                     Composition::Scale => {
                         let bias = base_param(format!("encoder.layer.{l}.{}.bias", p.module()))?;
                         let factor = (lb * s)?;
-                        out.insert(w.key.clone(), w.tensor.broadcast_mul(&factor)?);
+                        out.insert(w.key.clone(), base_w.broadcast_mul(&factor)?);
                         let row = factor.squeeze(1)?;
-                        out.insert(bias.key.clone(), bias.tensor.mul(&row)?);
+                        out.insert(bias.key.clone(), bias.tensor()?.mul(&row)?);
                     }
                 }
             }

@@ -3,7 +3,7 @@
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
-use crate::kernels::{LazyPanels, PackedWeight};
+use crate::kernels::{PackedWeight, WeightRef};
 use crate::keys::{Leaf, ParamKey, Role};
 use crate::rng::Rng;
 use candle_core::{Device, Tensor};
@@ -16,7 +16,79 @@ pub struct Param {
     /// Checkpoint name and role.
     pub key: ParamKey,
     /// The frozen values.
-    pub tensor: Tensor,
+    pub value: ParamValue,
+}
+
+/// How a base tensor's values are held.
+#[derive(Debug, Clone)]
+pub enum ParamValue {
+    /// As a tensor.
+    Tensor(Tensor),
+    /// Rows `start..start + rows` of a frozen weight held only as its panels for the fused
+    /// products (see [`PackedWeight`]): beside an f32 copy they added 340 MB to a BERT-base
+    /// process. The few readers that need a matrix unpack a copy.
+    Panels {
+        /// The packed weight.
+        panels: PackedWeight,
+        /// First row.
+        start: usize,
+        /// Row count.
+        rows: usize,
+    },
+}
+
+impl ParamValue {
+    /// The values as a forward reads them.
+    pub fn as_ref(&self) -> WeightRef<'_> {
+        match self {
+            ParamValue::Tensor(t) => WeightRef::Tensor(t),
+            ParamValue::Panels {
+                panels,
+                start,
+                rows,
+            } => WeightRef::Panels {
+                panels,
+                start: *start,
+                rows: *rows,
+            },
+        }
+    }
+}
+
+impl Param {
+    fn new(key: ParamKey, tensor: Tensor) -> Self {
+        Param {
+            key,
+            value: ParamValue::Tensor(tensor),
+        }
+    }
+
+    /// The values as a tensor: the held tensor (shared, not copied), or a fresh copy unpacked
+    /// from the panels.
+    pub fn tensor(&self) -> Result<Tensor> {
+        Ok(self.value.as_ref().tensor()?)
+    }
+
+    /// The held tensor, where the values are held as one.
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        match &self.value {
+            ParamValue::Tensor(t) => Some(t),
+            ParamValue::Panels { .. } => None,
+        }
+    }
+
+    /// The shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match &self.value {
+            ParamValue::Tensor(t) => t.dims().to_vec(),
+            ParamValue::Panels { panels, rows, .. } => vec![*rows, panels.dims().1],
+        }
+    }
+
+    /// The number of values.
+    pub fn elem_count(&self) -> usize {
+        self.dims().iter().product()
+    }
 }
 
 /// A dense layer `x · Wᵀ + b`.
@@ -26,9 +98,6 @@ pub struct Linear {
     pub weight: Param,
     /// b [out].
     pub bias: Param,
-    /// W packed once, on first use, for the fused products (see [`LazyPanels`]), where the
-    /// forward reads this layer through them (attention output and FFN); `None` elsewhere.
-    pub packed: Option<LazyPanels>,
 }
 
 /// A LayerNorm's scale and shift.
@@ -63,11 +132,8 @@ pub struct SelfAttention {
     /// `value`.
     pub value: Linear,
     /// q, k, v weights [3d, d] and biases [3d] concatenated once at load, for the fused block; the
-    /// three projections above are views into them.
-    pub qkv: (Tensor, Tensor),
-    /// The concatenated weight packed once, on first use, for the fused attention's q|k|v
-    /// product.
-    pub qkv_packed: Option<LazyPanels>,
+    /// three projections above are views into them (row ranges of the panels where packed).
+    pub qkv: (ParamValue, Tensor),
 }
 
 /// `attention.output`: the output projection, then residual + LayerNorm (adapter site 1).
@@ -170,10 +236,7 @@ impl Loader {
                 Tensor::from_vec(v, shape, &Device::Cpu)?
             }
         };
-        Ok(Param {
-            key: ParamKey::new(name, role, leaf),
-            tensor: t,
-        })
+        Ok(Param::new(ParamKey::new(name, role, leaf), t))
     }
 
     fn has_pooler(&self) -> bool {
@@ -187,7 +250,6 @@ impl Loader {
         Ok(Linear {
             weight: self.take(format!("{prefix}.weight"), &[out, inp], role, Leaf::Weight)?,
             bias: self.take(format!("{prefix}.bias"), &[out], role, Leaf::Bias)?,
-            packed: None,
         })
     }
 
@@ -326,38 +388,65 @@ impl BertWeights {
         .packed()
     }
 
-    /// The same weights with the products the fused forward runs on every step marked to be
-    /// packed once, on first use (q|k|v, attention output, both FFN projections): frozen weights
-    /// never change, and packing the transposed weight on every call cost a share of each product
-    /// (see `PackedWeight`).
+    /// The same weights with the frozen weights of the products the fused forward runs on every
+    /// step (q|k|v, attention output, both FFN projections) held only as their panels: frozen
+    /// weights never change, packing the transposed weight on every call cost a share of each
+    /// product, and a second f32 copy beside the panels cost memory. Other dtypes and devices,
+    /// and CPUs without our tile, keep tensors.
     fn packed(mut self) -> Result<Self> {
+        let pack = |v: &mut ParamValue| -> Result<Option<PackedWeight>> {
+            let ParamValue::Tensor(w) = &*v else {
+                return Ok(None);
+            };
+            let Some(panels) = PackedWeight::of(w)? else {
+                return Ok(None);
+            };
+            *v = ParamValue::Panels {
+                panels: panels.clone(),
+                start: 0,
+                rows: panels.dims().0,
+            };
+            Ok(Some(panels))
+        };
         for l in &mut self.layers {
-            l.attention.qkv_packed = Some(LazyPanels::default());
+            let a = &mut l.attention;
+            if let Some(panels) = pack(&mut a.qkv.0)? {
+                let rows = panels.dims().0 / 3;
+                for (i, lin) in [&mut a.query, &mut a.key, &mut a.value]
+                    .into_iter()
+                    .enumerate()
+                {
+                    lin.weight.value = ParamValue::Panels {
+                        panels: panels.clone(),
+                        start: i * rows,
+                        rows,
+                    };
+                }
+            }
             for lin in [
                 &mut l.attention_output.dense,
                 &mut l.intermediate.dense,
                 &mut l.output.dense,
             ] {
-                lin.packed = Some(LazyPanels::default());
+                pack(&mut lin.weight.value)?;
             }
         }
         Ok(self)
     }
 
-    /// Bytes of every panel packed so far (memory the packing adds to the weights).
+    /// Bytes of the panels that hold frozen weights.
     pub fn packed_bytes(&self) -> usize {
         self.layers
             .iter()
             .flat_map(|l| {
                 [
-                    &l.attention.qkv_packed,
-                    &l.attention_output.dense.packed,
-                    &l.intermediate.dense.packed,
-                    &l.output.dense.packed,
+                    &l.attention.qkv.0,
+                    &l.attention_output.dense.weight.value,
+                    &l.intermediate.dense.weight.value,
+                    &l.output.dense.weight.value,
                 ]
             })
-            .flatten()
-            .filter_map(LazyPanels::packed)
+            .filter_map(|v| v.as_ref().whole_panels())
             .map(PackedWeight::bytes)
             .sum()
     }
@@ -395,17 +484,22 @@ impl BertWeights {
     /// The same weights with every tensor passed through `f` (dtype or device changes); the fused
     /// q, k, v tensors are rebuilt so the projections stay views into them.
     pub fn map(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
-        let p = |x: &Param| -> Result<Param> {
-            Ok(Param {
-                key: x.key.clone(),
-                tensor: f(&x.tensor)?,
-            })
-        };
+        self.map_tensors(f)?.packed()
+    }
+
+    /// The same values with every weight held as a tensor, none as panels: the reference of the
+    /// packed products in tests.
+    pub fn unpacked(&self) -> Result<Self> {
+        self.map_tensors(&|t| Ok(t.clone()))
+    }
+
+    /// [`BertWeights::map`] without packing the result.
+    fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        let p = |x: &Param| -> Result<Param> { Ok(Param::new(x.key.clone(), f(&x.tensor()?)?)) };
         let lin = |x: &Linear| -> Result<Linear> {
             Ok(Linear {
                 weight: p(&x.weight)?,
                 bias: p(&x.bias)?,
-                packed: None,
             })
         };
         let ln = |x: &LayerNorm| -> Result<LayerNorm> {
@@ -415,7 +509,7 @@ impl BertWeights {
             })
         };
         let e = &self.embeddings;
-        BertWeights {
+        Ok(BertWeights {
             embeddings: Embeddings {
                 word: p(&e.word)?,
                 position: p(&e.position)?,
@@ -453,8 +547,7 @@ impl BertWeights {
                 }),
                 None => None,
             },
-        }
-        .packed()
+        })
     }
 
     /// Moves every tensor to `device`.
@@ -467,29 +560,27 @@ impl SelfAttention {
     /// Concatenates the three projections into one [3d, d] weight and [3d] bias and makes the
     /// separate projections views into them, so the fused attention needs no copy per call.
     fn fused(mut query: Linear, mut key: Linear, mut value: Linear) -> Result<Self> {
-        let rows = query.weight.tensor.dim(0)?;
-        let w = Tensor::cat(
-            &[
-                &query.weight.tensor,
-                &key.weight.tensor,
-                &value.weight.tensor,
-            ],
-            0,
-        )?;
-        let b = Tensor::cat(
-            &[&query.bias.tensor, &key.bias.tensor, &value.bias.tensor],
-            0,
-        )?;
+        let lins = [&query, &key, &value];
+        let weights = lins
+            .iter()
+            .map(|l| l.weight.tensor())
+            .collect::<Result<Vec<_>>>()?;
+        let biases = lins
+            .iter()
+            .map(|l| l.bias.tensor())
+            .collect::<Result<Vec<_>>>()?;
+        let rows = weights[0].dim(0)?;
+        let w = Tensor::cat(&weights, 0)?;
+        let b = Tensor::cat(&biases, 0)?;
         for (i, lin) in [&mut query, &mut key, &mut value].into_iter().enumerate() {
-            lin.weight.tensor = w.narrow(0, i * rows, rows)?;
-            lin.bias.tensor = b.narrow(0, i * rows, rows)?;
+            lin.weight.value = ParamValue::Tensor(w.narrow(0, i * rows, rows)?);
+            lin.bias.value = ParamValue::Tensor(b.narrow(0, i * rows, rows)?);
         }
         Ok(SelfAttention {
             query,
             key,
             value,
-            qkv: (w, b),
-            qkv_packed: None,
+            qkv: (ParamValue::Tensor(w), b),
         })
     }
 }

@@ -99,9 +99,9 @@ impl BaseModel {
             let d = cfg.hidden_size;
             let qkv_delta = routing.updates(&h, 3 * d, |g, x| g.view.layers[l].qkv_delta(x))?;
             let weights = AttentionWeights {
-                q: w.query.pair(),
-                k: w.key.pair(),
-                v: w.value.pair(),
+                q: w.query,
+                k: w.key,
+                v: w.value,
                 o: w.attention_out,
                 qkv: w.qkv,
                 prefix: w.prefix,

@@ -11,7 +11,7 @@ pub mod view;
 
 pub use crate::kernels::{LinearView, NormView};
 pub use batch::Batch;
-pub use checkpoint::{canonical_name, BertWeights, Param};
+pub use checkpoint::{canonical_name, BertWeights, Param, ParamValue};
 pub use forward::ForwardOptions;
 pub use routing::{Routing, RowGroup};
 pub use view::{LayerView, SiteView, TaskParts, TaskView};
@@ -133,9 +133,9 @@ impl BaseModel {
             .find(|p| p.key.name() == name)
     }
 
-    /// A base weight by canonical name.
-    pub fn weight(&self, name: &str) -> Option<&Tensor> {
-        self.param(name).map(|p| &p.tensor)
+    /// A base weight by canonical name, as a tensor (a fresh copy where it is held packed).
+    pub fn weight(&self, name: &str) -> Result<Option<Tensor>> {
+        self.param(name).map(Param::tensor).transpose()
     }
 
     /// All base weight names, sorted.
@@ -152,11 +152,7 @@ impl BaseModel {
 
     /// Number of base parameters.
     pub fn num_params(&self) -> usize {
-        self.weights
-            .params()
-            .iter()
-            .map(|p| p.tensor.elem_count())
-            .sum()
+        self.weights.params().iter().map(|p| p.elem_count()).sum()
     }
 
     /// The same model with weights in `dtype` (f64 for gradient checks).

@@ -8,7 +8,7 @@ use crate::adapter::prefix::prefix_key_name;
 use crate::adapter::AdapterConfig;
 use crate::adapter::{BottleneckAdapter, Site};
 use crate::error::{Error, Result};
-use crate::kernels::{LinearView, NormView};
+use crate::kernels::{LinearView, NormView, WeightRef};
 use crate::keys::ParamKey;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -172,31 +172,35 @@ impl<'a> TaskView<'a> {
                  the task, or derive them for the forward); running without them would ignore them",
             ));
         }
-        let r = |p: &'a Param| -> &'a Tensor {
+        // A task's trained or derived copy of a base tensor, which replaces it.
+        let task_copy = |p: &'a Param| -> Option<&'a Tensor> {
             task.and_then(|t| {
                 t.derived
                     .and_then(|d| d.get(p.key.name()))
                     .or_else(|| t.params.get(p.key.name()))
             })
-            .unwrap_or(&p.tensor)
         };
-        let lin = |l: &'a Linear| {
-            let (w, b) = (r(&l.weight), r(&l.bias));
-            // The panels are the base weight's: a task's own copy of W reads its own values.
-            let base_w = std::ptr::eq(w, &l.weight.tensor);
-            LinearView {
-                w,
-                b,
-                packed: l
-                    .packed
-                    .as_ref()
-                    .filter(|_| base_w)
-                    .and_then(|p| p.get(&l.weight.tensor)),
-            }
+        let r = |p: &'a Param| -> Result<&'a Tensor> {
+            task_copy(p).or(p.as_tensor()).ok_or_else(|| {
+                Error::config(
+                    "base model",
+                    p.key.name(),
+                    "is held only as packed panels, but is read here as a tensor (a bug: only \
+                     linear weights are packed)",
+                )
+            })
         };
-        let norm = |n: &'a LayerNorm| NormView {
-            gamma: r(&n.weight),
-            beta: r(&n.bias),
+        let lin = |l: &'a Linear| -> Result<LinearView<'a>> {
+            Ok(LinearView {
+                w: task_copy(&l.weight).map_or(l.weight.value.as_ref(), WeightRef::Tensor),
+                b: r(&l.bias)?,
+            })
+        };
+        let norm = |n: &'a LayerNorm| -> Result<NormView<'a>> {
+            Ok(NormView {
+                gamma: r(&n.weight)?,
+                beta: r(&n.bias)?,
+            })
         };
         let w = &base.weights;
         let e = &w.embeddings;
@@ -204,12 +208,17 @@ impl<'a> TaskView<'a> {
         let mut sites = Vec::with_capacity(w.layers.len());
         for (l, layer) in w.layers.iter().enumerate() {
             let a = &layer.attention;
-            let (query, key, value) = (lin(&a.query), lin(&a.key), lin(&a.value));
+            let (query, key, value) = (lin(&a.query)?, lin(&a.key)?, lin(&a.value)?);
             let untouched = [(&a.query, query), (&a.key, key), (&a.value, value)]
                 .iter()
                 .all(|(base_lin, v)| {
-                    std::ptr::eq(v.w, &base_lin.weight.tensor)
-                        && std::ptr::eq(v.b, &base_lin.bias.tensor)
+                    v.same(LinearView {
+                        w: base_lin.weight.value.as_ref(),
+                        b: v.b,
+                    }) && base_lin
+                        .bias
+                        .as_tensor()
+                        .is_some_and(|b| std::ptr::eq(v.b, b))
                 });
             layers.push(LayerView {
                 query,
@@ -217,13 +226,12 @@ impl<'a> TaskView<'a> {
                 value,
                 // Lazily: the panels are packed only where this view reads them.
                 qkv: untouched.then(|| LinearView {
-                    w: &a.qkv.0,
+                    w: a.qkv.0.as_ref(),
                     b: &a.qkv.1,
-                    packed: a.qkv_packed.as_ref().and_then(|p| p.get(&a.qkv.0)),
                 }),
-                attention_out: lin(&layer.attention_output.dense),
-                intermediate: lin(&layer.intermediate.dense),
-                output: lin(&layer.output.dense),
+                attention_out: lin(&layer.attention_output.dense)?,
+                intermediate: lin(&layer.intermediate.dense)?,
+                output: lin(&layer.output.dense)?,
                 prefix: task.and_then(|t| t.derived).and_then(|d| {
                     let k = d.get(prefix_key_name(l, "key").as_str())?;
                     let v = d.get(prefix_key_name(l, "value").as_str())?;
@@ -252,7 +260,7 @@ impl<'a> TaskView<'a> {
                     _ => None,
                 };
                 Ok(SiteView {
-                    layer_norm: norm(n),
+                    layer_norm: norm(n)?,
                     adapter,
                 })
             };
@@ -262,11 +270,11 @@ impl<'a> TaskView<'a> {
             ]);
         }
         Ok(TaskView {
-            embeddings: [r(&e.word), r(&e.position), r(&e.token_type)],
-            embeddings_norm: norm(&e.layer_norm),
+            embeddings: [r(&e.word)?, r(&e.position)?, r(&e.token_type)?],
+            embeddings_norm: norm(&e.layer_norm)?,
             layers,
             sites,
-            pooler: w.pooler.as_ref().map(|p| lin(&p.dense)),
+            pooler: w.pooler.as_ref().map(|p| lin(&p.dense)).transpose()?,
         })
     }
 

@@ -433,7 +433,7 @@ impl HubDir {
         } else {
             None
         };
-        if head.pooling == Pooling::Pooler && base.weight("pooler.dense.weight").is_none() {
+        if head.pooling == Pooling::Pooler && base.param("pooler.dense.weight").is_none() {
             return Err(Error::Incompatible {
                 path: dir.to_path_buf(),
                 message: "the head uses the pooler (use_pooler) but the base checkpoint has no \
@@ -528,7 +528,7 @@ impl HubDir {
             let file = dir.join(files::BASE_PARAMS);
             let mut tensors = read_stripped(&file)?;
             for p in owned {
-                let shape = p.tensor.dims().to_vec();
+                let shape = p.dims();
                 let t = crate::io::take_tensor(
                     &mut tensors,
                     &file,

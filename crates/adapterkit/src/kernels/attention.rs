@@ -4,13 +4,13 @@
 
 use super::dropout::Dropout;
 use super::gemm::gemm_crate_into;
-use super::linear::{frozen_f32, linear};
-use super::matmul::{affine_2d, batched_matmul, bmm, matmul_2d};
+use super::linear::linear_view;
+use super::matmul::{affine_2d, batched_matmul, bmm};
 use super::softmax::{
     attention_softmax, softmax_backward_rows, softmax_rows, AttentionSoftmax, SoftmaxBackward,
 };
 use super::{
-    attach, attach2, attach3, f32_slice, wide, Backend, CResult, Call, InputGradient,
+    attach, attach2, attach3, f32_slice, wide, Backend, CResult, Call, FrozenWeight, InputGradient,
     InputGradients2, InputGradients3, LinearView,
 };
 use crate::error::Result;
@@ -417,13 +417,13 @@ fn merge_heads3(hs: Heads, parts: [&[f32]; 3]) -> Vec<f32> {
 
 /// The frozen weights of one self-attention block, by role.
 pub struct AttentionWeights<'a> {
-    /// Query projection weight and bias.
-    pub q: (&'a Tensor, &'a Tensor),
-    /// Key projection weight and bias.
-    pub k: (&'a Tensor, &'a Tensor),
-    /// Value projection weight and bias.
-    pub v: (&'a Tensor, &'a Tensor),
-    /// Output projection (weight, bias and, where packed at load, its panels).
+    /// Query projection.
+    pub q: LinearView<'a>,
+    /// Key projection.
+    pub k: LinearView<'a>,
+    /// Value projection.
+    pub v: LinearView<'a>,
+    /// Output projection (its weight a tensor or the panels packed at load).
     pub o: LinearView<'a>,
     /// q, k, v weights and biases already concatenated ([3d, d], [3d]), when the caller has them.
     pub qkv: Option<LinearView<'a>>,
@@ -475,8 +475,8 @@ struct FrozenAttention {
     scaled: Option<(Tensor, Tensor)>,
     /// Whether q|k|v updates were added to the product.
     delta: bool,
-    wqkv: Tensor,
-    wo: Tensor,
+    wqkv: FrozenWeight,
+    wo: FrozenWeight,
     heads: Heads,
     scale: f32,
     dropout: Option<Dropout>,
@@ -489,7 +489,7 @@ impl FrozenAttention {
     fn gradients(&self, arg: &Tensor, grad: &Tensor) -> CResult<(Tensor, Option<Prefixed>)> {
         let hs = self.heads;
         let g = grad.reshape((hs.b * hs.s, hs.h * hs.dh))?.contiguous()?;
-        let dctx = matmul_2d(&g, &self.wo)?;
+        let dctx = self.wo.input_gradient(&g)?;
         let (dqkv, dprefix) = match &self.saved {
             AttentionSaved::Rows { qkv, probs } => {
                 let op = TrainCoreBackward {
@@ -514,7 +514,7 @@ impl FrozenAttention {
             ),
             None => (dqkv, None),
         };
-        let dh = matmul_2d(&dqkv, &self.wqkv)?.reshape(arg.shape())?;
+        let dh = self.wqkv.input_gradient(&dqkv)?.reshape(arg.shape())?;
         let extra = match (dprefix, dscale) {
             (Some(p), _) => Some(Prefixed::Prefix(p)),
             (None, Some(s)) => Some(Prefixed::Scale(s)),
@@ -635,9 +635,7 @@ pub fn attention(
     scale: f64,
     dropout: Option<(f64, &mut Rng)>,
 ) -> Result<Tensor> {
-    let frozen = [w.q, w.k, w.v, w.o.pair()]
-        .iter()
-        .all(|(w, b)| frozen_f32(w, b));
+    let frozen = [w.q, w.k, w.v, w.o].iter().all(|l| l.frozen_f32());
     let prefix_fuses = w.prefix.is_none_or(|(k, v)| backend.fuses(&[k, v]));
     let extras_fuse = [w.qkv_scale, w.qkv_delta]
         .into_iter()
@@ -670,17 +668,17 @@ fn attention_composed(
 ) -> Result<Tensor> {
     let (b, s, d) = h.dims3()?;
     let dh = d / heads;
-    let project = |(wt, bt): (&Tensor, &Tensor)| -> Result<Tensor> {
-        let t = linear(backend, h, wt, Some(bt))?;
+    let project = |lin: LinearView<'_>| -> Result<Tensor> {
+        let t = linear_view(backend, h, lin)?;
         Ok(t.reshape((b, s, heads, dh))?
             .transpose(1, 2)?
             .contiguous()?)
     };
-    let scaled = |i: usize, (wt, bt): (&Tensor, &Tensor)| -> Result<Tensor> {
+    let scaled = |i: usize, lin: LinearView<'_>| -> Result<Tensor> {
         if w.qkv_scale.is_none() && w.qkv_delta.is_none() {
-            return project((wt, bt));
+            return project(lin);
         }
-        let mut t = linear(backend, h, wt, Some(bt))?;
+        let mut t = linear_view(backend, h, lin)?;
         if let Some(delta) = w.qkv_delta {
             t = t.add(&delta.narrow(2, i * d, d)?)?;
         }
@@ -718,7 +716,7 @@ fn attention_composed(
         probs.matmul(&v)?
     };
     let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, s, d))?;
-    linear(backend, &ctx, w.o.w, Some(w.o.b))
+    linear_view(backend, &ctx, w.o)
 }
 
 /// The fused block of [`attention`], with attention dropout `(p, seed)`.
@@ -739,12 +737,13 @@ fn frozen_attention(
     };
     let x = h.detach().reshape((b * s, d))?;
     let (wqkv, mut qkv) = match w.qkv {
-        Some(lin) => (lin.w.clone(), lin.affine(&x)?),
+        Some(lin) => (lin.w.owned()?, lin.affine(&x)?),
         None => {
-            let wqkv = Tensor::cat(&[w.q.0, w.k.0, w.v.0], 0)?;
-            let bqkv = Tensor::cat(&[w.q.1, w.k.1, w.v.1], 0)?;
+            let parts = [w.q.w.tensor()?, w.k.w.tensor()?, w.v.w.tensor()?];
+            let wqkv = Tensor::cat(&parts, 0)?;
+            let bqkv = Tensor::cat(&[w.q.b, w.k.b, w.v.b], 0)?;
             let qkv = affine_2d(&x, &wqkv, &bqkv)?;
-            (wqkv, qkv)
+            (FrozenWeight::Tensor(wqkv), qkv)
         }
     };
     qkv = qkv.contiguous()?;
@@ -833,7 +832,7 @@ fn frozen_attention(
         scaled,
         delta: w.qkv_delta.is_some(),
         wqkv,
-        wo: w.o.w.clone(),
+        wo: w.o.w.owned()?,
         heads: hs,
         scale: scale32,
         dropout: drop,
@@ -865,9 +864,9 @@ mod tests {
         let scale = 0.5;
         let seed = 77;
         let weights = AttentionWeights {
-            q: (&w[0], &bias[0]),
-            k: (&w[1], &bias[1]),
-            v: (&w[2], &bias[2]),
+            q: LinearView::new(&w[0], &bias[0]),
+            k: LinearView::new(&w[1], &bias[1]),
+            v: LinearView::new(&w[2], &bias[2]),
             o: LinearView::new(&w[3], &bias[3]),
             qkv: None,
             prefix: None,
@@ -963,9 +962,9 @@ mod tests {
         let scales = randn(&[3 * d], 141, 0.5).affine(1.0, 1.0).unwrap();
         for with_scales in [false, true] {
             let weights = AttentionWeights {
-                q: (&w[0], &bias[0]),
-                k: (&w[1], &bias[1]),
-                v: (&w[2], &bias[2]),
+                q: LinearView::new(&w[0], &bias[0]),
+                k: LinearView::new(&w[1], &bias[1]),
+                v: LinearView::new(&w[2], &bias[2]),
                 o: LinearView::new(&w[3], &bias[3]),
                 qkv: None,
                 prefix: None,
@@ -1137,9 +1136,9 @@ mod tests {
         ];
         let run = |t: &[Tensor], backend: Backend| {
             let weights = AttentionWeights {
-                q: (&w[0], &bias[0]),
-                k: (&w[1], &bias[1]),
-                v: (&w[2], &bias[2]),
+                q: LinearView::new(&w[0], &bias[0]),
+                k: LinearView::new(&w[1], &bias[1]),
+                v: LinearView::new(&w[2], &bias[2]),
                 o: LinearView::new(&w[3], &bias[3]),
                 qkv: None,
                 prefix: Some((&t[1], &t[2])),
@@ -1156,9 +1155,9 @@ mod tests {
         );
         // The prefix changes the output: without it, every row moves.
         let plain = AttentionWeights {
-            q: (&w[0], &bias[0]),
-            k: (&w[1], &bias[1]),
-            v: (&w[2], &bias[2]),
+            q: LinearView::new(&w[0], &bias[0]),
+            k: LinearView::new(&w[1], &bias[1]),
+            v: LinearView::new(&w[2], &bias[2]),
             o: LinearView::new(&w[3], &bias[3]),
             qkv: None,
             prefix: None,
@@ -1203,9 +1202,9 @@ mod tests {
                 Extra::Update => (None, Some(&t[1])),
             };
             let weights = AttentionWeights {
-                q: (&w[0], &bias[0]),
-                k: (&w[1], &bias[1]),
-                v: (&w[2], &bias[2]),
+                q: LinearView::new(&w[0], &bias[0]),
+                k: LinearView::new(&w[1], &bias[1]),
+                v: LinearView::new(&w[2], &bias[2]),
                 o: LinearView::new(&w[3], &bias[3]),
                 qkv: None,
                 prefix: None,

@@ -311,6 +311,8 @@ fn run_packed<T: Tile>(
 /// A frozen weight W [n, k] packed once as the right operand `Wᵀ` of `x · Wᵀ`, in the panel
 /// layout [`gemm`] would otherwise build on every call. Packing the transposed weight is a strided
 /// gather (the slowest packing there is), and base weights never change, so it is done at load.
+/// The panels are the weight's only copy: the input gradient `g · W` is built from them by block
+/// transposes ([`gemm_packed_transposed`]), and W can be read back ([`PackedB::unpack_rows`]).
 #[derive(Debug)]
 pub struct PackedB {
     panels: Vec<f32>,
@@ -349,12 +351,33 @@ impl PackedB {
     pub fn bytes(&self) -> usize {
         self.panels.len() * std::mem::size_of::<f32>()
     }
+
+    /// Rows `r0..r0 + rows` of W, row-major, read back from the panels (for the few readers of
+    /// a frozen weight that need it as a plain matrix); `None` past the last row.
+    pub fn unpack_rows(&self, r0: usize, rows: usize) -> Option<Vec<f32>> {
+        if r0.checked_add(rows)? > self.n {
+            return None;
+        }
+        let (k, nr) = (self.k, on_tile!(self.isa, panel_width()));
+        let mut w = vec![0f32; rows * k];
+        for (i, row) in w.chunks_exact_mut(k).enumerate() {
+            let j = r0 + i;
+            let panel = &self.panels[(j / nr) * k * nr..][..k * nr];
+            for (v, line) in row.iter_mut().zip(panel.chunks_exact(nr)) {
+                *v = line[j % nr];
+            }
+        }
+        Some(w)
+    }
+}
+
+fn panel_width<T: Tile>() -> usize {
+    T::NR
 }
 
 fn packed_panels<T: Tile>(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut panels = vec![0f32; n.div_ceil(T::NR) * k * T::NR];
-    // On the calling thread: the weights are packed on first use, inside a once-cell that a rayon
-    // worker could otherwise re-enter while it waited on its own packing jobs.
+    // On the calling thread, at load: a weight takes milliseconds, once per process.
     pack_b::<T>(&mut panels, (w, 1, k as isize), k, n, false);
     panels
 }
@@ -379,9 +402,120 @@ pub(crate) fn gemm_packed(
     let threads = threads(parallel);
     on_tile!(
         w.isa,
-        run_packed(dst, m, n, k, lhs, &w.panels, accumulate, threads)
+        run_packed_wide(dst, m, n, k, lhs, &w.panels, accumulate, threads)
     );
     true
+}
+
+/// [`run_packed`], with the columns split across threads instead of the rows where the rows make
+/// too few panels to go round (a sentence or two at inference): one task per block of column
+/// panels, each writing its columns of every row to its own buffer.
+#[allow(clippy::too_many_arguments)]
+fn run_packed_wide<T: Tile>(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand<'_>,
+    bp: &[f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    let panels = n.div_ceil(T::NR);
+    if threads < 2 || m.div_ceil(T::MR) >= 2 * threads || panels < 2 {
+        run_packed::<T>(dst, m, n, k, lhs, bp, accumulate, threads);
+        return;
+    }
+    let per = panels.div_ceil(threads.min(panels));
+    let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per))
+        .into_par_iter()
+        .map(|t| {
+            let (c0, c1) = (t * per * T::NR, ((t + 1) * per * T::NR).min(n));
+            let w = c1 - c0;
+            let mut part = vec![0f32; m * w];
+            if accumulate {
+                for (i, row) in part.chunks_exact_mut(w).enumerate() {
+                    row.copy_from_slice(&dst[i * n + c0..i * n + c1]);
+                }
+            }
+            let b = &bp[t * per * k * T::NR..];
+            run_packed::<T>(&mut part, m, w, k, lhs, b, accumulate, 1);
+            (c0, w, part)
+        })
+        .collect();
+    for (c0, w, part) in parts {
+        for (i, row) in part.chunks_exact(w).enumerate() {
+            dst[i * n + c0..i * n + c0 + w].copy_from_slice(row);
+        }
+    }
+}
+
+/// `dst (m×k) = [dst +] lhs · W` for `lhs` m×n, with W [n, k] held only as its panels: the
+/// right operand's panels (depth n, k columns) are built from W's by NR×NR block transposes,
+/// both sides contiguous blocks. This is the input gradient through a frozen layer. Returns
+/// false, touching nothing, where [`gemm`] would.
+pub(crate) fn gemm_packed_transposed(
+    dst: &mut [f32],
+    m: usize,
+    lhs: Operand<'_>,
+    w: &PackedB,
+    accumulate: bool,
+    parallel: bool,
+) -> bool {
+    if lhs.1 < 0 || lhs.2 < 0 || dst.len() < m * w.k {
+        return false;
+    }
+    if m == 0 {
+        return true;
+    }
+    let threads = threads(parallel);
+    on_tile!(
+        w.isa,
+        transposed_product(dst, m, lhs, w, accumulate, threads)
+    );
+    true
+}
+
+fn transposed_product<T: Tile>(
+    dst: &mut [f32],
+    m: usize,
+    lhs: Operand<'_>,
+    w: &PackedB,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (n, k) = (w.n, w.k);
+    with_buf(&BUF_B, k.div_ceil(T::NR) * n * T::NR, |bp| {
+        transpose_panels::<T>(bp, &w.panels, n, k, threads > 1);
+        run_packed::<T>(dst, m, k, n, lhs, bp, accumulate, threads);
+    });
+}
+
+/// Builds the panels of W (depth n, k columns, NR wide) from the panels of Wᵀ (depth k, n
+/// columns): block (column panel c, depth block q) of the result is the transpose of block
+/// (column panel q, depth block c) of the source.
+fn transpose_panels<T: Tile>(bp: &mut [f32], src: &[f32], n: usize, k: usize, parallel: bool) {
+    let nr = T::NR;
+    let work = |(cp, out): (usize, &mut [f32])| {
+        let c0 = cp * nr;
+        let cols = nr.min(k - c0);
+        for (qb, block) in out.chunks_mut(nr * nr).enumerate() {
+            // Source panel qb holds W rows qb·NR.., one depth step (W column) per line of NR.
+            let from = &src[qb * k * nr + c0 * nr..][..cols * nr];
+            for (qq, row) in block.chunks_exact_mut(nr).enumerate() {
+                for (d, line) in row.iter_mut().zip(from.chunks_exact(nr)) {
+                    *d = line[qq];
+                }
+                row[cols..].fill(0.0);
+            }
+        }
+    };
+    let bp = &mut bp[..k.div_ceil(nr) * n * nr];
+    if parallel {
+        bp.par_chunks_mut(n * nr).enumerate().for_each(work);
+    } else {
+        bp.chunks_mut(n * nr).enumerate().for_each(work);
+    }
 }
 
 /// Packs `rhs` (k×n) into panels of NR columns, each k×NR row-major, zero-padded past n.
@@ -1142,6 +1276,70 @@ mod tests {
         }
     }
 
+    /// Products that hold W only as its panels: few rows (columns split across threads), the
+    /// input gradient `g · W` (block transposes) and W itself read back.
+    fn few_rows_and_input_gradients_on(isa: Isa) {
+        // Row counts below, at and above the column-split threshold; n and k with tails and
+        // without; a depth above one KC block.
+        for (case, &(m, n, k)) in [
+            (1, 300, 385),
+            (5, 33, 19),
+            (14, 384, 384),
+            (16, 1536, 384),
+            (40, 64, 600),
+            (3, 16, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let w = values(n * k, 70 + case as u64);
+            let packed = PackedB::transposed_on(isa, &w, n, k).expect("the CPU runs the tile");
+            assert_eq!(
+                packed.unpack_rows(0, n).as_deref(),
+                Some(&w[..]),
+                "{isa:?} unpack"
+            );
+            let tail = packed.unpack_rows(n - 1, 1).expect("the last row");
+            assert_eq!(tail[..], w[(n - 1) * k..], "{isa:?} unpack last row");
+            assert!(packed.unpack_rows(n, 1).is_none() && packed.unpack_rows(1, n).is_none());
+            let x = values(m * k, 80 + case as u64);
+            let g = values(m * n, 90 + case as u64);
+            let fwd = reference(m, n, k, (&x, k as isize, 1), (&w, 1, k as isize));
+            let bwd = reference(m, k, n, (&g, n as isize, 1), (&w, k as isize, 1));
+            for accumulate in [false, true] {
+                for parallel in [false, true] {
+                    let init = values(m * n.max(k), 7);
+                    let mut y = init[..m * n].to_vec();
+                    assert!(gemm_packed(
+                        &mut y,
+                        m,
+                        (&x, k as isize, 1),
+                        &packed,
+                        accumulate,
+                        parallel
+                    ));
+                    let mut dx = init[..m * k].to_vec();
+                    let lhs = (&g[..], n as isize, 1);
+                    assert!(gemm_packed_transposed(
+                        &mut dx, m, lhs, &packed, accumulate, parallel
+                    ));
+                    for (what, got, want, depth) in [("x·Wᵀ", &y, &fwd, k), ("g·W", &dx, &bwd, n)]
+                    {
+                        for (i, (&d, &r)) in got.iter().zip(want).enumerate() {
+                            let r = r + if accumulate { init[i] as f64 } else { 0.0 };
+                            let tol = 1e-5 * (1.0 + r.abs()) * (depth as f64).sqrt();
+                            assert!(
+                                (d as f64 - r).abs() < tol,
+                                "{isa:?} {what} {m}x{n}x{k} acc={accumulate} par={parallel} \
+                                 at {i}: {d} vs {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn empty_depth_clears_or_keeps_the_output() {
         for isa in available() {
@@ -1235,6 +1433,7 @@ mod tests {
             PackedB::transposed_on(isa, &[0.0; 6], 2, 4).is_none(),
             "wrong length"
         );
+        few_rows_and_input_gradients_on(isa);
         // One row broadcast to every row (row stride 0) cannot be read in place; it is packed.
         let (m, n, k) = (30, 40, 9);
         let (row, b) = (values(k, 3), values(k * n, 4));

@@ -4,9 +4,10 @@
 //! update), else composed from linear layers and GELU.
 
 use super::activation::{gelu, Gelu, GeluBackward};
-use super::linear::{frozen_f32, linear};
-use super::matmul::matmul_2d;
-use super::{attach, attach2, Backend, CResult, InputGradient, InputGradients2, LinearView};
+use super::linear::linear_view;
+use super::{
+    attach, attach2, Backend, CResult, FrozenWeight, InputGradient, InputGradients2, LinearView,
+};
 use crate::error::Result;
 use candle_core::Tensor;
 
@@ -43,13 +44,13 @@ pub fn ffn(
         .into_iter()
         .flatten()
         .all(|t| backend.fuses(&[t]));
-    let frozen = frozen_f32(w1.w, w1.b) && frozen_f32(w2.w, w2.b);
+    let frozen = w1.frozen_f32() && w2.frozen_f32();
     if let Some(extra) =
         extra.filter(|_| backend.fuses(&[x]) && extra_fuses && frozen && adapt.out_lora.is_none())
     {
         return Ok(frozen_ffn(x, w1, w2, extra, adapt)?);
     }
-    let mut pre = linear(backend, x, w1.w, Some(w1.b))?;
+    let mut pre = linear_view(backend, x, w1)?;
     if let Some(d) = adapt.delta {
         pre = pre.add(d)?;
     }
@@ -57,7 +58,7 @@ pub fn ffn(
         pre = pre.broadcast_mul(s)?;
     }
     let act = gelu(backend, &pre)?;
-    let out = linear(backend, &act, w2.w, Some(w2.b))?;
+    let out = linear_view(backend, &act, w2)?;
     match adapt.out_lora {
         Some((a, b)) => Ok(out.add(&act.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?)?),
         None => Ok(out),
@@ -76,8 +77,8 @@ enum Extra {
 
 /// The backward of the fused block: it keeps only the pre-activation (unscaled, update added).
 struct FrozenFfn {
-    w1: Tensor,
-    w2: Tensor,
+    w1: FrozenWeight,
+    w2: FrozenWeight,
     pre: Tensor,
     extra: Extra,
 }
@@ -87,7 +88,7 @@ impl FrozenFfn {
     fn gradients(&self, arg: &Tensor, grad: &Tensor) -> CResult<(Tensor, Option<Tensor>)> {
         let rows = self.pre.dim(0)?;
         let g = grad.reshape((rows, ()))?.contiguous()?;
-        let dact = matmul_2d(&g, &self.w2)?;
+        let dact = self.w2.input_gradient(&g)?;
         let (dpre, dextra) = match &self.extra {
             Extra::Scale(s) => {
                 let z = self.pre.broadcast_mul(s)?;
@@ -101,7 +102,7 @@ impl FrozenFfn {
             }
             Extra::None => (self.pre.apply_op2_no_bwd(&dact, &GeluBackward)?, None),
         };
-        let dx = matmul_2d(&dpre.contiguous()?, &self.w1)?.reshape(arg.shape())?;
+        let dx = self.w1.input_gradient(&dpre)?.reshape(arg.shape())?;
         Ok((dx, dextra))
     }
 }
@@ -150,12 +151,12 @@ fn frozen_ffn(
     };
     let mut out_dims = dims;
     if let Some(last) = out_dims.last_mut() {
-        *last = w2.w.dim(0)?;
+        *last = w2.w.rows()?;
     }
     let out = w2.affine(&act)?.reshape(out_dims)?;
     let backward = FrozenFfn {
-        w1: w1.w.clone(),
-        w2: w2.w.clone(),
+        w1: w1.w.owned()?,
+        w2: w2.w.owned()?,
         pre,
         extra,
     };

@@ -253,31 +253,6 @@ pub(crate) fn gemm_into(
     gemm_crate_into(dst, m, n, k, lhs, rhs, accumulate, parallel);
 }
 
-/// `dst (m×n) = [dst +] x (m×k, row-major) · Wᵀ` for W [n, k] row-major, from its panels packed
-/// at load where they exist and the product would pack: few rows still take the packing-free
-/// skinny path, which reads W as it is.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn xwt_into(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    w: &[f32],
-    packed: Option<&super::blocked::PackedB>,
-    accumulate: bool,
-    parallel: bool,
-) {
-    let (ki, xs) = (k as isize, (x, k as isize, 1));
-    if let Some(p) = packed.filter(|p| p.n() == n && p.k() == k && m > SKINNY_ROWS) {
-        check_operands(dst.len(), m, n, k, xs, (w, 1, ki));
-        if super::blocked::gemm_packed(dst, m, xs, p, accumulate, parallel) {
-            return;
-        }
-    }
-    gemm_into(dst, m, n, k, xs, (w, 1, ki), accumulate, parallel);
-}
-
 /// [`gemm_into`]'s product through the `gemm` crate (its AVX2 kernels), for CPUs without AVX2
 /// (or `ADAPTERKIT_GEMM=portable`) and as the yardstick of our kernel's timing test.
 #[allow(clippy::too_many_arguments)]

@@ -3,7 +3,7 @@
 //! matmul, whose backward also computes (and keeps) a gradient for the weight.
 
 use super::matmul::{matmul_2d, matmul_tn, Affine};
-use super::{attach, supported, Backend, CResult, InputGradient};
+use super::{attach, supported, Backend, CResult, FrozenWeight, InputGradient, LinearView};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -20,7 +20,8 @@ pub fn linear(backend: Backend, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R
     let fused = backend == Backend::Fused;
     let y = if frozen && fused && x2.track_op() && x2.device().is_cpu() {
         let out = linear_reference(&x2.detach(), w, b)?;
-        attach(&x2, out, FrozenLinear { w: w.clone() })?
+        let w = FrozenWeight::Tensor(w.clone());
+        attach(&x2, out, FrozenLinear { w })?
     } else if let Some(b) = b.filter(|b| fused && [&x2, w, b].iter().all(|t| supported(t))) {
         x2.apply_op3(&w.contiguous()?, &b.contiguous()?, TrainedAffine)?
     } else {
@@ -28,6 +29,27 @@ pub fn linear(backend: Backend, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R
     };
     let mut out_dims = dims;
     out_dims[last] = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// [`linear`] for a layer as a forward reads it: a frozen base weight held as panels runs its
+/// product and its input gradient on the panels; any other weight goes to [`linear`].
+pub fn linear_view(backend: Backend, x: &Tensor, lin: LinearView<'_>) -> Result<Tensor> {
+    let Some(panels) = lin
+        .w
+        .whole_panels()
+        .filter(|_| backend == Backend::Fused && !lin.b.track_op() && supported(x))
+    else {
+        return linear(backend, x, &lin.w.tensor()?, Some(lin.b));
+    };
+    let dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    let x2 = x.reshape((dims[..last].iter().product::<usize>(), dims[last]))?;
+    let out = panels.affine(&x2.detach(), lin.b)?;
+    let w = FrozenWeight::Panels(panels.clone());
+    let y = attach(&x2, out, FrozenLinear { w })?;
+    let mut out_dims = dims;
+    out_dims[last] = panels.dims().0;
     Ok(y.reshape(out_dims)?)
 }
 
@@ -60,7 +82,7 @@ impl CustomOp3 for TrainedAffine {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        Affine::plain().cpu_fwd(s1, l1, s2, l2, s3, l3)
+        Affine.cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
 
     fn bwd(
@@ -81,7 +103,7 @@ impl CustomOp3 for TrainedAffine {
 
 /// A frozen linear layer's backward: `grad · w` for the input, nothing for the weights.
 struct FrozenLinear {
-    w: Tensor,
+    w: FrozenWeight,
 }
 
 impl InputGradient for FrozenLinear {
@@ -89,14 +111,8 @@ impl InputGradient for FrozenLinear {
 
     fn input_gradient(&self, _input: &Tensor, grad: &Tensor) -> CResult<Tensor> {
         // The input is 2-D ([`linear`] flattens), so the product takes the fused kernels.
-        matmul_2d(grad, &self.w)
+        self.w.input_gradient(grad)
     }
-}
-
-/// Whether a frozen linear layer's weights can feed the fused whole-block kernels: f32 and not
-/// tracked by autograd.
-pub(crate) fn frozen_f32(w: &Tensor, b: &Tensor) -> bool {
-    !w.track_op() && !b.track_op() && w.dtype() == candle_core::DType::F32
 }
 
 #[cfg(test)]

@@ -2,30 +2,17 @@
 //! batch-parallel batched product used by attention.
 
 use super::blocked::PackedB;
-use super::gemm::{gemm_crate_into, gemm_into, xwt_into};
+use super::gemm::{gemm_crate_into, gemm_into};
 use super::{f32_slice, supported, CResult};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// `x · Wᵀ + b` for [rows, k] inputs and frozen W [n, k]: the bias is the product's starting value
 /// (no separate broadcast pass), and few-row inputs take the packing-free path of [`super::gemm::gemm_into`].
 pub(crate) fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    affine_packed(x, w, b, None)
-}
-
-/// [`affine_2d`] reading W from `packed` (W packed at load) where the product would pack it.
-pub(crate) fn affine_packed(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    packed: Option<&PackedWeight>,
-) -> candle_core::Result<Tensor> {
     if [x, w, b].iter().all(|t| supported(t)) {
-        let op = Affine {
-            packed: packed.map(|p| &*p.0),
-        };
-        return x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op);
+        return x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Affine);
     }
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
@@ -64,29 +51,97 @@ impl PackedWeight {
     pub fn bytes(&self) -> usize {
         self.0.bytes()
     }
-}
 
-/// A frozen weight's [`PackedWeight`], packed the first time a product reads it: a process that
-/// never runs the base's own weight through the fused products (full fine-tuning trains a copy of
-/// every weight) never spends the memory. Clones share the panels.
-#[derive(Debug, Clone, Default)]
-pub struct LazyPanels(Arc<OnceLock<Option<PackedWeight>>>);
-
-impl LazyPanels {
-    /// The panels of `w`, packed on the first call; `None` where no product would read them (see
-    /// [`PackedWeight::of`]) or `w` is not the weight they were packed from.
-    pub fn get(&self, w: &Tensor) -> Option<&PackedWeight> {
-        // Packing fails only where `w` cannot be read as f32 on the CPU, where the products do
-        // not use panels either: they then pack per call, with the same result.
-        self.0
-            .get_or_init(|| PackedWeight::of(w).ok().flatten())
-            .as_ref()
-            .filter(|p| p.fits(w))
+    /// W's shape [n, k].
+    pub fn dims(&self) -> (usize, usize) {
+        (self.0.n(), self.0.k())
     }
 
-    /// The panels, if a product has packed them.
-    pub fn packed(&self) -> Option<&PackedWeight> {
-        self.0.get().and_then(Option::as_ref)
+    /// Rows `r0..r0 + rows` of W as a plain f32 tensor [rows, k] on the CPU (a fresh copy, for
+    /// the few readers that need W as a matrix).
+    pub fn unpack_rows(&self, r0: usize, rows: usize) -> candle_core::Result<Tensor> {
+        let w = self.0.unpack_rows(r0, rows).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "packed weight: rows {r0}..{} of {}",
+                r0 + rows,
+                self.0.n()
+            ))
+        })?;
+        Tensor::from_vec(w, (rows, self.0.k()), &candle_core::Device::Cpu)
+    }
+
+    /// `x · Wᵀ + b` for 2-D `x`, from the panels.
+    pub(crate) fn affine(&self, x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &PanelAffine(&self.0))
+    }
+
+    /// `g · W` for 2-D `g` [rows, n] (the input gradient through the frozen layer), from the
+    /// panels.
+    pub(crate) fn input_gradient(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        g.contiguous()?
+            .apply_op1_no_bwd(&PanelInputGradient(&self.0))
+    }
+}
+
+/// The forward-only product `x · Wᵀ + b` of [`PackedWeight::affine`].
+struct PanelAffine<'a>(&'a PackedB);
+
+impl CustomOp2 for PanelAffine<'_> {
+    fn name(&self) -> &'static str {
+        "panel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let b = f32_slice(s2, l2, self.name())?;
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = (self.0.n(), self.0.k());
+        if k != k2 || b.len() != n {
+            return Err(candle_core::Error::Msg(format!(
+                "panel affine: [{m}, {k}] · [{n}, {k2}]ᵀ + [{}] do not fit",
+                b.len()
+            )));
+        }
+        let mut out = super::rows_of(b, m);
+        if !super::blocked::gemm_packed(&mut out, m, (x, k as isize, 1), self.0, true, true) {
+            return Err(candle_core::Error::Msg("panel affine: no tile".into()));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// The forward-only product `g · W` of [`PackedWeight::input_gradient`].
+struct PanelInputGradient<'a>(&'a PackedB);
+
+impl candle_core::CustomOp1 for PanelInputGradient<'_> {
+    fn name(&self) -> &'static str {
+        "panel-input-gradient"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, self.name())?;
+        let (m, n) = l.shape().dims2()?;
+        let (n2, k) = (self.0.n(), self.0.k());
+        if n != n2 {
+            return Err(candle_core::Error::Msg(format!(
+                "panel input gradient: [{m}, {n}] · [{n2}, {k}] do not fit"
+            )));
+        }
+        let mut out = super::zeros(m * k);
+        let lhs = (g, n as isize, 1);
+        if !super::blocked::gemm_packed_transposed(&mut out, m, lhs, self.0, false, true) {
+            return Err(candle_core::Error::Msg(
+                "panel input gradient: no tile".into(),
+            ));
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }
 }
 
@@ -150,19 +205,10 @@ impl CustomOp2 for PlainProduct {
     }
 }
 
-/// The forward-only product of [`affine_2d`], with W's panels when packed at load.
-pub(crate) struct Affine<'a> {
-    packed: Option<&'a PackedB>,
-}
+/// The forward-only product of [`affine_2d`].
+pub(crate) struct Affine;
 
-impl Affine<'static> {
-    /// The product without packed panels.
-    pub(crate) fn plain() -> Self {
-        Affine { packed: None }
-    }
-}
-
-impl CustomOp3 for Affine<'_> {
+impl CustomOp3 for Affine {
     fn name(&self) -> &'static str {
         "affine"
     }
@@ -190,7 +236,8 @@ impl CustomOp3 for Affine<'_> {
             )));
         }
         let mut out = super::rows_of(b, m);
-        xwt_into(&mut out, m, n, k, x, w, self.packed, true, true);
+        let ki = k as isize;
+        gemm_into(&mut out, m, n, k, (x, ki, 1), (w, 1, ki), true, true);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

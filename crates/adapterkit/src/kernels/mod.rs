@@ -27,9 +27,9 @@ pub use attention::{attention, AttentionWeights};
 pub use dropout::dropout;
 pub use ffn::ffn;
 pub use layer_norm::layer_norm;
-pub use linear::linear;
+pub use linear::{linear, linear_view};
 pub use loss::{cross_entropy, log_softmax_last_dim, mse};
-pub use matmul::{batched_matmul, matmul_2d, LazyPanels, PackedWeight};
+pub use matmul::{batched_matmul, matmul_2d, PackedWeight};
 pub use softmax::{attention_softmax, softmax_last_dim};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -258,36 +258,146 @@ fn hand_over(out: &std::sync::Mutex<Option<Tensor>>, what: &str) -> CResult<(Cpu
     }
 }
 
+/// A linear layer's weight W [out, in] as a forward reads it: a tensor, or rows of a frozen base
+/// weight held only as its panels (see [`PackedWeight`]).
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRef<'a> {
+    /// A plain tensor (a task's trained or merged copy, or a base weight not packed).
+    Tensor(&'a Tensor),
+    /// Rows `start..start + rows` of the weight packed in `panels`.
+    Panels {
+        /// The packed weight.
+        panels: &'a PackedWeight,
+        /// First row.
+        start: usize,
+        /// Row count.
+        rows: usize,
+    },
+}
+
+impl<'a> WeightRef<'a> {
+    /// The values as a tensor: the tensor itself (shared), or a fresh copy unpacked from the
+    /// panels (for the composed paths; the fused products read the panels).
+    pub fn tensor(self) -> CResult<Tensor> {
+        match self {
+            WeightRef::Tensor(t) => Ok(t.clone()),
+            WeightRef::Panels {
+                panels,
+                start,
+                rows,
+            } => panels.unpack_rows(start, rows),
+        }
+    }
+
+    /// The panels, where they hold the whole weight (and no other rows).
+    pub fn whole_panels(self) -> Option<&'a PackedWeight> {
+        match self {
+            WeightRef::Panels {
+                panels,
+                start: 0,
+                rows,
+            } if rows == panels.dims().0 => Some(panels),
+            _ => None,
+        }
+    }
+
+    /// Output features (rows of W).
+    pub fn rows(self) -> CResult<usize> {
+        match self {
+            WeightRef::Tensor(t) => t.dim(0),
+            WeightRef::Panels { rows, .. } => Ok(rows),
+        }
+    }
+
+    /// Whether the weight is f32 and not tracked by autograd (panels always are).
+    fn frozen_f32(self) -> bool {
+        match self {
+            WeightRef::Tensor(t) => !t.track_op() && t.dtype() == candle_core::DType::F32,
+            WeightRef::Panels { .. } => true,
+        }
+    }
+
+    /// The weight as a backward keeps it: the panels where they hold all of it, else a tensor.
+    pub(crate) fn owned(self) -> CResult<FrozenWeight> {
+        Ok(match self.whole_panels() {
+            Some(p) => FrozenWeight::Panels(p.clone()),
+            None => FrozenWeight::Tensor(self.tensor()?),
+        })
+    }
+
+    fn same(self, other: WeightRef<'_>) -> bool {
+        match (self, other) {
+            (WeightRef::Tensor(a), WeightRef::Tensor(b)) => std::ptr::eq(a, b),
+            (
+                WeightRef::Panels {
+                    panels: a,
+                    start: sa,
+                    ..
+                },
+                WeightRef::Panels {
+                    panels: b,
+                    start: sb,
+                    ..
+                },
+            ) => std::ptr::eq(a, b) && sa == sb,
+            _ => false,
+        }
+    }
+}
+
+/// A frozen weight kept by a backward for the input gradient `g · W`.
+#[derive(Debug, Clone)]
+pub(crate) enum FrozenWeight {
+    /// W as a tensor.
+    Tensor(Tensor),
+    /// W's panels.
+    Panels(PackedWeight),
+}
+
+impl FrozenWeight {
+    /// `g · W` for 2-D `g`, on the fused products.
+    pub(crate) fn input_gradient(&self, g: &Tensor) -> CResult<Tensor> {
+        match self {
+            FrozenWeight::Tensor(w) => matmul::matmul_2d(g, w),
+            FrozenWeight::Panels(p) => p.input_gradient(g),
+        }
+    }
+}
+
 /// A linear layer's weight and bias as this forward uses them.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearView<'a> {
     /// W [out, in].
-    pub w: &'a Tensor,
+    pub w: WeightRef<'a>,
     /// b [out].
     pub b: &'a Tensor,
-    /// W's panels packed at load, when `w` is a frozen base weight the fused products read.
-    pub packed: Option<&'a PackedWeight>,
 }
 
 impl<'a> LinearView<'a> {
-    /// A layer without packed panels.
+    /// A layer whose weight is a tensor.
     pub fn new(w: &'a Tensor, b: &'a Tensor) -> Self {
-        LinearView { w, b, packed: None }
+        LinearView {
+            w: WeightRef::Tensor(w),
+            b,
+        }
     }
 
-    /// As the `(weight, bias)` pair the composed ops take.
-    pub fn pair(self) -> (&'a Tensor, &'a Tensor) {
-        (self.w, self.b)
+    /// Whether W and b are f32 and not tracked by autograd: the fused whole-block kernels
+    /// apply.
+    pub(crate) fn frozen_f32(self) -> bool {
+        self.w.frozen_f32() && !self.b.track_op()
     }
 
-    /// `x · Wᵀ + b` for 2-D `x` outside the graph, from the packed panels where they fit W.
+    /// `x · Wᵀ + b` for 2-D `x` outside the graph, from the panels where W is held as them.
     pub(crate) fn affine(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let packed = self.packed.filter(|p| p.fits(self.w));
-        matmul::affine_packed(x, self.w, self.b, packed)
+        match self.w.whole_panels() {
+            Some(p) => p.affine(x, self.b),
+            None => matmul::affine_2d(x, &self.w.tensor()?, self.b),
+        }
     }
 
     pub(crate) fn same(self, other: LinearView<'_>) -> bool {
-        std::ptr::eq(self.w, other.w) && std::ptr::eq(self.b, other.b)
+        self.w.same(other.w) && std::ptr::eq(self.b, other.b)
     }
 }
 

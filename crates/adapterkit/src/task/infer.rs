@@ -6,7 +6,7 @@ use crate::encoder::forward::maybe_dropout;
 use crate::encoder::{BaseModel, Batch, ForwardOptions, Routing, RowGroup, TaskParts, TaskView};
 use crate::error::{Error, Result};
 use crate::head::{HeadKind, Pooling};
-use crate::kernels::{linear, softmax_last_dim};
+use crate::kernels::{linear, linear_view, softmax_last_dim};
 use crate::keys::ParamKey;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -162,7 +162,7 @@ impl BaseModel {
             Error::NotFound("the head pools with the pooler, but the checkpoint has none".into())
         })?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(linear(self.backend, &cls, p.w, Some(p.b))?.tanh()?)
+        Ok(linear_view(self.backend, &cls, p)?.tanh()?)
     }
 
     /// One vector per row, as `task`'s head expects, from its rows' hidden states and mask.

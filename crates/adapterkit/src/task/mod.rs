@@ -235,7 +235,7 @@ impl TaskModel {
             ));
         }
         if head.pooling == crate::head::Pooling::Pooler
-            && base.weight("pooler.dense.weight").is_none()
+            && base.param("pooler.dense.weight").is_none()
         {
             return Err(Error::config(
                 "head",
@@ -272,7 +272,13 @@ impl TaskModel {
             params.insert(key, t);
         }
         for p in trainable.owned_base_params(base, head.pooling) {
-            params.insert(p.key.clone(), p.tensor.copy()?);
+            // Held as a tensor: copied, so training never writes the base's; held as panels: the
+            // unpacked tensor is already a copy of the task's own.
+            let copy = match p.as_tensor() {
+                Some(t) => t.copy()?,
+                None => p.tensor()?,
+            };
+            params.insert(p.key.clone(), copy);
         }
         Ok(TaskModel {
             name: name.to_string(),
