@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs the end-to-end case interleaved (ours, theirs, ours, theirs …) in fresh processes and prints
 the medians: process wall time (start to exit, model loading included), training + evaluation time,
-best dev and test accuracy, peak RSS. Writes all runs to --out as JSON."""
+best dev and test accuracy, peak RSS. Writes all runs to --out as JSON. With --baseline, another
+adapterkit binary takes PyTorch's place (an end-to-end before/after of a change)."""
 import argparse
 import json
 import os
@@ -32,41 +33,51 @@ def main():
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", help="another adapterkit binary in PyTorch's place")
     a = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
     runs = []
-    for r in range(a.rounds):
-        out = os.path.join(a.work, f"ours-{r}")
-        wall, _, _ = timed([a.ours, "train", "--model", a.model, "--task", a.task, "--method", "adapters",
+
+    def ours(binary, tool, r):
+        out = os.path.join(a.work, f"{tool}-{r}")
+        wall, _, _ = timed([binary, "train", "--model", a.model, "--task", a.task, "--method", "adapters",
                             "--bottleneck", "64", "--epochs", str(a.epochs), "--seed", "42",
                             "--out", out], env)
         m = json.load(open(os.path.join(out, "metrics.json")))
-        runs.append({"tool": "adapterkit", "round": r, "process_seconds": wall,
-                     "train_eval_seconds": m["seconds"], "dev": m["dev"]["accuracy"],
-                     "test": m["test"]["accuracy"], "best_epoch": m["best_epoch"],
-                     "trainable_params": m["trainable_params"],
-                     "epochs": [{"epoch": e["epoch"], "dev": e["dev"]["accuracy"],
-                                 "train_seconds": e["train_seconds"]} for e in m["epochs"]]})
+        return {"tool": tool, "round": r, "process_seconds": wall,
+                "train_eval_seconds": m["seconds"], "dev": m["dev"]["accuracy"],
+                "test": m["test"]["accuracy"], "best_epoch": m["best_epoch"],
+                "trainable_params": m["trainable_params"],
+                "epochs": [{"epoch": e["epoch"], "dev": e["dev"]["accuracy"],
+                            "train_seconds": e["train_seconds"]} for e in m["epochs"]]}
+
+    for r in range(a.rounds):
+        runs.append(ours(a.ours, "adapterkit", r))
         print(json.dumps(runs[-1]), flush=True)
-        wall, stdout, _ = timed([a.python, os.path.join(os.path.dirname(__file__), "e2e_train.py"),
-                                 "--model", a.model, "--split", a.split, "--epochs", str(a.epochs),
-                                 "--threads", str(a.threads)], env)
-        theirs = json.loads(stdout.strip().splitlines()[-1])
-        theirs.update({"round": r, "process_seconds": wall})
-        runs.append(theirs)
-        print(json.dumps(theirs), flush=True)
+        if a.baseline:
+            runs.append(ours(a.baseline, "baseline", r))
+        else:
+            wall, stdout, _ = timed([a.python, os.path.join(os.path.dirname(__file__), "e2e_train.py"),
+                                     "--model", a.model, "--split", a.split, "--epochs", str(a.epochs),
+                                     "--threads", str(a.threads)], env)
+            theirs = json.loads(stdout.strip().splitlines()[-1])
+            theirs.update({"round": r, "process_seconds": wall})
+            runs.append(theirs)
+        print(json.dumps(runs[-1]), flush=True)
     def med(tool, key):
         return statistics.median(x[key] for x in runs if x["tool"].startswith(tool))
-    summary = {k: {"adapterkit": med("adapterkit", k), "pytorch": med("pytorch", k)}
+    other = "baseline" if a.baseline else "pytorch"
+    summary = {k: {"adapterkit": med("adapterkit", k), other: med(other, k)}
                for k in ("process_seconds", "train_eval_seconds", "dev", "test")}
-    speed = summary["process_seconds"]["pytorch"] / summary["process_seconds"]["adapterkit"]
+    speed = summary["process_seconds"][other] / summary["process_seconds"]["adapterkit"]
     pairs = [runs[i + 1]["process_seconds"] / runs[i]["process_seconds"] for i in range(0, len(runs), 2)]
     print(f"\n{a.task}, {a.epochs} epochs, {a.threads} threads, {a.rounds} rounds (medians)")
     for k, v in summary.items():
-        print(f"  {k:<20} adapterkit {v['adapterkit']:.4g}   pytorch {v['pytorch']:.4g}")
+        print(f"  {k:<20} adapterkit {v['adapterkit']:.4g}   {other} {v[other]:.4g}")
     print(f"  speed-up (process wall, theirs/ours): {speed:.2f}x; per pair: "
           + ", ".join(f"{p:.2f}" for p in pairs))
-    json.dump({"cpu": cpu_description(), "task": a.task, "epochs": a.epochs, "threads": a.threads, "runs": runs,
+    json.dump({"cpu": cpu_description(), "task": a.task, "epochs": a.epochs, "threads": a.threads,
+               "baseline": a.baseline, "runs": runs,
                "summary": summary, "speedup": speed, "pair_speedups": pairs,
                "date": time.strftime("%Y-%m-%d")}, open(a.out, "w"), indent=1)
 

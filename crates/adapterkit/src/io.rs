@@ -102,13 +102,101 @@ pub fn load_tensors(path: &Path) -> Result<std::collections::HashMap<String, can
     let loaded = if is_pickle {
         candle_core::pickle::read_all(path).map(|v| v.into_iter().collect())
     } else {
-        candle_core::safetensors::load(path, &device)
+        read_safetensors(path, &device).map_err(candle_core::Error::Msg)
     };
     loaded.map_err(|e| Error::Data {
         path: path.to_path_buf(),
         line: 0,
         message: format!("cannot read tensors: {e}"),
     })
+}
+
+/// The largest safetensors header accepted (the format's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Reads a safetensors file one tensor at a time, never the whole file at once: a copy of a
+/// BERT-base checkpoint (440 MB) held beside its tensors doubled the peak memory of loading it.
+/// Checks what the format's own reader checks: a header of at most 100 MB, tensors laid end to
+/// end from offset 0, each as long as its shape and dtype say, the last ending the file.
+fn read_safetensors(
+    path: &Path,
+    device: &candle_core::Device,
+) -> std::result::Result<std::collections::HashMap<String, candle_core::Tensor>, String> {
+    use candle_core::DType;
+    use std::io::Read;
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: [u64; 2],
+    }
+    let io = |e: std::io::Error| e.to_string();
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .map_err(|_| format!("{len} bytes are too few for a safetensors header"))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_SAFETENSORS_HEADER || n > len - 8 {
+        return Err(format!(
+            "a header of {n} bytes does not fit a file of {len} bytes (at most \
+             {MAX_SAFETENSORS_HEADER})"
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let header: std::collections::HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("header: {e}"))?;
+    let mut entries = header
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, v)| match serde_json::from_value::<Entry>(v) {
+            Ok(e) => Ok((name, e)),
+            Err(e) => Err(format!("header entry `{name}`: {e}")),
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    entries.sort_by_key(|(_, e)| e.data_offsets[0]);
+    let data_len = len - 8 - n;
+    let mut at = 0u64;
+    let mut out = std::collections::HashMap::with_capacity(entries.len());
+    for (name, e) in entries {
+        let dtype = match e.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            "I64" => DType::I64,
+            "I32" => DType::I32,
+            "I16" => DType::I16,
+            "U32" => DType::U32,
+            "U8" => DType::U8,
+            other => return Err(format!("tensor `{name}` has dtype {other}, unknown here")),
+        };
+        let bytes = e
+            .shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", e.shape))?;
+        let [start, end] = e.data_offsets;
+        if start != at || end < start || end - start != bytes as u64 || end > data_len {
+            return Err(format!(
+                "tensor `{name}`: data offsets [{start}, {end}] of {data_len} bytes of data do not \
+                 follow the previous tensor's end ({at}) with its {bytes} bytes"
+            ));
+        }
+        at = end;
+        let mut buf = vec![0u8; bytes];
+        file.read_exact(&mut buf).map_err(io)?;
+        let t = candle_core::Tensor::from_raw_buffer(&buf, dtype, &e.shape, device)
+            .map_err(|err| format!("tensor `{name}`: {err}"))?;
+        out.insert(name, t);
+    }
+    if at != data_len {
+        return Err(format!(
+            "the tensors end at byte {at} of the {data_len} bytes of data"
+        ));
+    }
+    Ok(out)
 }
 
 /// Removes tensor `name` from `tensors` (read from `path`), checks that its shape is `shape` and
@@ -347,6 +435,59 @@ pub fn replace_dir<R>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn safetensors_are_read_tensor_by_tensor_with_the_format_checks() {
+        use candle_core::{Device, Tensor};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let dev = Device::Cpu;
+        let tensors = std::collections::HashMap::from([
+            (
+                "w".to_string(),
+                Tensor::arange(0f32, 12.0, &dev)
+                    .unwrap()
+                    .reshape((3, 4))
+                    .unwrap(),
+            ),
+            ("ids".to_string(), Tensor::new(&[7u32, 8, 9], &dev).unwrap()),
+            ("h".to_string(), Tensor::new(&[1.5f64, -2.0], &dev).unwrap()),
+            (
+                "b".to_string(),
+                Tensor::new(&[0.25f32], &dev)
+                    .unwrap()
+                    .to_dtype(candle_core::DType::BF16)
+                    .unwrap(),
+            ),
+        ]);
+        candle_core::safetensors::save(&tensors, &p).unwrap();
+        let got = read_safetensors(&p, &dev).unwrap();
+        assert_eq!(got.len(), tensors.len());
+        for (name, want) in &tensors {
+            let t = &got[name];
+            assert_eq!((t.dtype(), t.dims()), (want.dtype(), want.dims()), "{name}");
+            let values = |t: &Tensor| {
+                let t = t.to_dtype(candle_core::DType::F64).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            };
+            assert_eq!(values(t), values(want), "{name}");
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let cut = bytes.len() - 1;
+        for (what, data) in [
+            ("truncated", bytes[..cut].to_vec()),
+            ("extended", [&bytes[..], &[0]].concat()),
+            ("shorter than a header", bytes[..5].to_vec()),
+            ("header longer than the file", {
+                let mut b = bytes.clone();
+                b[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+                b
+            }),
+        ] {
+            std::fs::write(&p, data).unwrap();
+            assert!(read_safetensors(&p, &dev).is_err(), "{what}");
+        }
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
