@@ -377,8 +377,9 @@ fn panel_width<T: Tile>() -> usize {
 
 fn packed_panels<T: Tile>(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut panels = vec![0f32; n.div_ceil(T::NR) * k * T::NR];
-    // On the calling thread, at load: a weight takes milliseconds, once per process.
-    pack_b::<T>(&mut panels, (w, 1, k as isize), k, n, false);
+    // At load, across the pool: the load is not inside a rayon task (nor a once-cell a worker
+    // could re-enter), and BERT-base's weights are 340 MB of strided gathers.
+    pack_b::<T>(&mut panels, (w, 1, k as isize), k, n, true);
     panels
 }
 
