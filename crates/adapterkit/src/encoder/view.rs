@@ -212,19 +212,17 @@ impl<'a> TaskView<'a> {
             let untouched = [(&a.query, query), (&a.key, key), (&a.value, value)]
                 .iter()
                 .all(|(base_lin, v)| {
-                    v.same(LinearView {
-                        w: base_lin.weight.value.as_ref(),
-                        b: v.b,
-                    }) && base_lin
-                        .bias
-                        .as_tensor()
-                        .is_some_and(|b| std::ptr::eq(v.b, b))
+                    v.w.same(base_lin.weight.value.as_ref())
+                        && base_lin
+                            .bias
+                            .as_tensor()
+                            .is_some_and(|b| std::ptr::eq(v.b, b))
                 });
             layers.push(LayerView {
                 query,
                 key,
                 value,
-                // Lazily: the panels are packed only where this view reads them.
+                // The fused q|k|v (panels where packed) only where the task keeps all three.
                 qkv: untouched.then(|| LinearView {
                     w: a.qkv.0.as_ref(),
                     b: &a.qkv.1,

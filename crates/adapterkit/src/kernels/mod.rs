@@ -325,7 +325,8 @@ impl<'a> WeightRef<'a> {
         })
     }
 
-    fn same(self, other: WeightRef<'_>) -> bool {
+    /// Whether both name the same weight (the same tensor, or the same rows of the same panels).
+    pub(crate) fn same(self, other: WeightRef<'_>) -> bool {
         match (self, other) {
             (WeightRef::Tensor(a), WeightRef::Tensor(b)) => std::ptr::eq(a, b),
             (
