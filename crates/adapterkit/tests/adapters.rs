@@ -401,6 +401,74 @@ fn merged_lora_gives_the_unmerged_forward_and_merges_into_the_weights() {
     }
 }
 
+/// A task whose q, k or v differ from the base's gets them fused once at merge (LoRA and (IA)³
+/// merged, top-k and full fine-tuning's own copies); every change of the task must drop that
+/// copy, or its forwards would read stale weights.
+#[test]
+fn fused_qkv_built_at_merge_follows_every_change_of_the_task() {
+    let base = tiny_base();
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
+    let batch = Batch::select(&enc, &[0, 1, 2], 0, &base.device).unwrap();
+    let logits = |t: &TaskModel| {
+        base.logits(t, &batch, &mut ForwardOptions::default())
+            .unwrap()
+    };
+    let top = TaskModel::new(
+        &base,
+        "top",
+        TrainableSet::TopK { k: 1 },
+        None,
+        head(),
+        32,
+        2,
+    );
+    let top = randomised(top.unwrap(), |n| n.contains(".attention.self."), 0.3);
+    // (IA)³ scales k and v: the fused weight takes q from the base's panels.
+    let ia3 = lora_cases(&base).swap_remove(1);
+    for (task, part) in [
+        (top, "attention.self.key.weight"),
+        (ia3, "attention.self.value"),
+    ] {
+        let changed = task
+            .params
+            .keys()
+            .map(|k| k.name().to_string())
+            .find(|n| n.contains(part))
+            .unwrap();
+        let before = logits(&task);
+        let mut m = task.clone();
+        m.merge(&base).unwrap();
+        assert!(m.is_merged(), "{}", task.name);
+        let d = max_abs_diff(&logits(&m), &before);
+        assert!(d < 1e-5, "{}: merged differs by {d}", task.name);
+        // Changing a tensor drops the fused copy: the forward reads the new value.
+        let moved = (&m.params[changed.as_str()] * 3.0).unwrap();
+        m.set_param(&changed, moved.clone()).unwrap();
+        assert!(!m.is_merged(), "{}", task.name);
+        let mut fresh = task.clone();
+        fresh.set_param(&changed, moved).unwrap();
+        let after = logits(&m);
+        let d = max_abs_diff(&after, &logits(&fresh));
+        assert!(d < 1e-6, "{}: {d}", task.name);
+        let moved_by = max_abs_diff(&after, &before);
+        assert!(moved_by > 1e-4, "{}: {changed} had no effect", task.name);
+        // Merged again, from the new value.
+        m.merge(&base).unwrap();
+        let d = max_abs_diff(&logits(&m), &after);
+        assert!(d < 1e-5, "{}: merged again differs by {d}", task.name);
+        assert!(!m.to_dtype(DType::F64).unwrap().is_merged());
+        // Training starts from the tensors, not from the merged copy.
+        let mut trained = m.clone();
+        adapterkit::train(&base, &mut trained, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+        assert!(!trained.is_merged(), "{}", task.name);
+    }
+    // A task that changes neither q, k, v nor derives weights has nothing to merge.
+    let mut plain = adapter_task(&base, "plain", 5e-2, 2);
+    plain.merge(&base).unwrap();
+    assert!(!plain.is_merged());
+}
+
 #[test]
 fn lora_kept_as_updates_shares_batches_with_other_adapters() {
     let base = tiny_base();

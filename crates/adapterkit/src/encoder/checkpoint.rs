@@ -131,9 +131,9 @@ pub struct SelfAttention {
     pub key: Linear,
     /// `value`.
     pub value: Linear,
-    /// q, k, v weights [3d, d] and biases [3d] concatenated once at load, for the fused block; the
-    /// three projections above are views into them (row ranges of the panels where packed).
-    pub qkv: (ParamValue, Tensor),
+    /// q, k, v concatenated once at load, for the fused block; the three projections above hold
+    /// its row ranges.
+    pub qkv: FusedQkv,
 }
 
 /// `attention.output`: the output projection, then residual + LayerNorm (adapter site 1).
@@ -394,34 +394,28 @@ impl BertWeights {
     /// product, and a second f32 copy beside the panels cost memory. Other dtypes and devices,
     /// and CPUs without our tile, keep tensors.
     fn packed(mut self) -> Result<Self> {
-        let pack = |v: &mut ParamValue| -> Result<Option<PackedWeight>> {
+        let pack = |v: &mut ParamValue| -> Result<()> {
             let ParamValue::Tensor(w) = &*v else {
-                return Ok(None);
+                return Ok(());
             };
-            let Some(panels) = PackedWeight::of(w)? else {
-                return Ok(None);
-            };
-            *v = ParamValue::Panels {
-                panels: panels.clone(),
-                start: 0,
-                rows: panels.dims().0,
-            };
-            Ok(Some(panels))
+            if let Some(panels) = PackedWeight::of(w)? {
+                let rows = panels.dims().0;
+                *v = ParamValue::Panels {
+                    panels,
+                    start: 0,
+                    rows,
+                };
+            }
+            Ok(())
         };
         for l in &mut self.layers {
             let a = &mut l.attention;
-            if let Some(panels) = pack(&mut a.qkv.0)? {
-                let rows = panels.dims().0 / 3;
-                for (i, lin) in [&mut a.query, &mut a.key, &mut a.value]
-                    .into_iter()
-                    .enumerate()
-                {
-                    lin.weight.value = ParamValue::Panels {
-                        panels: panels.clone(),
-                        start: i * rows,
-                        rows,
-                    };
-                }
+            a.qkv = a.qkv.clone().packed()?;
+            for (lin, (w, _)) in [&mut a.query, &mut a.key, &mut a.value]
+                .into_iter()
+                .zip(&a.qkv.parts)
+            {
+                lin.weight.value = w.clone();
             }
             for lin in [
                 &mut l.attention_output.dense,
@@ -440,7 +434,7 @@ impl BertWeights {
             .iter()
             .flat_map(|l| {
                 [
-                    &l.attention.qkv.0,
+                    &l.attention.qkv.weight,
                     &l.attention_output.dense.weight.value,
                     &l.intermediate.dense.weight.value,
                     &l.output.dense.weight.value,
@@ -561,26 +555,101 @@ impl SelfAttention {
     /// separate projections views into them, so the fused attention needs no copy per call.
     fn fused(mut query: Linear, mut key: Linear, mut value: Linear) -> Result<Self> {
         let lins = [&query, &key, &value];
-        let weights = lins
-            .iter()
-            .map(|l| l.weight.tensor())
-            .collect::<Result<Vec<_>>>()?;
-        let biases = lins
-            .iter()
-            .map(|l| l.bias.tensor())
-            .collect::<Result<Vec<_>>>()?;
-        let rows = weights[0].dim(0)?;
-        let w = Tensor::cat(&weights, 0)?;
-        let b = Tensor::cat(&biases, 0)?;
-        for (i, lin) in [&mut query, &mut key, &mut value].into_iter().enumerate() {
-            lin.weight.value = ParamValue::Tensor(w.narrow(0, i * rows, rows)?);
-            lin.bias.value = ParamValue::Tensor(b.narrow(0, i * rows, rows)?);
+        let f = FusedQkv::new(
+            [
+                lins[0].weight.tensor()?,
+                lins[1].weight.tensor()?,
+                lins[2].weight.tensor()?,
+            ],
+            [
+                lins[0].bias.tensor()?,
+                lins[1].bias.tensor()?,
+                lins[2].bias.tensor()?,
+            ],
+            false,
+        )?;
+        for (lin, (w, b)) in [&mut query, &mut key, &mut value].into_iter().zip(&f.parts) {
+            lin.weight.value = w.clone();
+            lin.bias.value = ParamValue::Tensor(b.clone());
         }
         Ok(SelfAttention {
             query,
             key,
             value,
-            qkv: (ParamValue::Tensor(w), b),
+            qkv: f,
+        })
+    }
+}
+
+/// One layer's q, k and v projections concatenated into one [3d, d] weight and [3d] bias, each
+/// projection a row range of them: what the fused attention reads, built once (at load for the
+/// base, at [`crate::TaskModel::merge`] for a task's own or merged q, k, v) so that no forward
+/// concatenates, unpacks or packs them.
+#[derive(Debug, Clone)]
+pub struct FusedQkv {
+    /// W_q | W_k | W_v [3d, d]: panels where our kernel packs, else a tensor.
+    pub weight: ParamValue,
+    /// b_q | b_k | b_v [3d].
+    pub bias: Tensor,
+    /// q, k and v's weights and biases, as row ranges of the two above.
+    pub parts: [(ParamValue, Tensor); 3],
+}
+
+impl FusedQkv {
+    /// Concatenates q, k and v (weights [d, d], biases [d]); with `pack`, the weight is held only
+    /// as panels where our kernel packs.
+    pub fn new(weights: [Tensor; 3], biases: [Tensor; 3], pack: bool) -> Result<Self> {
+        let f = Self::of(
+            ParamValue::Tensor(Tensor::cat(&weights, 0)?),
+            Tensor::cat(&biases, 0)?,
+        )?;
+        if pack {
+            f.packed()
+        } else {
+            Ok(f)
+        }
+    }
+
+    /// The same weight held only as panels, where our kernel packs (else unchanged).
+    pub fn packed(self) -> Result<Self> {
+        let ParamValue::Tensor(w) = &self.weight else {
+            return Ok(self);
+        };
+        match PackedWeight::of(w)? {
+            Some(panels) => {
+                let rows = panels.dims().0;
+                Self::of(
+                    ParamValue::Panels {
+                        panels,
+                        start: 0,
+                        rows,
+                    },
+                    self.bias,
+                )
+            }
+            None => Ok(self),
+        }
+    }
+
+    /// The concatenated `weight` and `bias` with q, k and v as their row ranges.
+    fn of(weight: ParamValue, bias: Tensor) -> Result<Self> {
+        let rows = bias.dim(0)? / 3;
+        let part = |i: usize| -> Result<(ParamValue, Tensor)> {
+            let w = match &weight {
+                ParamValue::Panels { panels, .. } => ParamValue::Panels {
+                    panels: panels.clone(),
+                    start: i * rows,
+                    rows,
+                },
+                ParamValue::Tensor(w) => ParamValue::Tensor(w.narrow(0, i * rows, rows)?),
+            };
+            Ok((w, bias.narrow(0, i * rows, rows)?))
+        };
+        let parts = [part(0)?, part(1)?, part(2)?];
+        Ok(FusedQkv {
+            weight,
+            bias,
+            parts,
         })
     }
 }

@@ -11,7 +11,7 @@ pub mod view;
 
 pub use crate::kernels::{LinearView, NormView};
 pub use batch::Batch;
-pub use checkpoint::{canonical_name, BertWeights, Param, ParamValue};
+pub use checkpoint::{canonical_name, BertWeights, FusedQkv, Param, ParamValue};
 pub use forward::ForwardOptions;
 pub use routing::{Routing, RowGroup};
 pub use view::{LayerView, SiteView, TaskParts, TaskView};

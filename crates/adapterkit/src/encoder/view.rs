@@ -1,7 +1,7 @@
 //! What one forward pass reads: the base's typed modules with a task's trained copies put in their
 //! place, resolved once per forward (never per op), and each layer's adapter sites.
 
-use super::checkpoint::{LayerNorm, Linear, Param};
+use super::checkpoint::{FusedQkv, LayerNorm, Linear, Param};
 use super::BaseModel;
 use crate::adapter::lora::{factor_name, scale_name, Projection};
 use crate::adapter::prefix::prefix_key_name;
@@ -144,6 +144,9 @@ pub struct TaskParts<'a> {
     /// Weights derived from the task's tensors for this forward (LoRA merged into projections,
     /// Compacter's PHM projections), which replace the tensors of the same name.
     pub derived: Option<&'a BTreeMap<ParamKey, Tensor>>,
+    /// Per layer, the task's q, k and v fused at merge, which replace the base's (and any in
+    /// `params` or `derived`).
+    pub qkv: Option<&'a BTreeMap<usize, FusedQkv>>,
 }
 
 /// Everything of the encoder one task's forward reads.
@@ -208,25 +211,36 @@ impl<'a> TaskView<'a> {
         let mut sites = Vec::with_capacity(w.layers.len());
         for (l, layer) in w.layers.iter().enumerate() {
             let a = &layer.attention;
-            let (query, key, value) = (lin(&a.query)?, lin(&a.key)?, lin(&a.value)?);
-            let untouched = [(&a.query, query), (&a.key, key), (&a.value, value)]
-                .iter()
-                .all(|(base_lin, v)| {
-                    v.w.same(base_lin.weight.value.as_ref())
-                        && base_lin
-                            .bias
-                            .as_tensor()
-                            .is_some_and(|b| std::ptr::eq(v.b, b))
-                });
+            let whole = |f: &'a FusedQkv| LinearView {
+                w: f.weight.as_ref(),
+                b: &f.bias,
+            };
+            let part = |f: &'a FusedQkv, i: usize| LinearView {
+                w: f.parts[i].0.as_ref(),
+                b: &f.parts[i].1,
+            };
+            let (query, key, value, qkv) = match task.and_then(|t| t.qkv?.get(&l)) {
+                Some(f) => (part(f, 0), part(f, 1), part(f, 2), Some(whole(f))),
+                None => {
+                    let (query, key, value) = (lin(&a.query)?, lin(&a.key)?, lin(&a.value)?);
+                    let untouched = [(&a.query, query), (&a.key, key), (&a.value, value)]
+                        .iter()
+                        .all(|(base_lin, v)| {
+                            v.w.same(base_lin.weight.value.as_ref())
+                                && base_lin
+                                    .bias
+                                    .as_tensor()
+                                    .is_some_and(|b| std::ptr::eq(v.b, b))
+                        });
+                    // The base's fused q|k|v only where the task keeps all three.
+                    (query, key, value, untouched.then(|| whole(&a.qkv)))
+                }
+            };
             layers.push(LayerView {
                 query,
                 key,
                 value,
-                // The fused q|k|v (panels where packed) only where the task keeps all three.
-                qkv: untouched.then(|| LinearView {
-                    w: a.qkv.0.as_ref(),
-                    b: &a.qkv.1,
-                }),
+                qkv,
                 attention_out: lin(&layer.attention_output.dense)?,
                 intermediate: lin(&layer.intermediate.dense)?,
                 output: lin(&layer.output.dense)?,

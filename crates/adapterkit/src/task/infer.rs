@@ -18,12 +18,14 @@ impl TaskModel {
     /// What the encoder reads of this task, with `derived` weights for this forward (else the
     /// merged ones, if merged).
     pub fn parts<'a>(&'a self, derived: Option<&'a BTreeMap<ParamKey, Tensor>>) -> TaskParts<'a> {
+        let merged = self.merged.as_ref().filter(|_| derived.is_none());
         TaskParts {
             name: &self.name,
             params: &self.params,
             adapter: self.adapter.as_ref(),
             derives: self.derives_weights(),
-            derived: derived.or(self.merged.as_ref()),
+            derived: derived.or(merged.map(|m| &m.tensors)),
+            qkv: merged.map(|m| &m.qkv),
         }
     }
 

@@ -11,7 +11,7 @@ pub use crate::keys::{Leaf, ParamKey, Role};
 pub use infer::TaskRow;
 
 use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig, PrefixConfig};
-use crate::encoder::BaseModel;
+use crate::encoder::{BaseModel, FusedQkv, Param};
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, Pooling};
 use crate::rng::Rng;
@@ -125,20 +125,34 @@ pub struct TaskModel {
     /// Prefix-tuning configuration, if the task adds learned attention prefixes.
     pub prefix: Option<PrefixConfig>,
     /// The weights derived from the task's tensors (LoRA merged into the projections, Compacter's
-    /// PHM projections; see [`TaskModel::merge`]): set for inference, cleared whenever the task's
-    /// tensors may change.
-    pub(crate) merged: Option<BTreeMap<ParamKey, Tensor>>,
+    /// PHM projections, fused q|k|v; see [`TaskModel::merge`]): set for inference, cleared as a
+    /// whole whenever the task's tensors may change.
+    pub(crate) merged: Option<Merged>,
     /// Head configuration.
     pub head: HeadConfig,
     /// What the task trains.
     pub trainable: TrainableSet,
     /// Every parameter the task owns, keyed by checkpoint name and role (adapters, head, copies of
-    /// base parameters); look up by name with `params.get("…")`.
+    /// base parameters); look up by name with `params.get("…")`. Change them with
+    /// [`TaskModel::set_param`], which drops what a merge derived from them.
     pub params: BTreeMap<ParamKey, Tensor>,
     /// Base the task fits.
     pub base: BaseFingerprint,
     /// Maximum input length.
     pub max_len: usize,
+}
+
+/// What [`TaskModel::merge`] derives from a task's tensors for inference. It is replaced or
+/// dropped only as a whole, so no part of it can outlive the tensors it was derived from.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Merged {
+    /// Derived tensors by the name of what they replace or add (merged projections, PHM
+    /// projections, prefixes, LoRA factors kept as updates), less the q, k and v in `qkv`.
+    pub tensors: BTreeMap<ParamKey, Tensor>,
+    /// Per layer, the task's q, k and v fused once (packed where our kernel packs), where the
+    /// task's q, k or v differ from the base's: without it every forward concatenated them, and
+    /// unpacked the base's untouched ones from their panels.
+    pub qkv: BTreeMap<usize, FusedQkv>,
 }
 
 /// Refuses a task name that cannot be part of tensor and file names.
@@ -314,7 +328,7 @@ impl TaskModel {
         for v in t
             .params
             .values_mut()
-            .chain(t.merged.iter_mut().flat_map(|m| m.values_mut()))
+            .chain(t.merged.iter_mut().flat_map(|m| m.tensors.values_mut()))
         {
             *v = v.detach();
         }
@@ -354,16 +368,46 @@ impl TaskModel {
         }
     }
 
-    /// Merges LoRA into the projections' weights, and builds Compacter's PHM projections, once for
-    /// inference on `base`: forwards then read those weights and pay nothing for the derivation.
-    /// Computed from the current tensors (detached); a no-op for tasks that derive no weights.
+    /// Merges LoRA into the projections' weights, builds Compacter's PHM projections, and fuses
+    /// q, k and v wherever the task changes any of them, once for inference on `base`: forwards
+    /// then read those weights and pay nothing for the derivation. Computed from the current
+    /// tensors (detached); a no-op for tasks that neither derive weights nor change q, k or v.
     /// Changing a tensor ([`TaskModel::set_param`], training) unmerges.
     pub fn merge(&mut self, base: &BaseModel) -> Result<()> {
-        if let Some(mut merged) = self.derive_as(base, true)? {
-            for v in merged.values_mut() {
-                *v = v.detach();
+        self.merged = None;
+        let derived = self.derive_as(base, true)?;
+        let derives = derived.is_some();
+        let mut tensors = derived.unwrap_or_default();
+        for v in tensors.values_mut() {
+            *v = v.detach();
+        }
+        let mut qkv = BTreeMap::new();
+        for (l, layer) in base.weights.layers.iter().enumerate() {
+            let a = &layer.attention;
+            let params = [&a.query, &a.key, &a.value].map(|lin| [&lin.weight, &lin.bias]);
+            let changed = params.iter().flatten().any(|p| {
+                tensors.contains_key(p.key.name()) || self.params.contains_key(p.key.name())
+            });
+            if !changed {
+                continue;
             }
-            self.merged = Some(merged);
+            // What the view reads: the derived tensor, else the task's own copy, else the base's.
+            let mut take = |p: &Param| -> Result<Tensor> {
+                match tensors.remove(p.key.name()) {
+                    Some(t) => Ok(t),
+                    None => match self.params.get(p.key.name()) {
+                        Some(t) => Ok(t.detach()),
+                        None => p.tensor(),
+                    },
+                }
+            };
+            let [[wq, bq], [wk, bk], [wv, bv]] = params;
+            let weights = [take(wq)?, take(wk)?, take(wv)?];
+            let biases = [take(bq)?, take(bk)?, take(bv)?];
+            qkv.insert(l, FusedQkv::new(weights, biases, true)?);
+        }
+        if derives || !qkv.is_empty() {
+            self.merged = Some(Merged { tensors, qkv });
         }
         Ok(())
     }
@@ -405,7 +449,10 @@ impl TaskModel {
             for v in factors.values_mut() {
                 *v = v.detach();
             }
-            self.merged = Some(factors);
+            self.merged = Some(Merged {
+                tensors: factors,
+                qkv: BTreeMap::new(),
+            });
         }
         Ok(())
     }
@@ -415,7 +462,7 @@ impl TaskModel {
     pub fn lora_as_updates(&self) -> bool {
         self.merged
             .as_ref()
-            .is_some_and(|m| m.keys().any(|k| k.name().contains(".lora_factor_")))
+            .is_some_and(|m| m.tensors.keys().any(|k| k.name().contains(".lora_factor_")))
     }
 
     /// Drops the merged weights: forwards derive them from the task's tensors again.
@@ -423,7 +470,8 @@ impl TaskModel {
         self.merged = None;
     }
 
-    /// Whether the derived weights (LoRA, PHM) are merged into what this task's forwards read.
+    /// Whether the derived weights (LoRA, PHM, fused q|k|v) are merged into what this task's
+    /// forwards read.
     pub fn is_merged(&self) -> bool {
         self.merged.is_some()
     }
