@@ -65,13 +65,19 @@ def main():
                     if spec:
                         common += ["--adapter-config", spec]
                     ours, theirs = [], []
-                    for _ in range(a.rounds):
-                        ours.append(run([a.ours, "bench", "--model", a.model] + common))
-                        if a.baseline:
-                            theirs.append(run([a.baseline, "bench", "--model", a.model] + common))
+                    ours_cmd = [a.ours, "bench", "--model", a.model] + common
+                    theirs_cmd = ([a.baseline, "bench", "--model", a.model] + common if a.baseline else
+                                  [a.python, os.path.join(here, "pytorch_step.py"), "--model", a.model]
+                                  + common)
+                    for i in range(a.rounds):
+                        # A B, B A, ...: whichever runs second in a pair runs on a warmer machine
+                        # (a before/after of identical builds read 0.90 with a fixed order).
+                        if i % 2 == 0:
+                            ours.append(run(ours_cmd))
+                            theirs.append(run(theirs_cmd))
                         else:
-                            theirs.append(run([a.python, os.path.join(here, "pytorch_step.py"),
-                                               "--model", a.model] + common))
+                            theirs.append(run(theirs_cmd))
+                            ours.append(run(ours_cmd))
                     o = statistics.median(r["median_seconds"] for r in ours)
                     t = statistics.median(r["median_seconds"] for r in theirs)
                     row = {

@@ -38,6 +38,18 @@ pub enum ParamValue {
 }
 
 impl ParamValue {
+    /// `w` held only as panels where our kernel packs it, else as the tensor.
+    pub fn packed(w: Tensor) -> Result<Self> {
+        Ok(match PackedWeight::of(&w)? {
+            Some(panels) => ParamValue::Panels {
+                rows: panels.dims().0,
+                panels,
+                start: 0,
+            },
+            None => ParamValue::Tensor(w),
+        })
+    }
+
     /// The values as a forward reads them.
     pub fn as_ref(&self) -> WeightRef<'_> {
         match self {
@@ -395,16 +407,8 @@ impl BertWeights {
     /// and CPUs without our tile, keep tensors.
     fn packed(mut self) -> Result<Self> {
         let pack = |v: &mut ParamValue| -> Result<()> {
-            let ParamValue::Tensor(w) = &*v else {
-                return Ok(());
-            };
-            if let Some(panels) = PackedWeight::of(w)? {
-                let rows = panels.dims().0;
-                *v = ParamValue::Panels {
-                    panels,
-                    start: 0,
-                    rows,
-                };
+            if let ParamValue::Tensor(w) = &*v {
+                *v = ParamValue::packed(w.clone())?;
             }
             Ok(())
         };
@@ -612,22 +616,9 @@ impl FusedQkv {
 
     /// The same weight held only as panels, where our kernel packs (else unchanged).
     pub fn packed(self) -> Result<Self> {
-        let ParamValue::Tensor(w) = &self.weight else {
-            return Ok(self);
-        };
-        match PackedWeight::of(w)? {
-            Some(panels) => {
-                let rows = panels.dims().0;
-                Self::of(
-                    ParamValue::Panels {
-                        panels,
-                        start: 0,
-                        rows,
-                    },
-                    self.bias,
-                )
-            }
-            None => Ok(self),
+        match &self.weight {
+            ParamValue::Tensor(w) => Self::of(ParamValue::packed(w.clone())?, self.bias),
+            ParamValue::Panels { .. } => Ok(self),
         }
     }
 

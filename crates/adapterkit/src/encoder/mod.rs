@@ -14,7 +14,7 @@ pub use batch::Batch;
 pub use checkpoint::{canonical_name, BertWeights, FusedQkv, Param, ParamValue};
 pub use forward::ForwardOptions;
 pub use routing::{Routing, RowGroup};
-pub use view::{LayerView, SiteView, TaskParts, TaskView};
+pub use view::{LayerView, MergedWeights, SiteView, TaskParts, TaskView};
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};

@@ -1,7 +1,7 @@
 //! What one forward pass reads: the base's typed modules with a task's trained copies put in their
 //! place, resolved once per forward (never per op), and each layer's adapter sites.
 
-use super::checkpoint::{FusedQkv, LayerNorm, Linear, Param};
+use super::checkpoint::{FusedQkv, LayerNorm, Linear, Param, ParamValue};
 use super::BaseModel;
 use crate::adapter::lora::{factor_name, scale_name, Projection};
 use crate::adapter::prefix::prefix_key_name;
@@ -144,9 +144,20 @@ pub struct TaskParts<'a> {
     /// Weights derived from the task's tensors for this forward (LoRA merged into projections,
     /// Compacter's PHM projections), which replace the tensors of the same name.
     pub derived: Option<&'a BTreeMap<ParamKey, Tensor>>,
-    /// Per layer, the task's q, k and v fused at merge, which replace the base's (and any in
-    /// `params` or `derived`).
-    pub qkv: Option<&'a BTreeMap<usize, FusedQkv>>,
+    /// The task's projections held ready at merge, which replace the base's (and any of the same
+    /// name in `params` or `derived`).
+    pub merged: Option<&'a MergedWeights>,
+}
+
+/// A task's projections that differ from the base's, held the way the fused products read them
+/// (packed where our kernel packs): built once at [`crate::TaskModel::merge`], so that no forward
+/// concatenates, unpacks or packs them.
+#[derive(Debug, Clone, Default)]
+pub struct MergedWeights {
+    /// Per layer, q, k and v fused.
+    pub qkv: BTreeMap<usize, FusedQkv>,
+    /// The attention-output and FFN weights, by checkpoint name.
+    pub dense: BTreeMap<ParamKey, ParamValue>,
 }
 
 /// Everything of the encoder one task's forward reads.
@@ -193,9 +204,14 @@ impl<'a> TaskView<'a> {
                 )
             })
         };
+        let merged = task.and_then(|t| t.merged);
         let lin = |l: &'a Linear| -> Result<LinearView<'a>> {
+            let held = merged.and_then(|m| m.dense.get(l.weight.key.name()));
             Ok(LinearView {
-                w: task_copy(&l.weight).map_or(l.weight.value.as_ref(), WeightRef::Tensor),
+                w: match held {
+                    Some(v) => v.as_ref(),
+                    None => task_copy(&l.weight).map_or(l.weight.value.as_ref(), WeightRef::Tensor),
+                },
                 b: r(&l.bias)?,
             })
         };
@@ -219,7 +235,7 @@ impl<'a> TaskView<'a> {
                 w: f.parts[i].0.as_ref(),
                 b: &f.parts[i].1,
             };
-            let (query, key, value, qkv) = match task.and_then(|t| t.qkv?.get(&l)) {
+            let (query, key, value, qkv) = match merged.and_then(|m| m.qkv.get(&l)) {
                 Some(f) => (part(f, 0), part(f, 1), part(f, 2), Some(whole(f))),
                 None => {
                     let (query, key, value) = (lin(&a.query)?, lin(&a.key)?, lin(&a.value)?);

@@ -25,7 +25,7 @@ impl TaskModel {
             adapter: self.adapter.as_ref(),
             derives: self.derives_weights(),
             derived: derived.or(merged.map(|m| &m.tensors)),
-            qkv: merged.map(|m| &m.qkv),
+            merged: merged.map(|m| &m.weights),
         }
     }
 

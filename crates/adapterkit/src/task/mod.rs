@@ -11,7 +11,7 @@ pub use crate::keys::{Leaf, ParamKey, Role};
 pub use infer::TaskRow;
 
 use crate::adapter::{AdapterConfig, AdapterMethod, LoraConfig, PrefixConfig};
-use crate::encoder::{BaseModel, FusedQkv, Param};
+use crate::encoder::{BaseModel, FusedQkv, MergedWeights, Param, ParamValue};
 use crate::error::{Error, Result};
 use crate::head::{HeadConfig, Pooling};
 use crate::rng::Rng;
@@ -147,12 +147,12 @@ pub struct TaskModel {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Merged {
     /// Derived tensors by the name of what they replace or add (merged projections, PHM
-    /// projections, prefixes, LoRA factors kept as updates), less the q, k and v in `qkv`.
+    /// projections, prefixes, LoRA factors kept as updates), less the projections in `weights`.
     pub tensors: BTreeMap<ParamKey, Tensor>,
-    /// Per layer, the task's q, k and v fused once (packed where our kernel packs), where the
-    /// task's q, k or v differ from the base's: without it every forward concatenated them, and
-    /// unpacked the base's untouched ones from their panels.
-    pub qkv: BTreeMap<usize, FusedQkv>,
+    /// The task's projections that differ from the base's (merged, or its own copies), packed:
+    /// without them every forward concatenated q|k|v (unpacking the base's untouched ones from
+    /// their panels) and packed each such weight for its product.
+    pub weights: MergedWeights,
 }
 
 /// Refuses a task name that cannot be part of tensor and file names.
@@ -381,33 +381,39 @@ impl TaskModel {
         for v in tensors.values_mut() {
             *v = v.detach();
         }
-        let mut qkv = BTreeMap::new();
+        // What the view reads: the derived tensor, else the task's own copy, else the base's.
+        let own = |tensors: &mut BTreeMap<ParamKey, Tensor>, p: &Param| {
+            tensors
+                .remove(p.key.name())
+                .or_else(|| self.params.get(p.key.name()).map(Tensor::detach))
+        };
+        let mut weights = MergedWeights::default();
         for (l, layer) in base.weights.layers.iter().enumerate() {
             let a = &layer.attention;
             let params = [&a.query, &a.key, &a.value].map(|lin| [&lin.weight, &lin.bias]);
             let changed = params.iter().flatten().any(|p| {
                 tensors.contains_key(p.key.name()) || self.params.contains_key(p.key.name())
             });
-            if !changed {
-                continue;
+            if changed {
+                let mut take = |p: &Param| own(&mut tensors, p).map_or_else(|| p.tensor(), Ok);
+                let [[wq, bq], [wk, bk], [wv, bv]] = params;
+                let w = [take(wq)?, take(wk)?, take(wv)?];
+                let b = [take(bq)?, take(bk)?, take(bv)?];
+                weights.qkv.insert(l, FusedQkv::new(w, b, true)?);
             }
-            // What the view reads: the derived tensor, else the task's own copy, else the base's.
-            let mut take = |p: &Param| -> Result<Tensor> {
-                match tensors.remove(p.key.name()) {
-                    Some(t) => Ok(t),
-                    None => match self.params.get(p.key.name()) {
-                        Some(t) => Ok(t.detach()),
-                        None => p.tensor(),
-                    },
+            for lin in [
+                &layer.attention_output.dense,
+                &layer.intermediate.dense,
+                &layer.output.dense,
+            ] {
+                if let Some(w) = own(&mut tensors, &lin.weight) {
+                    let held = ParamValue::packed(w)?;
+                    weights.dense.insert(lin.weight.key.clone(), held);
                 }
-            };
-            let [[wq, bq], [wk, bk], [wv, bv]] = params;
-            let weights = [take(wq)?, take(wk)?, take(wv)?];
-            let biases = [take(bq)?, take(bk)?, take(bv)?];
-            qkv.insert(l, FusedQkv::new(weights, biases, true)?);
+            }
         }
-        if derives || !qkv.is_empty() {
-            self.merged = Some(Merged { tensors, qkv });
+        if derives || !weights.qkv.is_empty() || !weights.dense.is_empty() {
+            self.merged = Some(Merged { tensors, weights });
         }
         Ok(())
     }
@@ -451,7 +457,7 @@ impl TaskModel {
             }
             self.merged = Some(Merged {
                 tensors: factors,
-                qkv: BTreeMap::new(),
+                weights: MergedWeights::default(),
             });
         }
         Ok(())
