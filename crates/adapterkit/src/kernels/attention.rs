@@ -652,6 +652,11 @@ pub fn attention(
         let seed = dropout.map(|(p, rng)| (p, rng.next_u64()));
         return Ok(frozen_attention(h, w, mask, heads, scale, seed)?);
     }
+    let plain = w.prefix.is_none() && w.qkv_scale.is_none() && w.qkv_delta.is_none();
+    if plain && backend.fuses(&[h, mask]) {
+        let seed = dropout.map(|(p, rng)| (p, rng.next_u64()));
+        return trained_attention(backend, h, w, mask, heads, scale, seed);
+    }
     attention_composed(backend, h, w, mask, heads, scale, dropout)
 }
 
@@ -719,6 +724,112 @@ fn attention_composed(
     linear_view(backend, &ctx, w.o)
 }
 
+/// [`attention`] with trained q, k, v or o weights (top-k and full fine-tuning): the projections
+/// are trained graph nodes, and scores, softmax, dropout and context one node between them that
+/// keeps only the q|k|v product and the probabilities. Composed op by op, the same block kept
+/// the scores, the probabilities before and after dropout and per-head copies of q, k, v and the
+/// context for the backward.
+fn trained_attention(
+    backend: Backend,
+    h: &Tensor,
+    w: &AttentionWeights<'_>,
+    mask: &Tensor,
+    heads: usize,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    let (b, s, d) = h.dims3()?;
+    let hs = Heads {
+        b,
+        s,
+        h: heads,
+        dh: d / heads,
+    };
+    let x = h.reshape((b * s, d))?;
+    let qkv = match w.qkv {
+        Some(lin) => linear_view(backend, &x, lin)?,
+        None => {
+            let wqkv = Tensor::cat(&[w.q.w.tensor()?, w.k.w.tensor()?, w.v.w.tensor()?], 0)?;
+            let bqkv = Tensor::cat(&[w.q.b, w.k.b, w.v.b], 0)?;
+            super::linear(backend, &x, &wqkv, Some(&bqkv))?
+        }
+    };
+    let drop = dropout
+        .filter(|(p, _)| *p > 0.0)
+        .map(|(p, seed)| Dropout::new(p, seed));
+    let ctx = attention_core(&qkv.contiguous()?, mask, hs, scale as f32, drop)?;
+    Ok(linear_view(backend, &ctx, w.o)?.reshape((b, s, d))?)
+}
+
+/// Scores, softmax, dropout and context of the q|k|v product [rows, 3d] as one graph node:
+/// returns the context [rows, d] and the probabilities [b, h, s, s] it was drawn from.
+fn core_forward(
+    qkv: &Tensor,
+    mask: &Tensor,
+    heads: Heads,
+    scale: f32,
+    dropout: Option<&Dropout>,
+) -> CResult<(Tensor, Tensor)> {
+    let core = TrainCore {
+        heads,
+        scale,
+        dropout,
+        ctx: std::sync::Mutex::new(None),
+    };
+    let probs = qkv.apply_op2_no_bwd(&mask.contiguous()?, &core)?;
+    let ctx = core
+        .ctx
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("attention: no context".into()))?;
+    let ctx = Tensor::from_vec(ctx, heads.merged_shape(), qkv.device())?;
+    Ok((ctx, probs))
+}
+
+/// [`core_forward`] joined to the graph: the backward gives d(q|k|v) from d(context).
+fn attention_core(
+    qkv: &Tensor,
+    mask: &Tensor,
+    heads: Heads,
+    scale: f32,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let saved = qkv.detach();
+    let (ctx, probs) = core_forward(&saved, mask, heads, scale, dropout.as_ref())?;
+    let backward = CoreGradient {
+        heads,
+        scale,
+        dropout,
+        qkv: saved,
+        probs,
+    };
+    Ok(attach(qkv, ctx, backward)?)
+}
+
+/// The backward of [`attention_core`].
+struct CoreGradient {
+    heads: Heads,
+    scale: f32,
+    dropout: Option<Dropout>,
+    qkv: Tensor,
+    probs: Tensor,
+}
+
+impl InputGradient for CoreGradient {
+    const NAME: &'static str = "attention-core";
+
+    fn input_gradient(&self, _qkv: &Tensor, grad: &Tensor) -> CResult<Tensor> {
+        let op = TrainCoreBackward {
+            heads: self.heads,
+            scale: self.scale,
+            dropout: self.dropout.as_ref(),
+        };
+        self.qkv
+            .apply_op3_no_bwd(&self.probs, &grad.contiguous()?, &op)
+    }
+}
+
 /// The fused block of [`attention`], with attention dropout `(p, seed)`.
 fn frozen_attention(
     h: &Tensor,
@@ -779,20 +890,7 @@ fn frozen_attention(
         .map(|(p, seed)| Dropout::new(p, seed));
     let (ctx, saved) = match w.prefix {
         None => {
-            let core = TrainCore {
-                heads: hs,
-                scale: scale32,
-                dropout: drop.as_ref(),
-                ctx: std::sync::Mutex::new(None),
-            };
-            let probs = qkv.apply_op2_no_bwd(&mask.contiguous()?, &core)?;
-            let ctx = core
-                .ctx
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
-                .take()
-                .ok_or_else(|| candle_core::Error::Msg("attention: no context".into()))?;
-            let ctx = Tensor::from_vec(ctx, hs.merged_shape(), h.device())?;
+            let (ctx, probs) = core_forward(&qkv, mask, hs, scale32, drop.as_ref())?;
             (ctx, AttentionSaved::Rows { qkv, probs })
         }
         Some((pk, pv)) => {
@@ -943,6 +1041,73 @@ mod tests {
             &|t| ffn_ref(&t[0]),
             1e-5,
         );
+    }
+
+    #[test]
+    fn trained_block_matches_composed_ops_with_dropout_and_padding() {
+        // Trained q, k, v, o (full fine-tuning): values and the gradients of the input, every
+        // weight and every bias against the block composed op by op, with the same dropout mask.
+        let (b, s, d, heads) = (2, 7, 16, 4);
+        let mut m = vec![0f32; b * s];
+        for j in 4..s {
+            m[s + j] = -1e9;
+        }
+        let mask = Tensor::from_vec(m, (b, s), &Device::Cpu).unwrap();
+        let (scale, seed) = (0.5, 78);
+        let mut inputs = vec![randn(&[b, s, d], 60, 1.0)];
+        inputs.extend((0..4).map(|i| randn(&[d, d], 61 + i, 0.3)));
+        inputs.extend([0, 2, 3].map(|i| randn(&[d], 65 + i, 0.1)));
+        // The key's bias shifts every score of a query alike, which softmax ignores: its
+        // gradient is zero up to rounding, so it stays a constant here.
+        let bk = randn(&[d], 66, 0.1);
+        let weights = |t: &[Tensor]| -> Vec<(Tensor, Tensor)> {
+            let biases = [t[5].clone(), bk.clone(), t[6].clone(), t[7].clone()];
+            (0..4)
+                .map(|i| (t[1 + i].clone(), biases[i].clone()))
+                .collect()
+        };
+        let fused = |t: &[Tensor]| {
+            let wb = weights(t);
+            let view = |i: usize| LinearView::new(&wb[i].0, &wb[i].1);
+            let w = AttentionWeights {
+                q: view(0),
+                k: view(1),
+                v: view(2),
+                o: view(3),
+                qkv: None,
+                prefix: None,
+                qkv_scale: None,
+                qkv_delta: None,
+            };
+            assert!(!w.q.frozen_f32(), "the weights must be trained here");
+            let seed = Some((0.25, seed));
+            trained_attention(Backend::Fused, &t[0], &w, &mask, heads, scale, seed).unwrap()
+        };
+        let composed = |t: &[Tensor]| {
+            let wb = weights(t);
+            let lin = |x: &Tensor, i: usize| {
+                x.broadcast_matmul(&wb[i].0.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&wb[i].1)
+                    .unwrap()
+            };
+            let split = |t: Tensor| {
+                t.reshape((b, s, heads, d / heads))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let h = &t[0];
+            let (q, k, v) = (split(lin(h, 0)), split(lin(h, 1)), split(lin(h, 2)));
+            let scores = q.matmul(&k.t().unwrap()).unwrap();
+            let p = attention_softmax(Backend::Reference, &scores, &mask, scale).unwrap();
+            let p = super::super::dropout::dropout_fused(&p, 0.25, seed).unwrap();
+            let ctx = p.matmul(&v).unwrap().transpose(1, 2).unwrap();
+            lin(&ctx.contiguous().unwrap().reshape((b, s, d)).unwrap(), 3)
+        };
+        compare(&inputs, &fused, &composed, 1e-5);
     }
 
     #[test]
