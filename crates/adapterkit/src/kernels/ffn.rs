@@ -7,6 +7,7 @@ use super::activation::{gelu, Gelu, GeluBackward};
 use super::linear::linear_view;
 use super::{
     attach, attach2, Backend, CResult, FrozenWeight, InputGradient, InputGradients2, LinearView,
+    WeightRef,
 };
 use crate::error::Result;
 use candle_core::Tensor;
@@ -51,6 +52,13 @@ pub fn ffn(
         return Ok(frozen_ffn(x, w1, w2, extra, adapt)?);
     }
     let mut pre = linear_view(backend, x, w1)?;
+    // Trained second projection (top-k, full fine-tuning): GELU and the product as one node.
+    let plain = adapt.scale.is_none() && adapt.delta.is_none() && adapt.out_lora.is_none();
+    if let (true, WeightRef::Tensor(w)) = (plain, w2.w) {
+        if w.track_op() && backend.fuses(&[&pre, w, w2.b]) {
+            return super::linear::gelu_linear(&pre, w, w2.b);
+        }
+    }
     if let Some(d) = adapt.delta {
         pre = pre.add(d)?;
     }

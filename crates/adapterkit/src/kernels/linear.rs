@@ -2,10 +2,11 @@
 //! joins it through a node whose backward yields only the input gradient; the reference is candle's
 //! matmul, whose backward also computes (and keeps) a gradient for the weight.
 
+use super::activation::{Gelu, GeluBackward};
 use super::matmul::{matmul_2d, matmul_tn, Affine};
 use super::{attach, supported, Backend, CResult, FrozenWeight, InputGradient, LinearView};
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 
 /// `x · wᵀ + b` over the last dimension, for inputs of any rank.
 ///
@@ -101,6 +102,63 @@ impl CustomOp3 for TrainedAffine {
     }
 }
 
+/// `gelu(pre) · Wᵀ + b` with trained W and b, for the FFN's second projection: the graph keeps
+/// only the pre-activation, and the backward recomputes the activation for W's gradient. As a
+/// GELU node and a linear node the graph kept both, one [rows, 4d] tensor more per layer.
+pub(crate) fn gelu_linear(pre: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = pre.dims().to_vec();
+    let last = dims.len() - 1;
+    let pre2 = pre.reshape((dims[..last].iter().product::<usize>(), dims[last]))?;
+    let y = pre2
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, TrainedGeluAffine)?;
+    let mut out_dims = dims;
+    out_dims[last] = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// The node of [`gelu_linear`].
+struct TrainedGeluAffine;
+
+impl CustomOp3 for TrainedGeluAffine {
+    fn name(&self) -> &'static str {
+        "trained-gelu-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (act, shape) = Gelu.cpu_fwd(s1, l1)?;
+        Affine.cpu_fwd(&act, &Layout::contiguous(shape), s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        pre: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let act = pre.apply_op1_no_bwd(&Gelu)?;
+        let dw = matmul_tn(&g, &act)?;
+        drop(act);
+        let db = super::sum_rows(&g)?;
+        let dpre = pre
+            .track_op()
+            .then(|| pre.apply_op2_no_bwd(&matmul_2d(&g, w)?, &GeluBackward))
+            .transpose()?;
+        Ok((dpre, Some(dw), Some(db)))
+    }
+}
+
 /// A frozen linear layer's backward: `grad · w` for the input, nothing for the weights.
 struct FrozenLinear {
     w: FrozenWeight,
@@ -119,6 +177,24 @@ impl InputGradient for FrozenLinear {
 mod tests {
     use super::*;
     use crate::kernels::testing::*;
+
+    #[test]
+    fn gelu_linear_matches_gelu_then_linear_with_all_three_gradients() {
+        for (case, dims) in [vec![5, 24], vec![3, 37, 24]].into_iter().enumerate() {
+            let seed = 70 + 10 * case as u64;
+            let inputs = [
+                randn(&dims, seed, 1.5),
+                randn(&[50, 24], seed + 1, 0.3),
+                randn(&[50], seed + 2, 0.1),
+            ];
+            let fused = |t: &[Tensor]| gelu_linear(&t[0], &t[1], &t[2]).unwrap();
+            let reference = |t: &[Tensor]| {
+                let act = super::super::gelu(Backend::Reference, &t[0]).unwrap();
+                linear(Backend::Reference, &act, &t[1], Some(&t[2])).unwrap()
+            };
+            compare(&inputs, &fused, &reference, 1e-5);
+        }
+    }
 
     #[test]
     fn trained_linear_matches_candle_matmul_with_all_three_gradients() {
