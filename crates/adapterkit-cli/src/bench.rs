@@ -150,7 +150,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(adapterkit::default_model_dir);
     let context = || format!("loading {} (run `adapterkit fetch`)", minilm_dir.display());
-    let base = match a.shape {
+    let mut base = match a.shape {
         Shape::Minilm => BaseModel::load(&minilm_dir).with_context(context)?,
         // Only MiniLM's vocabulary: its weights would sit beside BERT-base's in the peak RSS
         // (the PyTorch side builds BERT-base without loading MiniLM either).
@@ -209,6 +209,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         (_, adapter) => adapter.map(AdapterMethod::Bottleneck),
     };
     let mut task = TaskModel::with_method(&base, "bench", set, method, head, a.seq, 0)?;
+    if a.case == Case::FullTrain {
+        // As `adapterkit train` does: the trained copy is the only one.
+        base.release_owned_by(&task)?;
+    }
     if !matches!(a.case, Case::AdapterTrain | Case::FullTrain) {
         // Inference as a loaded adapter runs: LoRA merged into the weights (or as the server
         // keeps it).

@@ -108,6 +108,43 @@ fn train_predict_info_on_a_user_csv() {
     assert!((sum - 1.0).abs() < 1e-5);
     assert!(["neg", "pos"].contains(&lines[2]["label"].as_str().unwrap()));
 
+    // Full fine-tuning and top-k release the base's copy of what they train (the train command
+    // holds the model once): training, evaluation and the save read only the task's copies, and
+    // the saved task predicts on a fresh base.
+    for method in [
+        &["--method", "full"][..],
+        &["--method", "top-k", "--top-k", "1"],
+    ] {
+        let own = dir.join(format!("own-{}", method[1]));
+        let mut args = method.to_vec();
+        args.extend([
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            own.to_str().unwrap(),
+        ]);
+        let o = train_on_csv(&args);
+        assert!(o.status.success(), "{method:?}: {}", text(&o.stderr));
+        let o = ak(
+            &[
+                "predict",
+                "--model",
+                model_s,
+                "--adapter",
+                own.to_str().unwrap(),
+            ],
+            Some("it was good\n"),
+        );
+        assert!(o.status.success(), "{method:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stdout).contains("probabilities"),
+            "{}",
+            text(&o.stdout)
+        );
+    }
+
     // A length the model cannot take is refused before training, naming the option.
     let o = train_on_csv(&[
         "--max-len",

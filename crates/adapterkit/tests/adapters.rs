@@ -401,6 +401,36 @@ fn merged_lora_gives_the_unmerged_forward_and_merges_into_the_weights() {
     }
 }
 
+/// Full fine-tuning and top-k own copies of the base's weights: the base's may be released. The
+/// task then trains and predicts exactly as beside the whole base, and another task that needs
+/// a released weight fails with an error naming it instead of reading anything else.
+#[test]
+fn a_base_released_for_its_task_trains_and_predicts_the_same() {
+    let data = toy_data();
+    for set in [TrainableSet::Full, TrainableSet::TopK { k: 1 }] {
+        let base = tiny_base();
+        let task = TaskModel::new(&base, "own", set.clone(), None, head(), 32, 2).unwrap();
+        let mut released = base.clone();
+        released.release_owned_by(&task).unwrap();
+        assert_eq!(released.num_params(), base.num_params());
+        let (mut a, mut b) = (task.clone(), task.clone());
+        adapterkit::train(&base, &mut a, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+        adapterkit::train(&released, &mut b, &data, &quick_cfg(1), &mut |_| {}).unwrap();
+        for (k, v) in &a.params {
+            assert_eq!(max_abs_diff(v, &b.params[k]), 0.0, "{set:?}: {k}");
+        }
+        let enc = base.tokenizer.encode_all(&data.test.inputs, 32).unwrap();
+        let logits = base.logits_encoded(&a, &enc, 8, &[]).unwrap();
+        assert_eq!(released.logits_encoded(&b, &enc, 8, &[]).unwrap(), logits);
+        let other = adapter_task(&base, "other", 5e-2, 3);
+        let msg = released
+            .logits_encoded(&other, &enc, 8, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("released"), "{set:?}: {msg}");
+    }
+}
+
 /// A task's projections that differ from the base's (LoRA and (IA)³ merged, top-k and full
 /// fine-tuning's own copies) are fused and packed once at merge; every change of the task must
 /// drop them, or its forwards would read stale weights.

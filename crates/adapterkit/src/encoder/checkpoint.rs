@@ -35,6 +35,12 @@ pub enum ParamValue {
         /// Row count.
         rows: usize,
     },
+    /// Dropped from a base whose task trains its own copy (see [`crate::BaseModel::release_owned_by`]):
+    /// the shape stays, and every read is an error rather than the values the task replaced.
+    Released {
+        /// The shape.
+        dims: Vec<usize>,
+    },
 }
 
 impl ParamValue {
@@ -50,19 +56,25 @@ impl ParamValue {
         })
     }
 
-    /// The values as a forward reads them.
-    pub fn as_ref(&self) -> WeightRef<'_> {
+    /// The values as a forward reads them; an error for a released weight (`name` says which).
+    pub fn get(&self, name: &str) -> Result<WeightRef<'_>> {
         match self {
-            ParamValue::Tensor(t) => WeightRef::Tensor(t),
+            ParamValue::Tensor(t) => Ok(WeightRef::Tensor(t)),
             ParamValue::Panels {
                 panels,
                 start,
                 rows,
-            } => WeightRef::Panels {
+            } => Ok(WeightRef::Panels {
                 panels,
                 start: *start,
                 rows: *rows,
-            },
+            }),
+            ParamValue::Released { .. } => Err(Error::config(
+                "base model",
+                name,
+                "was released because the task trains its own copy, yet was read (a bug: the \
+                 read would have taken values the task replaced)",
+            )),
         }
     }
 }
@@ -78,14 +90,14 @@ impl Param {
     /// The values as a tensor: the held tensor (shared, not copied), or a fresh copy unpacked
     /// from the panels.
     pub fn tensor(&self) -> Result<Tensor> {
-        Ok(self.value.as_ref().tensor()?)
+        Ok(self.value.get(self.key.name())?.tensor()?)
     }
 
     /// The held tensor, where the values are held as one.
     pub fn as_tensor(&self) -> Option<&Tensor> {
         match &self.value {
             ParamValue::Tensor(t) => Some(t),
-            ParamValue::Panels { .. } => None,
+            ParamValue::Panels { .. } | ParamValue::Released { .. } => None,
         }
     }
 
@@ -94,6 +106,7 @@ impl Param {
         match &self.value {
             ParamValue::Tensor(t) => t.dims().to_vec(),
             ParamValue::Panels { panels, rows, .. } => vec![*rows, panels.dims().1],
+            ParamValue::Released { dims } => dims.clone(),
         }
     }
 
@@ -432,6 +445,47 @@ impl BertWeights {
         Ok(self)
     }
 
+    /// Releases every weight `owned` names (see [`ParamValue::Released`]); the fused q|k|v goes
+    /// with q, k and v when all three go.
+    pub fn release(&mut self, owned: &dyn Fn(&str) -> bool) -> Result<()> {
+        let release = |p: &mut Param| {
+            if owned(p.key.name()) {
+                p.value = ParamValue::Released { dims: p.dims() };
+            }
+        };
+        let e = &mut self.embeddings;
+        for p in [&mut e.word, &mut e.position, &mut e.token_type] {
+            release(p);
+        }
+        let mut norms = vec![&mut e.layer_norm];
+        let mut linears = Vec::new();
+        for l in &mut self.layers {
+            let a = &mut l.attention;
+            let qkv = [&a.query, &a.key, &a.value].map(|lin| owned(lin.weight.key.name()));
+            if qkv.iter().all(|&o| o) {
+                let dims = vec![a.qkv.bias.dim(0)?, a.query.weight.dims()[1]];
+                a.qkv = FusedQkv::of(ParamValue::Released { dims }, a.qkv.bias.clone())?;
+            }
+            linears.extend([&mut a.query, &mut a.key, &mut a.value]);
+            linears.extend([
+                &mut l.attention_output.dense,
+                &mut l.intermediate.dense,
+                &mut l.output.dense,
+            ]);
+            norms.extend([&mut l.attention_output.layer_norm, &mut l.output.layer_norm]);
+        }
+        linears.extend(self.pooler.as_mut().map(|p| &mut p.dense));
+        for lin in linears {
+            release(&mut lin.weight);
+            release(&mut lin.bias);
+        }
+        for n in norms {
+            release(&mut n.weight);
+            release(&mut n.bias);
+        }
+        Ok(())
+    }
+
     /// Bytes of the panels that hold frozen weights.
     pub fn packed_bytes(&self) -> usize {
         self.layers
@@ -444,7 +498,7 @@ impl BertWeights {
                     &l.output.dense.weight.value,
                 ]
             })
-            .filter_map(|v| v.as_ref().whole_panels())
+            .filter_map(|v| v.get("").ok()?.whole_panels())
             .map(PackedWeight::bytes)
             .sum()
     }
@@ -618,7 +672,7 @@ impl FusedQkv {
     pub fn packed(self) -> Result<Self> {
         match &self.weight {
             ParamValue::Tensor(w) => Self::of(ParamValue::packed(w.clone())?, self.bias),
-            ParamValue::Panels { .. } => Ok(self),
+            ParamValue::Panels { .. } | ParamValue::Released { .. } => Ok(self),
         }
     }
 
@@ -633,6 +687,9 @@ impl FusedQkv {
                     rows,
                 },
                 ParamValue::Tensor(w) => ParamValue::Tensor(w.narrow(0, i * rows, rows)?),
+                ParamValue::Released { dims } => ParamValue::Released {
+                    dims: vec![rows, dims[1]],
+                },
             };
             Ok((w, bias.narrow(0, i * rows, rows)?))
         };

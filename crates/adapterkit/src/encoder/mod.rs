@@ -155,6 +155,15 @@ impl BaseModel {
         self.weights.params().iter().map(|p| p.elem_count()).sum()
     }
 
+    /// Drops the base's copy of every weight `task` trains a copy of (all of them in full
+    /// fine-tuning, the top layers in top-k): a process that trains such a task then holds the
+    /// model once, as PyTorch does, instead of the frozen base beside the trained one. A
+    /// released weight cannot be read: a forward of another task that needs it fails with an
+    /// error naming it, never reads other values.
+    pub fn release_owned_by(&mut self, task: &crate::TaskModel) -> Result<()> {
+        self.weights.release(&|name| task.params.contains_key(name))
+    }
+
     /// The same model with weights in `dtype` (f64 for gradient checks).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         Ok(BaseModel {

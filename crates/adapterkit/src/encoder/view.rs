@@ -206,14 +206,13 @@ impl<'a> TaskView<'a> {
         };
         let merged = task.and_then(|t| t.merged);
         let lin = |l: &'a Linear| -> Result<LinearView<'a>> {
-            let held = merged.and_then(|m| m.dense.get(l.weight.key.name()));
-            Ok(LinearView {
-                w: match held {
-                    Some(v) => v.as_ref(),
-                    None => task_copy(&l.weight).map_or(l.weight.value.as_ref(), WeightRef::Tensor),
-                },
-                b: r(&l.bias)?,
-            })
+            let name = l.weight.key.name();
+            let w = match (merged.and_then(|m| m.dense.get(name)), task_copy(&l.weight)) {
+                (Some(held), _) => held.get(name)?,
+                (None, Some(t)) => WeightRef::Tensor(t),
+                (None, None) => l.weight.value.get(name)?,
+            };
+            Ok(LinearView { w, b: r(&l.bias)? })
         };
         let norm = |n: &'a LayerNorm| -> Result<NormView<'a>> {
             Ok(NormView {
@@ -227,29 +226,38 @@ impl<'a> TaskView<'a> {
         let mut sites = Vec::with_capacity(w.layers.len());
         for (l, layer) in w.layers.iter().enumerate() {
             let a = &layer.attention;
-            let whole = |f: &'a FusedQkv| LinearView {
-                w: f.weight.as_ref(),
-                b: &f.bias,
+            let whole = |f: &'a FusedQkv| -> Result<LinearView<'a>> {
+                Ok(LinearView {
+                    w: f.weight.get("q|k|v")?,
+                    b: &f.bias,
+                })
             };
-            let part = |f: &'a FusedQkv, i: usize| LinearView {
-                w: f.parts[i].0.as_ref(),
-                b: &f.parts[i].1,
+            let part = |f: &'a FusedQkv, i: usize| -> Result<LinearView<'a>> {
+                Ok(LinearView {
+                    w: f.parts[i].0.get(["query", "key", "value"][i])?,
+                    b: &f.parts[i].1,
+                })
             };
             let (query, key, value, qkv) = match merged.and_then(|m| m.qkv.get(&l)) {
-                Some(f) => (part(f, 0), part(f, 1), part(f, 2), Some(whole(f))),
+                Some(f) => (part(f, 0)?, part(f, 1)?, part(f, 2)?, Some(whole(f)?)),
                 None => {
                     let (query, key, value) = (lin(&a.query)?, lin(&a.key)?, lin(&a.value)?);
                     let untouched = [(&a.query, query), (&a.key, key), (&a.value, value)]
                         .iter()
                         .all(|(base_lin, v)| {
-                            v.w.same(base_lin.weight.value.as_ref())
+                            (base_lin.weight.value.get("")).is_ok_and(|base_w| v.w.same(base_w))
                                 && base_lin
                                     .bias
                                     .as_tensor()
                                     .is_some_and(|b| std::ptr::eq(v.b, b))
                         });
                     // The base's fused q|k|v only where the task keeps all three.
-                    (query, key, value, untouched.then(|| whole(&a.qkv)))
+                    (
+                        query,
+                        key,
+                        value,
+                        untouched.then(|| whole(&a.qkv)).transpose()?,
+                    )
                 }
             };
             layers.push(LayerView {
