@@ -29,6 +29,17 @@ struct Heads {
 }
 
 impl Heads {
+    /// The layout of `heads` heads over the hidden states `x` [b, s, d].
+    fn of(x: &Tensor, heads: usize) -> CResult<Self> {
+        let (b, s, d) = x.dims3()?;
+        Ok(Heads {
+            b,
+            s,
+            h: heads,
+            dh: d / heads,
+        })
+    }
+
     /// [b, s, h, dh] → [b, h, s, dh]
     fn split(&self, src: &[f32]) -> Vec<f32> {
         let Heads { s, h, dh, .. } = *self;
@@ -739,12 +750,7 @@ fn trained_attention(
     dropout: Option<(f64, u64)>,
 ) -> Result<Tensor> {
     let (b, s, d) = h.dims3()?;
-    let hs = Heads {
-        b,
-        s,
-        h: heads,
-        dh: d / heads,
-    };
+    let hs = Heads::of(h, heads)?;
     let x = h.reshape((b * s, d))?;
     let qkv = match w.qkv {
         Some(lin) => linear_view(backend, &x, lin)?,
@@ -840,12 +846,7 @@ fn frozen_attention(
     dropout: Option<(f64, u64)>,
 ) -> CResult<Tensor> {
     let (b, s, d) = h.dims3()?;
-    let hs = Heads {
-        b,
-        s,
-        h: heads,
-        dh: d / heads,
-    };
+    let hs = Heads::of(h, heads)?;
     let x = h.detach().reshape((b * s, d))?;
     let (wqkv, mut qkv) = match w.qkv {
         Some(lin) => (lin.w.owned()?, lin.affine(&x)?),
