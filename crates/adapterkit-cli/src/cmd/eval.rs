@@ -21,8 +21,9 @@ pub(crate) struct EvalArgs {
 }
 
 pub(crate) fn eval(a: EvalArgs) -> Result<()> {
-    let base = load_base(&a.model)?;
+    let mut base = load_base(&a.model)?;
     let task = load_task(&base, &a.adapter)?;
+    super::hold_model_once(&mut base, &task)?;
     let data = a.data.load(
         &adapterkit::default_home(),
         task.head.kind == HeadKind::Regression,

@@ -166,6 +166,19 @@ pub(crate) fn load_task(base: &BaseModel, dir: &Path) -> Result<TaskModel> {
     TaskModel::load(dir, base).with_context(|| format!("loading adapter {}", dir.display()))
 }
 
+/// For a command that runs one task on `base`: releases the base's copy of the weights the task
+/// has its own copy of (full fine-tuning, top-k), so the process holds the model once.
+pub(crate) fn hold_model_once(base: &mut BaseModel, task: &TaskModel) -> Result<()> {
+    if matches!(
+        task.trainable,
+        adapterkit::TrainableSet::Full | adapterkit::TrainableSet::TopK { .. }
+    ) {
+        base.release_owned_by(task)
+            .context("releasing the base's copy of the task's weights")?;
+    }
+    Ok(())
+}
+
 /// `--adapter-config`: an AdapterHub preset or configuration string, or a JSON file in
 /// AdapterHub's format.
 pub(crate) fn adapter_config_arg(

@@ -120,6 +120,8 @@ pub(crate) fn predict(a: PredictArgs) -> Result<()> {
         );
     }
     let task = load_task(&base, dir)?;
+    let mut base = base;
+    super::hold_model_once(&mut base, &task)?;
     let texts = read_texts(&a)?;
     let inputs = split_pairs(&texts, task.head.pair)?;
     let max_len = a.max_len.unwrap_or(task.max_len);

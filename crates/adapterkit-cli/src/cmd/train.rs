@@ -262,13 +262,7 @@ pub(crate) fn train(a: TrainArgs) -> Result<()> {
     };
     let task = adapterkit::run::new_task(&base, &spec)?;
     let mut base = base;
-    if matches!(
-        spec.trainable,
-        TrainableSet::Full | TrainableSet::TopK { .. }
-    ) {
-        // The task trains its own copy of these weights; the base's would only take memory.
-        base.release_owned_by(&task)?;
-    }
+    super::hold_model_once(&mut base, &task)?;
     let base_params = base.num_params();
     let trainable_params = task.num_params();
     let bottleneck = match &spec.method {
