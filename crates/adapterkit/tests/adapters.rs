@@ -487,6 +487,21 @@ fn projections_held_at_merge_follow_every_change_of_the_task() {
         m.merge(&base).unwrap();
         let d = max_abs_diff(&logits(&m), &after);
         assert!(d < 1e-5, "{}: merged again differs by {d}", task.name);
+        // `params` is public: a tensor put there directly makes the merge stale, and forwards
+        // derive from the tensors again instead of reading it.
+        let key = m
+            .params
+            .keys()
+            .find(|k| k.name() == changed)
+            .unwrap()
+            .clone();
+        let back = task.params[changed.as_str()].clone();
+        let mut direct = m.clone();
+        direct.params.insert(key, back);
+        assert!(!direct.is_merged(), "{}", task.name);
+        let d = max_abs_diff(&logits(&direct), &before);
+        assert!(d < 1e-6, "{}: a stale merge was read ({d})", task.name);
+        assert!(m.detached().is_merged(), "{}", task.name);
         assert!(!m.to_dtype(DType::F64).unwrap().is_merged());
         // Training starts from the tensors, not from the merged copy.
         let mut trained = m.clone();

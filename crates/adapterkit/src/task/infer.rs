@@ -18,7 +18,9 @@ impl TaskModel {
     /// What the encoder reads of this task, with `derived` weights for this forward (else the
     /// merged ones, if merged).
     pub fn parts<'a>(&'a self, derived: Option<&'a BTreeMap<ParamKey, Tensor>>) -> TaskParts<'a> {
-        let merged = self.merged.as_ref().filter(|_| derived.is_none());
+        // A stale merge (the tensors or the method changed since) is not read: a task that
+        // derives weights then fails for want of them instead of running on old ones.
+        let merged = (self.merged.as_ref()).filter(|m| derived.is_none() && m.fresh_for(self));
         TaskParts {
             name: &self.name,
             params: &self.params,
@@ -96,9 +98,10 @@ impl TaskModel {
         &self,
         base: &BaseModel,
     ) -> Result<Option<BTreeMap<ParamKey, Tensor>>> {
-        match &self.merged {
-            None => self.derive(base),
-            Some(_) => Ok(None),
+        if self.is_merged() {
+            Ok(None)
+        } else {
+            self.derive(base)
         }
     }
 

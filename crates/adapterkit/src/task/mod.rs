@@ -133,8 +133,8 @@ pub struct TaskModel {
     /// What the task trains.
     pub trainable: TrainableSet,
     /// Every parameter the task owns, keyed by checkpoint name and role (adapters, head, copies of
-    /// base parameters); look up by name with `params.get("…")`. Change them with
-    /// [`TaskModel::set_param`], which drops what a merge derived from them.
+    /// base parameters); look up by name with `params.get("…")`. A merge is read only while
+    /// these are the tensors it was derived from ([`TaskModel::set_param`] also drops it).
     pub params: BTreeMap<ParamKey, Tensor>,
     /// Base the task fits.
     pub base: BaseFingerprint,
@@ -143,9 +143,15 @@ pub struct TaskModel {
 }
 
 /// What [`TaskModel::merge`] derives from a task's tensors for inference. It is replaced or
-/// dropped only as a whole, so no part of it can outlive the tensors it was derived from.
-#[derive(Debug, Clone, Default)]
+/// dropped only as a whole, and a forward reads it only while it is fresh (see
+/// [`Merged::fresh_for`]), so it cannot outlive the tensors it was derived from.
+#[derive(Debug, Clone)]
 pub(crate) struct Merged {
+    /// The task's tensors it was derived from, by identity (`params` is public: a tensor put
+    /// there directly, not through [`TaskModel::set_param`], must not meet a stale merge).
+    sources: Vec<(ParamKey, candle_core::TensorId)>,
+    /// The method configuration it was derived under.
+    method: Option<AdapterMethod>,
     /// Derived tensors by the name of what they replace or add (merged projections, PHM
     /// projections, prefixes, LoRA factors kept as updates), less the projections in `weights`.
     pub tensors: BTreeMap<ParamKey, Tensor>,
@@ -153,6 +159,36 @@ pub(crate) struct Merged {
     /// without them every forward concatenated q|k|v (unpacking the base's untouched ones from
     /// their panels) and packed each such weight for its product.
     pub weights: MergedWeights,
+}
+
+impl Merged {
+    /// `tensors` and `weights` derived from `task` as it is now.
+    fn new(task: &TaskModel, tensors: BTreeMap<ParamKey, Tensor>, weights: MergedWeights) -> Self {
+        Merged {
+            sources: Self::sources(task),
+            method: task.method(),
+            tensors,
+            weights,
+        }
+    }
+
+    fn sources(task: &TaskModel) -> Vec<(ParamKey, candle_core::TensorId)> {
+        task.params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.id()))
+            .collect()
+    }
+
+    /// Whether `task`'s tensors and method are still the ones this was derived from.
+    pub(crate) fn fresh_for(&self, task: &TaskModel) -> bool {
+        self.sources.len() == task.params.len()
+            && self
+                .sources
+                .iter()
+                .zip(&task.params)
+                .all(|((k, id), (k2, v))| k == k2 && *id == v.id())
+            && self.method == task.method()
+    }
 }
 
 /// Refuses a task name that cannot be part of tensor and file names.
@@ -332,6 +368,15 @@ impl TaskModel {
         {
             *v = v.detach();
         }
+        // Detaching keeps the values: a merge fresh for `self` is fresh for the copy.
+        if self.is_merged() {
+            let sources = Merged::sources(&t);
+            if let Some(m) = &mut t.merged {
+                m.sources = sources;
+            }
+        } else {
+            t.merged = None;
+        }
         t
     }
 
@@ -413,7 +458,7 @@ impl TaskModel {
             }
         }
         if derives || !weights.qkv.is_empty() || !weights.dense.is_empty() {
-            self.merged = Some(Merged { tensors, weights });
+            self.merged = Some(Merged::new(self, tensors, weights));
         }
         Ok(())
     }
@@ -455,10 +500,7 @@ impl TaskModel {
             for v in factors.values_mut() {
                 *v = v.detach();
             }
-            self.merged = Some(Merged {
-                tensors: factors,
-                weights: MergedWeights::default(),
-            });
+            self.merged = Some(Merged::new(self, factors, MergedWeights::default()));
         }
         Ok(())
     }
@@ -466,9 +508,9 @@ impl TaskModel {
     /// Whether the task's LoRA is kept as factors whose updates run per row group (see
     /// [`TaskModel::keep_lora_as_updates`]).
     pub fn lora_as_updates(&self) -> bool {
-        self.merged
-            .as_ref()
-            .is_some_and(|m| m.tensors.keys().any(|k| k.name().contains(".lora_factor_")))
+        self.merged.as_ref().is_some_and(|m| {
+            m.fresh_for(self) && m.tensors.keys().any(|k| k.name().contains(".lora_factor_"))
+        })
     }
 
     /// Drops the merged weights: forwards derive them from the task's tensors again.
@@ -479,7 +521,7 @@ impl TaskModel {
     /// Whether the derived weights (LoRA, PHM, fused q|k|v) are merged into what this task's
     /// forwards read.
     pub fn is_merged(&self) -> bool {
-        self.merged.is_some()
+        self.merged.as_ref().is_some_and(|m| m.fresh_for(self))
     }
 
     /// The task's tensors by file: adapters (AdapterHub's `bert.` names), head, base copies.
