@@ -1330,7 +1330,7 @@ fn init_schemes_draw_what_adapterhub_draws() {
 
 #[test]
 fn frozen_prefix_cache_gives_the_same_loss_and_gradients() {
-    use adapterkit::train::{batch_loss_from, PrefixCache};
+    use adapterkit::train::{batch_loss_from, PrefixCache, TrainForward};
     let base = tiny_base();
     let layers = base.config.num_hidden_layers;
     let make = |trainable: TrainableSet, adapter: Option<AdapterConfig>| {
@@ -1385,16 +1385,12 @@ fn frozen_prefix_cache_gives_the_same_loss_and_gradients() {
             vars.push((name.clone(), v));
         }
         let plain = batch_loss(&base, &var_task, &enc, &data.train, &rows, None).unwrap();
-        let cached = batch_loss_from(
-            &base,
-            &var_task,
-            &enc,
-            &data.train,
-            &rows,
-            None,
-            Some(&cache),
-        )
-        .unwrap();
+        let from_cache = TrainForward {
+            cache: Some(&cache),
+            ..TrainForward::default()
+        };
+        let cached =
+            batch_loss_from(&base, &var_task, &enc, &data.train, &rows, from_cache).unwrap();
         let (a, b) = (
             plain.to_scalar::<f32>().unwrap(),
             cached.to_scalar::<f32>().unwrap(),
@@ -1706,4 +1702,100 @@ fn weights_held_as_panels_give_the_forward_and_training_of_tensors() {
         close(&trained(&packed), &trained(&plain)),
         "adapter training"
     );
+}
+
+#[test]
+fn a_backward_through_layer_cuts_gives_the_gradients_of_one_backward() {
+    use adapterkit::encoder::LayerCuts;
+    use adapterkit::rng::Rng;
+    use adapterkit::train::{batch_loss_from, TrainForward};
+    // Four layers, so that the gradient crosses several cuts in turn.
+    let tiny = tiny_base();
+    let config = adapterkit::BertConfig {
+        num_hidden_layers: 4,
+        ..tiny.config.clone()
+    };
+    let base = BaseModel::random(config, tiny.tokenizer.clone(), 3).unwrap();
+    let layers = base.config.num_hidden_layers;
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.train.inputs, 32).unwrap();
+    let rows: Vec<usize> = (0..6).collect();
+    let plain = |set: TrainableSet, adapter: Option<AdapterConfig>| {
+        TaskModel::new(&base, "c", set, adapter, head(), 32, 9).unwrap()
+    };
+    // (task, cuts expected): every layer input depends on something trained, except below the
+    // top layer of a top-1 task, where nothing is trained and no cut is made.
+    let mut cases = vec![
+        (
+            plain(
+                TrainableSet::Adapters { layernorms: true },
+                Some(adapters(5e-2)),
+            ),
+            layers - 1,
+        ),
+        (plain(TrainableSet::Full, None), layers - 1),
+        (plain(TrainableSet::TopK { k: 1 }, None), 0),
+    ];
+    // Tensors shared by every layer (Compacter's shared rules, the prefix MLP) take a gradient
+    // from each layer's part of the backward.
+    cases.extend(lora_cases(&base).into_iter().map(|t| (t, layers - 1)));
+    cases.extend(compacter_cases(&base).into_iter().map(|t| (t, layers - 1)));
+    cases.extend(prefix_cases(&base).into_iter().map(|t| (t, layers - 1)));
+    for (task, expected_cuts) in cases {
+        let mut var_task = task.clone();
+        let mut vars = Vec::new();
+        for (name, t) in var_task.params.iter_mut() {
+            let v = Var::from_tensor(t).unwrap();
+            *t = v.as_tensor().clone();
+            vars.push((name.clone(), v));
+        }
+        // Dropout on, drawn the same on both sides.
+        let (mut r1, mut r2) = (Rng::new(5), Rng::new(5));
+        let one = TrainForward {
+            rng: Some(&mut r1),
+            ..TrainForward::default()
+        };
+        let whole = batch_loss_from(&base, &var_task, &enc, &data.train, &rows, one)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut cuts = LayerCuts::default();
+        let cut = TrainForward {
+            rng: Some(&mut r2),
+            cuts: Some(&mut cuts),
+            ..TrainForward::default()
+        };
+        let loss = batch_loss_from(&base, &var_task, &enc, &data.train, &rows, cut).unwrap();
+        assert_eq!(cuts.len(), expected_cuts, "{}: cuts", task.name);
+        let by_layer = cuts.backward(loss).unwrap();
+        let mut compared = 0;
+        for (name, v) in &vars {
+            let (a, b) = (whole.get(v.as_tensor()), by_layer.get(v.as_tensor()));
+            let (a, b) = match (a, b) {
+                (Some(a), Some(b)) => (a, b),
+                (None, None) => continue,
+                _ => panic!("{} {name}: a gradient on one side only", task.name),
+            };
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(a, b);
+            assert!(
+                d <= 1e-5 * scale.max(1e-3),
+                "{} {name}: gradients differ by {d} (largest {scale})",
+                task.name
+            );
+            assert!(
+                !b.track_op(),
+                "{} {name}: gradient keeps a graph",
+                task.name
+            );
+            compared += 1;
+        }
+        assert!(compared > 0, "{}: no gradient compared", task.name);
+    }
 }

@@ -1,6 +1,7 @@
 //! The encoder's forward pass, as the paper's figure draws a layer: attention, the first adapter
 //! site, the FFN, the second adapter site; each site run per row group of its own task.
 
+use super::cuts::LayerCuts;
 use super::routing::{Routing, RowGroup};
 use super::{BaseModel, Batch};
 use crate::adapter::lora::Projection;
@@ -23,6 +24,9 @@ pub struct ForwardOptions<'a> {
     pub prefix: Option<(usize, Tensor)>,
     /// Stop after this many layers and return their output (to build the frozen-prefix cache).
     pub stop_after: Option<usize>,
+    /// Training: cut the graph at each layer's input, so that [`LayerCuts::backward`] frees each
+    /// layer's activations as soon as its gradients are taken.
+    pub cuts: Option<&'a mut LayerCuts>,
 }
 
 /// Dropout with probability `p` in training mode, the identity in inference.
@@ -69,12 +73,15 @@ impl BaseModel {
             ));
         }
         if routing.groups.len() > 1
-            && (opts.dropout_rng.is_some() || opts.prefix.is_some() || opts.stop_after.is_some())
+            && (opts.dropout_rng.is_some()
+                || opts.prefix.is_some()
+                || opts.stop_after.is_some()
+                || opts.cuts.is_some())
         {
             return Err(Error::config(
                 "mixed batch",
                 "options",
-                "a batch of several tasks runs in inference mode only (no dropout, prefix cache or stop_after)",
+                "a batch of several tasks runs in inference mode only (no dropout, prefix cache, stop_after or cuts)",
             ));
         }
         let shared = routing.shared()?;
@@ -94,6 +101,11 @@ impl BaseModel {
             .unwrap_or(cfg.num_hidden_layers)
             .min(cfg.num_hidden_layers);
         for l in first..last {
+            if l > first {
+                if let Some(cuts) = opts.cuts.as_deref_mut() {
+                    h = cuts.cut(h)?;
+                }
+            }
             let w = &shared.layers[l];
             let qkv_scale = w.qkv_scale(cfg.hidden_size)?;
             let d = cfg.hidden_size;

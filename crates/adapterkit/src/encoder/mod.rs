@@ -1,9 +1,10 @@
 //! The frozen BERT encoder: typed modules loaded once ([`checkpoint`]), the view through which a
 //! task's trained copies replace base tensors ([`view`]), per-row task routing ([`routing`]), the
-//! forward pass ([`forward`]) and inference helpers ([`predict`]).
+//! forward pass ([`forward`]), its graph cut between layers for training ([`cuts`]) and inference helpers ([`predict`]).
 
 pub mod batch;
 pub mod checkpoint;
+pub mod cuts;
 pub mod forward;
 
 pub mod routing;
@@ -12,6 +13,7 @@ pub mod view;
 pub use crate::kernels::{LinearView, NormView};
 pub use batch::Batch;
 pub use checkpoint::{canonical_name, BertWeights, FusedQkv, Param, ParamValue};
+pub use cuts::LayerCuts;
 pub use forward::ForwardOptions;
 pub use routing::{Routing, RowGroup};
 pub use view::{LayerView, MergedWeights, SiteView, TaskParts, TaskView};

@@ -2,7 +2,7 @@
 //! order and dropout, length bucketing, dev evaluation each epoch keeping the best).
 
 use crate::data::{bucketed_batches, LabelledSet, TaskData};
-use crate::encoder::{BaseModel, Batch, ForwardOptions};
+use crate::encoder::{BaseModel, Batch, ForwardOptions, LayerCuts};
 use crate::error::{Error, Result};
 use crate::head::HeadKind;
 use crate::kernels::{cross_entropy, mse};
@@ -304,15 +304,21 @@ impl AdamW {
     /// parameters and moments untouched (the caller stops and says why).
     pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<f64> {
         let cfg = &self.cfg;
-        let mut gvecs = Vec::with_capacity(self.slots.len());
+        // The gradients are read where they lie, twice (norm, then update): a copy of all of them
+        // beside the GradStore added the size of every trained weight to the peak RSS of full
+        // fine-tuning (440 MB on BERT-base, measured).
         let mut sq = 0f64;
         for s in &self.slots {
-            let g = match grads.get(s.var.as_tensor()) {
-                Some(g) => to_vec_f32(g)?,
-                None => vec![0.0; s.m.len()],
-            };
-            sq += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
-            gvecs.push(g);
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                // Chunk sums collected in order and added in order: the same norm, bit for bit,
+                // on any number of threads (a rayon reduction's tree depends on work stealing).
+                let chunks: Vec<f64> = with_f32(g, |g| {
+                    g.par_chunks(1 << 15)
+                        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+                        .collect()
+                })?;
+                sq += chunks.iter().sum::<f64>();
+            }
         }
         let norm = sq.sqrt();
         if !norm.is_finite() {
@@ -330,31 +336,77 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = cfg.eps as f32;
-        for (s, g) in self.slots.iter_mut().zip(gvecs) {
-            let mut p = to_vec_f32(s.var.as_tensor())?;
+        for s in self.slots.iter_mut() {
             let shrink = if s.decay {
                 1.0 - (lr * cfg.weight_decay) as f32
             } else {
                 1.0
             };
-            const CHUNK: usize = 1 << 15;
-            p.par_chunks_mut(CHUNK)
-                .zip(s.m.par_chunks_mut(CHUNK))
-                .zip(s.v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|((p, m), (v, g))| {
-                    for i in 0..p.len() {
-                        let gi = g[i] * clip;
-                        m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                        p[i] = p[i] * shrink - step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
-                    }
-                });
-            let t = s.var.as_tensor();
-            s.var
-                .set(&Tensor::from_vec(p, t.shape().clone(), t.device())?)?;
+            let update = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: Option<&[f32]>| {
+                const CHUNK: usize = 1 << 15;
+                p.par_chunks_mut(CHUNK)
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .zip(v.par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(c, ((p, m), v))| {
+                        let g = g.map(|g| &g[c * CHUNK..c * CHUNK + p.len()]);
+                        for i in 0..p.len() {
+                            // A parameter without a gradient takes a zero-gradient step.
+                            let gi = g.map_or(0.0, |g| g[i] * clip);
+                            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                            p[i] =
+                                p[i] * shrink - step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+                        }
+                    });
+            };
+            let t = s.var.as_tensor().clone();
+            let (m, v) = (&mut s.m, &mut s.v);
+            // Updated in blocks of rows written back in place: a copy of a whole weight (the
+            // word embeddings: 94 MB on BERT-base) sat on top of the peak.
+            let mut blocks = |g: Option<&[f32]>| -> Result<()> {
+                let rows = t.dims().first().copied().unwrap_or(1).max(1);
+                let row_len = t.elem_count() / rows;
+                let block_rows = ((1usize << 20) / row_len.max(1)).max(1);
+                if t.rank() == 0 || block_rows >= rows {
+                    let mut p = to_vec_f32(&t)?;
+                    update(&mut p, m, v, g);
+                    let src = Tensor::from_vec(p, t.shape().clone(), t.device())?;
+                    return Ok(s.var.set(&src.to_dtype(t.dtype())?)?);
+                }
+                for r0 in (0..rows).step_by(block_rows) {
+                    let nr = block_rows.min(rows - r0);
+                    let block = t.narrow(0, r0, nr)?;
+                    let mut p = to_vec_f32(&block)?;
+                    let range = r0 * row_len..(r0 + nr) * row_len;
+                    let g = g.map(|g| &g[range.clone()]);
+                    update(&mut p, &mut m[range.clone()], &mut v[range], g);
+                    let src = Tensor::from_vec(p, block.shape().clone(), t.device())?;
+                    t.slice_set(&src.to_dtype(t.dtype())?, 0, r0)?;
+                }
+                Ok(())
+            };
+            match grads.get(&t) {
+                Some(g) => with_f32(g, |g| blocks(Some(g)))??,
+                None => blocks(None)?,
+            }
         }
         Ok(norm)
     }
+}
+
+/// Runs `f` on a tensor's values as one f32 slice: in place where the tensor is contiguous f32 on
+/// the CPU, else on a converted copy.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == candle_core::DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&to_vec_f32(t)?))
 }
 
 /// A tensor's values as a flat `Vec<f32>`.
@@ -467,7 +519,22 @@ pub fn batch_loss(
     rows: &[usize],
     rng: Option<&mut Rng>,
 ) -> Result<Tensor> {
-    batch_loss_from(base, task, encoded, set, rows, rng, None)
+    let opts = TrainForward {
+        rng,
+        ..TrainForward::default()
+    };
+    batch_loss_from(base, task, encoded, set, rows, opts)
+}
+
+/// What a training forward draws on besides its batch.
+#[derive(Default)]
+pub struct TrainForward<'a> {
+    /// Dropout's generator; `None` runs without dropout.
+    pub rng: Option<&'a mut Rng>,
+    /// The frozen-prefix cache to start from, if the task has one.
+    pub cache: Option<&'a PrefixCache>,
+    /// Where to record the graph's cuts between layers, for [`LayerCuts::backward`].
+    pub cuts: Option<&'a mut LayerCuts>,
 }
 
 /// The cached outputs of the frozen lowest layers, one [len, hidden] tensor per training example.
@@ -528,24 +595,25 @@ impl PrefixCache {
     }
 }
 
-/// [`batch_loss`], starting from the frozen-prefix cache when one is given.
+/// [`batch_loss`] with every option of a training forward: the frozen-prefix cache to start from,
+/// the layer cuts to record.
 pub fn batch_loss_from(
     base: &BaseModel,
     task: &TaskModel,
     encoded: &[(Vec<u32>, Vec<u32>)],
     set: &LabelledSet,
     rows: &[usize],
-    rng: Option<&mut Rng>,
-    cache: Option<&PrefixCache>,
+    train: TrainForward<'_>,
 ) -> Result<Tensor> {
     let batch = Batch::select(encoded, rows, base.config.pad_token_id, &base.device)?;
-    let prefix = match cache {
+    let prefix = match train.cache {
         Some(c) => Some((c.layers, c.batch(rows, batch.ids.dim(1)?)?)),
         None => None,
     };
     let mut opts = ForwardOptions {
-        dropout_rng: rng,
+        dropout_rng: train.rng,
         prefix,
+        cuts: train.cuts,
         ..ForwardOptions::default()
     };
     // Labels are checked before the forward pass: a bad one must not cost a step.
@@ -718,15 +786,13 @@ pub fn train_with(
             if p.step >= total {
                 break;
             }
-            let loss = batch_loss_from(
-                base,
-                task,
-                &train_enc,
-                &data.train,
-                rows,
-                Some(&mut dropout_rng),
-                cache.as_ref(),
-            )?;
+            let mut cuts = LayerCuts::default();
+            let forward = TrainForward {
+                rng: Some(&mut dropout_rng),
+                cache: cache.as_ref(),
+                cuts: Some(&mut cuts),
+            };
+            let loss = batch_loss_from(base, task, &train_enc, &data.train, rows, forward)?;
             let loss_v = f64::from(loss.to_scalar::<f32>()?);
             let lr = cfg.lr * lr_factor(p.step, total, warmup);
             if !loss_v.is_finite() {
@@ -734,7 +800,9 @@ pub fn train_with(
                     p.step, "loss", loss_v, task, data, rows, cfg, lr, ckpt,
                 ));
             }
-            let grads = loss.backward()?;
+            // Consumes the loss: each layer's saved activations go as its gradients are taken,
+            // and none are left by the update.
+            let grads = cuts.backward(loss)?;
             let norm = opt.step(&grads, lr)?;
             if !norm.is_finite() {
                 return Err(divergence(
@@ -903,4 +971,134 @@ fn divergence(
         )
     };
     Error::Diverged { step, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AdamW in f64, element by element, as the paper and PyTorch's `AdamW` define it, with the
+    /// global-norm clipping of `clip_grad_norm_`.
+    struct ReferenceAdamW {
+        params: Vec<Vec<f64>>,
+        m: Vec<Vec<f64>>,
+        v: Vec<Vec<f64>>,
+        t: i32,
+    }
+
+    impl ReferenceAdamW {
+        fn step(&mut self, grads: &[Option<Vec<f64>>], decay: &[bool], cfg: &TrainConfig) {
+            let sq: f64 = grads.iter().flatten().flatten().map(|g| g * g).sum();
+            let norm = sq.sqrt();
+            let clip = if norm > cfg.max_grad_norm {
+                cfg.max_grad_norm / (norm + 1e-6)
+            } else {
+                1.0
+            };
+            self.t += 1;
+            let (bc1, bc2) = (1.0 - cfg.beta1.powi(self.t), 1.0 - cfg.beta2.powi(self.t));
+            for (i, p) in self.params.iter_mut().enumerate() {
+                let shrink = if decay[i] {
+                    1.0 - cfg.lr * cfg.weight_decay
+                } else {
+                    1.0
+                };
+                for j in 0..p.len() {
+                    let g = grads[i].as_ref().map_or(0.0, |g| g[j] * clip);
+                    let (m, v) = (&mut self.m[i][j], &mut self.v[i][j]);
+                    *m = cfg.beta1 * *m + (1.0 - cfg.beta1) * g;
+                    *v = cfg.beta2 * *v + (1.0 - cfg.beta2) * g * g;
+                    p[j] = p[j] * shrink - cfg.lr / bc1 * *m / ((*v).sqrt() / bc2.sqrt() + cfg.eps);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn adamw_matches_the_reference_with_clipping_blocks_and_a_missing_gradient() {
+        let dev = candle_core::Device::Cpu;
+        // [2300, 1000] spans three row blocks of the in-place update, the last one partial.
+        let shapes: [&[usize]; 3] = [&[2300, 1000], &[7], &[5, 3]];
+        let decay = [true, false, true];
+        let cfg = TrainConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            max_grad_norm: 50.0,
+            ..TrainConfig::default()
+        };
+        let mut rng = crate::rng::Rng::new(11);
+        let mut slots = Vec::new();
+        let mut reference = ReferenceAdamW {
+            params: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            t: 0,
+        };
+        for (i, shape) in shapes.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let p: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 - 0.5).collect();
+            reference
+                .params
+                .push(p.iter().map(|&x| f64::from(x)).collect());
+            reference.m.push(vec![0.0; n]);
+            reference.v.push(vec![0.0; n]);
+            let t = Tensor::from_vec(p, *shape, &dev).unwrap();
+            slots.push(AdamSlot {
+                name: format!("p{i}"),
+                var: Var::from_tensor(&t).unwrap(),
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+                decay: decay[i],
+            });
+        }
+        let mut opt = AdamW {
+            slots,
+            cfg: cfg.clone(),
+            t: 0,
+        };
+        // Step 1 is clipped (gradients of scale 1 over 2.3M entries), steps 2 and 3 are not.
+        for (step, scale) in [1.0f32, 1e-3, 2e-3].into_iter().enumerate() {
+            let mut loss = Tensor::zeros((), candle_core::DType::F32, &dev).unwrap();
+            let mut ref_grads = Vec::new();
+            for (i, s) in opt.slots.iter().enumerate() {
+                if i == 2 {
+                    ref_grads.push(None);
+                    continue;
+                }
+                let n = s.m.len();
+                let g: Vec<f32> = (0..n)
+                    .map(|_| (rng.uniform() as f32 - 0.5) * scale)
+                    .collect();
+                ref_grads.push(Some(g.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()));
+                let g = Tensor::from_vec(g, shapes[i], &dev).unwrap();
+                // d/dp of sum(p · g) is g.
+                let term = s.var.as_tensor().mul(&g).unwrap().sum_all().unwrap();
+                loss = loss.add(&term).unwrap();
+            }
+            let grads = loss.backward().unwrap();
+            let norm = opt.step(&grads, cfg.lr).unwrap();
+            let ref_norm = ref_grads
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|g| g * g)
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                (norm - ref_norm).abs() <= 1e-9 * ref_norm,
+                "step {step}: norm"
+            );
+            assert_eq!(norm > cfg.max_grad_norm, step == 0, "step {step}: clipping");
+            reference.step(&ref_grads, &decay, &cfg);
+            for (i, s) in opt.slots.iter().enumerate() {
+                let got = to_vec_f32(s.var.as_tensor()).unwrap();
+                let worst = got
+                    .iter()
+                    .zip(&reference.params[i])
+                    .map(|(&a, &b)| (f64::from(a) - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(worst < 1e-5, "step {step} p{i}: off by {worst}");
+            }
+        }
+    }
 }
