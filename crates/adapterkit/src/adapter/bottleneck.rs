@@ -114,7 +114,7 @@ impl SiteAdapter for BottleneckAdapter<'_> {
         let backend = ctx.backend;
         if cfg.is_plain() {
             let adapted = adapter(backend, sub, self.down, self.up, cfg.nonlinearity)?;
-            return residual_norm(ctx, &adapted, input, norm);
+            return residual_norm(ctx, &adapted, 0.0, input, norm);
         }
         let eps = ctx.eps;
         let original_norm = |x: &Tensor| layer_norm(backend, x, norm.gamma, norm.beta, eps);

@@ -7,7 +7,7 @@
 
 use crate::error::Result;
 use crate::kernels::NormView;
-use crate::kernels::{layer_norm, Backend};
+use crate::kernels::{residual_layer_norm, Backend};
 use crate::rng::Rng;
 use candle_core::Tensor;
 
@@ -34,18 +34,23 @@ pub trait SiteAdapter {
     ) -> Result<Tensor>;
 }
 
-/// A site without an adapter: the original residual + LayerNorm, `LN(sub + input)`.
+/// The original residual + LayerNorm, `LN(dropout(sub) + input)`: a site without an adapter
+/// (the sub-layer's hidden dropout `p` applied in training), or an adapter's exit (`p` = 0, its
+/// output already dropped out). One fused node that keeps no copy of the sum.
 pub fn residual_norm(
-    ctx: &SiteContext<'_>,
+    ctx: &mut SiteContext<'_>,
     sub: &Tensor,
+    p: f64,
     input: &Tensor,
     norm: NormView<'_>,
 ) -> Result<Tensor> {
-    layer_norm(
+    let dropout = ctx.dropout.as_deref_mut().map(|rng| (p, rng));
+    residual_layer_norm(
         ctx.backend,
-        &sub.add(input)?,
-        norm.gamma,
-        norm.beta,
+        sub,
+        input,
+        (norm.gamma, norm.beta),
         ctx.eps,
+        dropout,
     )
 }

@@ -85,7 +85,6 @@ impl BaseModel {
             ));
         }
         let shared = routing.shared()?;
-        let p_hidden = cfg.hidden_dropout_prob;
         let p_attn = cfg.attention_probs_dropout_prob;
 
         let (first, mut h) = match opts.prefix.take() {
@@ -122,7 +121,6 @@ impl BaseModel {
             };
             let attn_dropout = opts.dropout_rng.as_deref_mut().map(|r| (p_attn, r));
             let attn = attention(backend, &h, &weights, &mask, heads, scale, attn_dropout)?;
-            let attn = maybe_dropout(backend, &attn, p_hidden, opts)?;
             h = self.site(routing, l, SiteIndex::Attention, &attn, &h, opts)?;
 
             let [.., inter_scale, out_scale] = w.scales;
@@ -139,7 +137,6 @@ impl BaseModel {
                 Some(s) => out.broadcast_mul(s)?,
                 None => out,
             };
-            let out = maybe_dropout(backend, &out, p_hidden, opts)?;
             h = self.site(routing, l, SiteIndex::Ffn, &out, &h, opts)?;
         }
         Ok(h)
@@ -172,8 +169,9 @@ impl BaseModel {
         maybe_dropout(self.backend, &h, self.config.hidden_dropout_prob, opts)
     }
 
-    /// One sub-layer's exit: per row group, that task's adapter at this site (if any, and not
-    /// skipped) and the original residual + LayerNorm.
+    /// One sub-layer's exit: per row group, the sub-layer's hidden dropout (in training), that
+    /// task's adapter at this site (if any, and not skipped) and the original residual +
+    /// LayerNorm. Without an adapter the dropout runs inside the residual LayerNorm's node.
     fn site(
         &self,
         routing: &Routing<'_>,
@@ -185,14 +183,21 @@ impl BaseModel {
     ) -> Result<Tensor> {
         let skip = opts.skip_adapter_layers.contains(&layer);
         // One group's exit: its adapter (unless skipped) and its residual + LayerNorm.
+        let (backend, eps) = (self.backend, self.config.layer_norm_eps);
+        let p = self.config.hidden_dropout_prob;
         let exit = |g: &RowGroup<'_>, t: &[Tensor], ctx: &mut SiteContext<'_>| {
             let at = &g.view.sites[layer][site as usize];
             match &at.adapter {
-                Some(a) if !skip => a.exit(ctx, &t[0], &t[1], at.layer_norm),
-                _ => residual_norm(ctx, &t[0], &t[1], at.layer_norm),
+                Some(a) if !skip => {
+                    let sub = match ctx.dropout.as_deref_mut() {
+                        Some(rng) => dropout(backend, &t[0], p, rng)?,
+                        None => t[0].clone(),
+                    };
+                    a.exit(ctx, &sub, &t[1], at.layer_norm)
+                }
+                _ => residual_norm(ctx, &t[0], p, &t[1], at.layer_norm),
             }
         };
-        let (backend, eps) = (self.backend, self.config.layer_norm_eps);
         if opts.dropout_rng.is_none() && routing.groups.len() > 1 {
             return routing.per_group_concurrent(&[sub, input], |g, t| {
                 let mut ctx = SiteContext {

@@ -63,6 +63,7 @@ struct ChunkMask {
     scale: f32,
 }
 
+#[derive(Clone, Copy)]
 pub(crate) struct Dropout {
     seed: u64,
     keep_threshold: u32,

@@ -1,7 +1,9 @@
 //! LayerNorm over the last dimension: the fused forward and backward, and the composed reference.
 
+use super::dropout::Dropout;
 use super::{f32_slice, rows_per_task, wide, Backend, CResult, Call};
 use crate::error::Result;
+use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -26,6 +28,200 @@ pub fn layer_norm_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64)
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     Ok(xn.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}
+
+/// A sub-layer's exit, `LN(dropout(sub) + input)`, dropout drawn from the generator where one is
+/// given: fused, or composed. The fused node keeps neither the dropped-out `sub` nor the sum, two
+/// [rows, d] tensors per site and layer that the composed ops keep for the backward; its backward
+/// recomputes both (the mask is a function of its seed).
+pub fn residual_layer_norm(
+    backend: Backend,
+    sub: &Tensor,
+    input: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+    dropout: Option<(f64, &mut Rng)>,
+) -> Result<Tensor> {
+    if backend.fuses(&[sub, input, gamma, beta]) && sub.dims() == input.dims() {
+        let mask = match dropout {
+            Some((p, rng)) if p > 0.0 => Some(Dropout::new(p, rng.next_u64())),
+            _ => None,
+        };
+        return Ok(residual_layer_norm_fused(
+            sub, input, gamma, beta, eps, mask,
+        )?);
+    }
+    let sub = match dropout {
+        Some((p, rng)) => super::dropout(backend, sub, p, rng)?,
+        None => sub.clone(),
+    };
+    layer_norm(backend, &sub.add(input)?, gamma, beta, eps)
+}
+
+/// [`residual_layer_norm`]'s fused node on [rows, d] inputs; γ and β come stacked as [2, d].
+struct ResidualNorm {
+    eps: f32,
+    dropout: Option<Dropout>,
+}
+
+impl ResidualNorm {
+    /// `x = dropout(sub) + input` for the elements `base..` of a chunk.
+    fn sum_into(&self, x: &mut [f32], sub: &[f32], input: &[f32], base: usize) {
+        match &self.dropout {
+            Some(m) => {
+                m.apply_block(x, sub, base);
+                for (x, i) in x.iter_mut().zip(input) {
+                    *x += i;
+                }
+            }
+            None => {
+                for ((x, s), i) in x.iter_mut().zip(sub).zip(input) {
+                    *x = s + i;
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp3 for ResidualNorm {
+    fn name(&self) -> &'static str {
+        "fused-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let sub = f32_slice(s1, l1, "residual layer norm")?;
+        let input = f32_slice(s2, l2, "residual layer norm")?;
+        let (gamma, beta) = f32_slice(s3, l3, "residual layer norm")?.split_at(l3.dims()[1]);
+        let d = gamma.len();
+        let mut y = super::zeros(sub.len());
+        let chunk = rows_per_task(d) * d;
+        y.par_chunks_mut(chunk)
+            .zip(sub.par_chunks(chunk).zip(input.par_chunks(chunk)))
+            .enumerate()
+            .for_each(|(c, (y, (sub, input)))| {
+                let mut x = vec![0f32; y.len()];
+                self.sum_into(&mut x, sub, input, c * chunk);
+                wide(Call(norm_rows, (y, &x[..], gamma, beta, self.eps)));
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        sub: &Tensor,
+        input: &Tensor,
+        gb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let rows = sub.dim(0)?;
+        let backward = ResidualNormBackward {
+            norm: ResidualNorm {
+                eps: self.eps,
+                dropout: self.dropout,
+            },
+            gamma: gb.get(0)?.to_vec1::<f32>()?,
+        };
+        let all = sub.apply_op3_no_bwd(input, &grad.contiguous()?, &backward)?;
+        let dsub = all.narrow(0, 0, rows)?;
+        let dinput = all.narrow(0, rows, rows)?;
+        let dgb = all.narrow(0, 2 * rows, 2)?;
+        Ok((Some(dsub), Some(dinput), Some(dgb)))
+    }
+}
+
+/// The backward of [`ResidualNorm`] from (sub, input, d output): rows 0..n d(sub), rows n..2n
+/// d(input), row 2n dγ, row 2n + 1 dβ.
+struct ResidualNormBackward {
+    norm: ResidualNorm,
+    gamma: Vec<f32>,
+}
+
+impl CustomOp3 for ResidualNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-residual-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let sub = f32_slice(s1, l1, "residual layer norm backward")?;
+        let input = f32_slice(s2, l2, "residual layer norm backward")?;
+        let dy = f32_slice(s3, l3, "residual layer norm backward")?;
+        let gamma = &self.gamma[..];
+        let d = gamma.len();
+        let rows = sub.len() / d;
+        let mut out = vec![0f32; (2 * rows + 2) * d];
+        let (dsub, rest) = out.split_at_mut(rows * d);
+        let (dinput, tail) = rest.split_at_mut(rows * d);
+        let chunk = rows_per_task(d) * d;
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dsub
+            .par_chunks_mut(chunk)
+            .zip(dinput.par_chunks_mut(chunk))
+            .zip(sub.par_chunks(chunk).zip(input.par_chunks(chunk)))
+            .zip(dy.par_chunks(chunk))
+            .enumerate()
+            .map(|(c, (((dsub, dx), (sub, input)), dy))| {
+                let mut x = vec![0f32; dx.len()];
+                self.norm.sum_into(&mut x, sub, input, c * chunk);
+                let partial = wide(Call(
+                    norm_backward_rows,
+                    (&mut *dx, &x[..], dy, gamma, self.norm.eps),
+                ));
+                // d(sub) is d(sum) through the same mask.
+                match &self.norm.dropout {
+                    Some(m) => m.apply_block(dsub, dx, c * chunk),
+                    None => dsub.copy_from_slice(dx),
+                }
+                partial
+            })
+            .collect();
+        let (dgamma, dbeta) = tail.split_at_mut(d);
+        for (dg, db) in partials {
+            for i in 0..d {
+                dgamma[i] += dg[i];
+                dbeta[i] += db[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((2 * rows + 2, d))))
+    }
+}
+
+/// [`residual_layer_norm`]'s fused path: inputs of any shape [.., d].
+fn residual_layer_norm_fused(
+    sub: &Tensor,
+    input: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    dropout: Option<Dropout>,
+) -> CResult<Tensor> {
+    let dims = sub.dims().to_vec();
+    let d = *dims.last().unwrap_or(&1);
+    let gb = Tensor::stack(&[gamma, beta], 0)?.contiguous()?;
+    let y = sub.reshape(((), d))?.contiguous()?.apply_op3(
+        &input.reshape(((), d))?.contiguous()?,
+        &gb,
+        ResidualNorm {
+            eps: eps as f32,
+            dropout,
+        },
+    )?;
+    y.reshape(dims)
 }
 
 struct LayerNorm {
@@ -223,6 +419,36 @@ mod tests {
             &|t| layer_norm_reference(&t[0], &t[1], &t[2], 1e-12).unwrap(),
             1e-5,
         );
+    }
+
+    #[test]
+    fn residual_layer_norm_matches_dropout_add_and_layer_norm_with_all_four_gradients() {
+        // 4 × 100 rows of 96 span three parallel chunks, so the mask's offsets are exercised.
+        let inputs = [
+            randn(&[4, 100, 96], 2, 2.0),
+            randn(&[4, 100, 96], 5, 1.0).affine(1.0, 0.5).unwrap(),
+            randn(&[96], 3, 0.3).affine(1.0, 1.0).unwrap(),
+            randn(&[96], 4, 0.3),
+        ];
+        for p in [None, Some(0.3)] {
+            let seed = 77;
+            compare(
+                &inputs,
+                &|t| {
+                    let mask = p.map(|p| Dropout::new(p, seed));
+                    residual_layer_norm_fused(&t[0], &t[1], &t[2], &t[3], 1e-12, mask).unwrap()
+                },
+                &|t| {
+                    let sub = match p {
+                        Some(p) => super::super::dropout::dropout_fused(&t[0], p, seed).unwrap(),
+                        None => t[0].clone(),
+                    };
+                    let x = sub.add(&t[1]).unwrap();
+                    layer_norm_reference(&x, &t[2], &t[3], 1e-12).unwrap()
+                },
+                1e-5,
+            );
+        }
     }
 
     #[test]

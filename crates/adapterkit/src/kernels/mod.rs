@@ -26,7 +26,7 @@ pub use adapter::adapter;
 pub use attention::{attention, AttentionWeights};
 pub use dropout::dropout;
 pub use ffn::ffn;
-pub use layer_norm::layer_norm;
+pub use layer_norm::{layer_norm, residual_layer_norm};
 pub use linear::{linear, linear_view};
 pub use loss::{cross_entropy, log_softmax_last_dim, mse};
 pub use matmul::{batched_matmul, matmul_2d, PackedWeight};
