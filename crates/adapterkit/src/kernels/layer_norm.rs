@@ -190,13 +190,7 @@ impl CustomOp3 for ResidualNormBackward {
                 partial
             })
             .collect();
-        let (dgamma, dbeta) = tail.split_at_mut(d);
-        for (dg, db) in partials {
-            for i in 0..d {
-                dgamma[i] += dg[i];
-                dbeta[i] += db[i];
-            }
-        }
+        sum_partials(tail, partials);
         Ok((CpuStorage::F32(out), Shape::from((2 * rows + 2, d))))
     }
 }
@@ -333,14 +327,19 @@ impl CustomOp3 for LayerNormBackward {
             .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
             .map(|(dx, (x, dy))| wide(Call(norm_backward_rows, (dx, x, dy, gamma, self.eps))))
             .collect();
-        let (dgamma, dbeta) = tail.split_at_mut(d);
-        for (dg, db) in partials {
-            for i in 0..d {
-                dgamma[i] += dg[i];
-                dbeta[i] += db[i];
-            }
-        }
+        sum_partials(tail, partials);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+/// The parallel tasks' partial dγ and dβ added, in task order, into `tail` ([dγ | dβ]).
+fn sum_partials(tail: &mut [f32], partials: Vec<(Vec<f32>, Vec<f32>)>) {
+    let (dgamma, dbeta) = tail.split_at_mut(tail.len() / 2);
+    for (dg, db) in partials {
+        for i in 0..dgamma.len() {
+            dgamma[i] += dg[i];
+            dbeta[i] += db[i];
+        }
     }
 }
 
