@@ -51,26 +51,33 @@ def main():
                 "epochs": [{"epoch": e["epoch"], "dev": e["dev"]["accuracy"],
                             "train_seconds": e["train_seconds"]} for e in m["epochs"]]}
 
-    for r in range(a.rounds):
-        runs.append(ours(a.ours, "adapterkit", r))
-        print(json.dumps(runs[-1]), flush=True)
+    def theirs(r):
         if a.baseline:
-            runs.append(ours(a.baseline, "baseline", r))
-        else:
-            wall, stdout, _ = timed([a.python, os.path.join(os.path.dirname(__file__), "e2e_train.py"),
-                                     "--model", a.model, "--split", a.split, "--epochs", str(a.epochs),
-                                     "--threads", str(a.threads)], env)
-            theirs = json.loads(stdout.strip().splitlines()[-1])
-            theirs.update({"round": r, "process_seconds": wall})
-            runs.append(theirs)
-        print(json.dumps(runs[-1]), flush=True)
+            return ours(a.baseline, "baseline", r)
+        wall, stdout, _ = timed([a.python, os.path.join(os.path.dirname(__file__), "e2e_train.py"),
+                                 "--model", a.model, "--split", a.split, "--epochs", str(a.epochs),
+                                 "--threads", str(a.threads)], env)
+        run = json.loads(stdout.strip().splitlines()[-1])
+        run.update({"round": r, "process_seconds": wall})
+        return run
+
+    for r in range(a.rounds):
+        # Which side runs first alternates by round: with a fixed order, this VM's drift over
+        # minutes favoured one side.
+        sides = [lambda: ours(a.ours, "adapterkit", r), lambda: theirs(r)]
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            runs.append(side())
+            print(json.dumps(runs[-1]), flush=True)
     def med(tool, key):
         return statistics.median(x[key] for x in runs if x["tool"].startswith(tool))
     other = "baseline" if a.baseline else "pytorch"
     summary = {k: {"adapterkit": med("adapterkit", k), other: med(other, k)}
                for k in ("process_seconds", "train_eval_seconds", "dev", "test")}
     speed = summary["process_seconds"][other] / summary["process_seconds"]["adapterkit"]
-    pairs = [runs[i + 1]["process_seconds"] / runs[i]["process_seconds"] for i in range(0, len(runs), 2)]
+    def of_round(r, mine):
+        return next(x for x in runs if x["round"] == r and (x["tool"] == "adapterkit") == mine)
+    pairs = [of_round(r, False)["process_seconds"] / of_round(r, True)["process_seconds"]
+             for r in range(a.rounds)]
     print(f"\n{a.task}, {a.epochs} epochs, {a.threads} threads, {a.rounds} rounds (medians)")
     for k, v in summary.items():
         print(f"  {k:<20} adapterkit {v['adapterkit']:.4g}   {other} {v[other]:.4g}")
