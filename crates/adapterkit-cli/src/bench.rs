@@ -103,11 +103,29 @@ pub enum Case {
 /// The sentence of the latency case (the PyTorch reference uses the same).
 const LATENCY_SENTENCE: &str = "a gripping, beautifully acted film that stays with you.";
 
+/// The process's high-water resident set, from `/proc/self/status`.
 fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// One `/proc/self/status` memory line (`VmRSS:`, `VmHWM:`) in bytes.
+fn status_bytes(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Resident set and high-water mark after loading and after each phase of the last training step:
+/// where a peak comes from (weights, the forward's activations, the backward's gradients, the
+/// update's moments). The allocator keeps freed memory, so a phase's resident set includes what
+/// earlier phases freed.
+fn phase_rss(phase: &str) -> serde_json::Value {
+    json!({
+        "phase": phase,
+        "rss_bytes": status_bytes("VmRSS:"),
+        "peak_rss_bytes": status_bytes("VmHWM:"),
+    })
 }
 
 /// GEMM peak of this process: median rate of a 2048×768 · 768×3072 f32 product, best of the
@@ -235,8 +253,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut dropout_rng = Rng::new(2);
     let mut times = Vec::new();
+    let mut phases = vec![phase_rss("loaded")];
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
+        let last = i + 1 == a.warmup + a.steps;
         match a.case {
             Case::AdapterTrain | Case::FullTrain => {
                 let mut cuts = LayerCuts::default();
@@ -248,9 +268,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let logits = base.logits(&task, &batch, &mut opts)?;
                 let loss = cross_entropy(&logits, &labels)?;
                 drop(logits);
+                if last {
+                    phases.push(phase_rss("forward"));
+                }
                 let grads = cuts.backward(loss)?;
+                if last {
+                    phases.push(phase_rss("backward"));
+                }
                 if let Some(o) = opt.as_mut() {
                     o.step(&grads, 1e-4)?;
+                }
+                if last {
+                    drop(grads);
+                    phases.push(phase_rss("update"));
                 }
             }
             Case::InferBase => {
@@ -296,6 +326,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "gemm_peak_gflops": peak,
         "percent_of_peak": achieved.map(|g| 100.0 * g / peak),
         "peak_rss_bytes": rss,
+        "rss_after_phases": phases,
     });
     println!("{out}");
     if let Some(p) = &a.json {

@@ -25,7 +25,8 @@ extern "C" {
 /// it trades that time for a lower peak RSS.
 fn keep_freed_memory() {
     const MI_OPTION_PURGE_DELAY: std::os::raw::c_int = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+    // An empty value counts as unset: our default applies.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some_and(|v| !v.is_empty()) {
         return;
     }
     // SAFETY: plain option setter of the allocator in use, called once before any threads start.

@@ -261,27 +261,37 @@ fn process_gone(pid: u32) -> bool {
     cfg!(target_os = "linux") && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes staging directories beside `dst` left by processes that died mid-save; an old
-/// directory moved aside by a save that died before the new one took its place is put back.
-fn clean_stale_staging(parent: &Path, name: &str, dst: &Path) {
-    let prefix = staging_prefix(name);
+/// Prefix of the write probe [`check_replace_target`] creates in the parent, before its pid.
+const PROBE_PREFIX: &str = ".adapterkit-probe-";
+
+/// Calls `remove(path, rest of the name)` for each entry of `parent` named `{prefix}{pid}-…`
+/// whose process is gone: what a process killed mid-save left.
+fn remove_stale(parent: &Path, prefix: &str, mut remove: impl FnMut(&Path, &str)) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
     for e in entries.flatten() {
         let file_name = e.file_name();
-        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
             continue;
         };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(process_gone) {
-            if rest.ends_with("-old") && !dst.exists() {
-                let _ = std::fs::rename(e.path(), dst);
-            } else {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+            remove(&e.path(), rest);
         }
     }
+}
+
+/// Removes staging directories beside `dst` left by processes that died mid-save; an old
+/// directory moved aside by a save that died before the new one took its place is put back.
+fn clean_stale_staging(parent: &Path, name: &str, dst: &Path) {
+    remove_stale(parent, &staging_prefix(name), |path, rest| {
+        if rest.ends_with("-old") && !dst.exists() {
+            let _ = std::fs::rename(path, dst);
+        } else {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    });
 }
 
 /// Swaps the directories `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`); `false`
@@ -342,8 +352,12 @@ pub fn check_replace_target(
         .to_string();
     let parent = parent_dir(dst)?;
     // A directory we cannot write in is found now, not after the work whose result goes there.
+    // The probe carries our pid: one left by a process killed while it existed is removed here.
+    remove_stale(&parent, PROBE_PREFIX, |path, _| {
+        let _ = std::fs::remove_file(path);
+    });
     tempfile::Builder::new()
-        .prefix(".adapterkit-probe-")
+        .prefix(&format!("{PROBE_PREFIX}{}-", std::process::id()))
         .tempfile_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
     if dst.exists() {
@@ -502,5 +516,41 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_save_removes_what_killed_saves_left_and_keeps_what_live_ones_use() {
+        let parent = tempfile::tempdir().unwrap();
+        let dst = parent.path().join("task");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        let (dead, live) = (child.id(), std::process::id());
+        let stray = [
+            format!("{PROBE_PREFIX}{dead}-x1"),
+            format!(".task.adapterkit-{dead}-x2"),
+        ];
+        let kept = [
+            format!("{PROBE_PREFIX}{live}-y1"),
+            format!(".task.adapterkit-{live}-y2"),
+            format!("{PROBE_PREFIX}nopid"),
+        ];
+        for n in stray.iter().chain(&kept) {
+            if n.contains("probe") {
+                std::fs::write(parent.path().join(n), b"").unwrap();
+            } else {
+                std::fs::create_dir(parent.path().join(n)).unwrap();
+            }
+        }
+        replace_dir(&dst, &|_| true, |d| write_atomic(&d.join("a"), b"1")).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(parent.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut want: Vec<String> = kept.to_vec();
+        want.push("task".into());
+        want.sort();
+        assert_eq!(names, want);
     }
 }

@@ -139,19 +139,20 @@ impl CustomOp1 for SplitPart {
     }
 }
 
-/// Inference attention straight from the fused q|k|v product [rows, 3·d] and the additive [b, s]
-/// mask: per (sequence, head), the scores, their softmax and the context run in buffers that stay
-/// in cache, q, k and v are read where the product wrote them, and the context comes back
-/// token-major [rows, d] for the output projection. Nothing is kept: the training forward
-/// ([`TrainCore`]) runs the same loop but must also write the [b, h, s, s] probabilities its
-/// backward reads. Before, inference copied q, k and v into head order and wrote and read back
-/// that buffer too: memory passes per layer and nothing else.
-struct AttentionCore {
+/// Attention straight from the fused q|k|v product [rows, 3·d] and the additive [b, s] mask, for
+/// inference and training alike: per (sequence, head), the scores, their softmax, attention
+/// dropout (training) and the context run in buffers that stay in cache, q, k and v are read
+/// where the product wrote them, and the context comes back token-major [rows, d] for the output
+/// projection. Nothing is kept: the backward ([`CoreBackward`]) recomputes each head's
+/// probabilities from q and k, as flash attention does, instead of reading [b, h, s, s] of them
+/// per layer (BERT-base at 16 × 128: 12.6 MB per layer, all alive at the top of the forward).
+struct AttentionCore<'a> {
     heads: Heads,
     scale: f32,
+    dropout: Option<&'a Dropout>,
 }
 
-impl CustomOp2 for AttentionCore {
+impl CustomOp2 for AttentionCore<'_> {
     fn name(&self) -> &'static str {
         "attention-core"
     }
@@ -165,9 +166,9 @@ impl CustomOp2 for AttentionCore {
     ) -> CResult<(CpuStorage, Shape)> {
         let qkv = f32_slice(s1, l1, self.name())?;
         let mask = f32_slice(s2, l2, self.name())?;
-        let Heads { b, s, h, dh } = self.heads;
-        let d = h * dh;
-        if qkv.len() != b * s * 3 * d || mask.len() != b * s {
+        let hs = self.heads;
+        let Heads { b, s, h, dh } = hs;
+        if qkv.len() != b * s * 3 * h * dh || mask.len() != b * s {
             return Err(candle_core::Error::Msg(format!(
                 "attention core: q|k|v {:?} and mask {:?} do not fit {b} × {s} tokens of {h} heads",
                 l1.dims(),
@@ -178,20 +179,40 @@ impl CustomOp2 for AttentionCore {
         heads_out.par_chunks_mut(s * dh).enumerate().for_each_init(
             // Per worker, reused across its heads.
             || (vec![0f32; s * s], vec![0f32; s * s]),
-            |(scores, probs), (bh, out)| {
-                let [q, kt, v] = head_operands(qkv, self.heads, bh);
-                small_product(scores, s, s, dh, q, kt);
-                let m = &mask[(bh / h) * s..(bh / h + 1) * s];
-                wide(Call(
-                    softmax_rows,
-                    (&mut probs[..], &scores[..], m, self.scale),
-                ));
-                small_product(out, s, dh, s, (probs, s as isize, 1), v);
+            |(scratch, probs), (bh, out)| {
+                head_probs(probs, scratch, qkv, mask, hs, bh, self.scale);
+                let p: &[f32] = match self.dropout {
+                    Some(op) => {
+                        op.apply_block(scratch, probs, bh * s * s);
+                        scratch
+                    }
+                    None => probs,
+                };
+                let v = head_operands(qkv, hs, bh)[2];
+                small_product(out, s, dh, s, (p, s as isize, 1), v);
             },
         );
-        let ctx = self.heads.merge(&heads_out);
-        Ok((CpuStorage::F32(ctx), self.heads.merged_shape()))
+        let ctx = hs.merge(&heads_out);
+        Ok((CpuStorage::F32(ctx), hs.merged_shape()))
     }
+}
+
+/// One (sequence, head)'s attention probabilities [s, s] into `probs`, with `scores` as scratch.
+/// The forward and the backward's recompute both run this, so they agree bit for bit.
+fn head_probs(
+    probs: &mut [f32],
+    scores: &mut [f32],
+    qkv: &[f32],
+    mask: &[f32],
+    hs: Heads,
+    bh: usize,
+    scale: f32,
+) {
+    let Heads { s, h, dh, .. } = hs;
+    let [q, kt, _] = head_operands(qkv, hs, bh);
+    small_product(scores, s, s, dh, q, kt);
+    let m = &mask[(bh / h) * s..(bh / h + 1) * s];
+    wide(Call(softmax_rows, (probs, &scores[..], m, scale)));
 }
 
 /// One (sequence, head)'s q, kᵀ and v as strided operands of the q|k|v rows [rows, 3d]: q and v
@@ -209,85 +230,19 @@ fn head_operands(qkv: &[f32], hs: Heads, bh: usize) -> [(&[f32], isize, isize); 
     ]
 }
 
-/// The training forward of attention without prefixes: [`AttentionCore`]'s per-(sequence, head)
-/// loop, also writing the probabilities [b, h, s, s] the backward reads (returned) and applying
-/// attention dropout to each head's block in cache; the context [rows, d] is left in `ctx`. q, k
-/// and v are not copied into head order: the backward reads them from the q|k|v rows too.
-struct TrainCore<'a> {
-    heads: Heads,
-    scale: f32,
-    dropout: Option<&'a Dropout>,
-    ctx: std::sync::Mutex<Option<Vec<f32>>>,
-}
-
-impl CustomOp2 for TrainCore<'_> {
-    fn name(&self) -> &'static str {
-        "attention-train-core"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let qkv = f32_slice(s1, l1, self.name())?;
-        let mask = f32_slice(s2, l2, self.name())?;
-        let hs = self.heads;
-        let Heads { b, s, h, dh } = hs;
-        if qkv.len() != b * s * 3 * h * dh || mask.len() != b * s {
-            return Err(candle_core::Error::Msg(format!(
-                "attention: q|k|v {:?} and mask {:?} do not fit {b} × {s} tokens of {h} heads",
-                l1.dims(),
-                l2.dims()
-            )));
-        }
-        let mut probs = super::zeros(b * h * s * s);
-        let mut heads_out = super::zeros(b * h * s * dh);
-        probs
-            .par_chunks_mut(s * s)
-            .zip(heads_out.par_chunks_mut(s * dh))
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; s * s], vec![0f32; s * s]),
-                |(scores, dropped), (bh, (p, out))| {
-                    let [q, kt, v] = head_operands(qkv, hs, bh);
-                    small_product(scores, s, s, dh, q, kt);
-                    let m = &mask[(bh / h) * s..(bh / h + 1) * s];
-                    wide(Call(softmax_rows, (&mut p[..], &scores[..], m, self.scale)));
-                    let pd: &[f32] = match self.dropout {
-                        Some(op) => {
-                            op.apply_block(dropped, p, bh * s * s);
-                            dropped
-                        }
-                        None => p,
-                    };
-                    small_product(out, s, dh, s, (pd, s as isize, 1), v);
-                },
-            );
-        let ctx = hs.merge(&heads_out);
-        *self
-            .ctx
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))? = Some(ctx);
-        Ok((CpuStorage::F32(probs), Shape::from((b, h, s, s))))
-    }
-}
-
-/// The backward of [`TrainCore`]: d(q|k|v) [rows, 3d] from the q|k|v rows, the probabilities
-/// [b, h, s, s] and d(context) [rows, d], per (sequence, head) with every s × s intermediate
-/// (the dropped-out probabilities, their gradient before and after dropout, the scores'
-/// gradient) in two reused buffers instead of four [b, h, s, s] tensors.
-struct TrainCoreBackward<'a> {
+/// The backward of [`AttentionCore`]: d(q|k|v) [rows, 3d] from the q|k|v rows, the mask and
+/// d(context) [rows, d], per (sequence, head), with the recomputed probabilities and every s × s
+/// intermediate (the dropped-out probabilities, their gradient before and after dropout, the
+/// scores' gradient) in three reused buffers.
+struct CoreBackward<'a> {
     heads: Heads,
     scale: f32,
     dropout: Option<&'a Dropout>,
 }
 
-impl CustomOp3 for TrainCoreBackward<'_> {
+impl CustomOp3 for CoreBackward<'_> {
     fn name(&self) -> &'static str {
-        "attention-train-core-backward"
+        "attention-core-backward"
     }
 
     fn cpu_fwd(
@@ -300,12 +255,12 @@ impl CustomOp3 for TrainCoreBackward<'_> {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let qkv = f32_slice(s1, l1, self.name())?;
-        let probs = f32_slice(s2, l2, self.name())?;
+        let mask = f32_slice(s2, l2, self.name())?;
         let dctx = f32_slice(s3, l3, self.name())?;
         let hs = self.heads;
         let Heads { b, s, h, dh } = hs;
         let d = h * dh;
-        if qkv.len() != b * s * 3 * d || probs.len() != b * h * s * s || dctx.len() != b * s * d {
+        if qkv.len() != b * s * 3 * d || mask.len() != b * s || dctx.len() != b * s * d {
             return Err(candle_core::Error::Msg(format!(
                 "attention backward: {:?}, {:?}, {:?} do not fit {b} × {s} tokens of {h} heads",
                 l1.dims(),
@@ -320,13 +275,14 @@ impl CustomOp3 for TrainCoreBackward<'_> {
             .zip(dv.par_chunks_mut(s * dh))
             .enumerate()
             .for_each_init(
-                || (vec![0f32; s * s], vec![0f32; s * s]),
-                |(x, y), (bh, ((dq, dk), dv))| {
+                || (vec![0f32; s * s], vec![0f32; s * s], vec![0f32; s * s]),
+                |(p, x, y), (bh, ((dq, dk), dv))| {
                     let (bi, hi) = (bh / h, bh % h);
+                    head_probs(p, x, qkv, mask, hs, bh, self.scale);
+                    let p = &p[..];
                     let [q, kt, v] = head_operands(qkv, hs, bh);
                     let (k, vt) = ((kt.0, kt.2, kt.1), (v.0, v.2, v.1));
                     let dc = (&dctx[bi * s * d + hi * dh..], d as isize, 1);
-                    let p = &probs[bh * s * s..(bh + 1) * s * s];
                     let base = bh * s * s;
                     // d(dropped-out probabilities) = dctx · vᵀ, into y.
                     small_product(y, s, s, dh, dc, vt);
@@ -451,9 +407,9 @@ pub struct AttentionWeights<'a> {
 
 /// What the backward needs.
 enum AttentionSaved {
-    /// Without prefixes: the q|k|v product as the heads read it [rows, 3d] and the probabilities
-    /// [b, h, s, s] (see [`TrainCore`]).
-    Rows { qkv: Tensor, probs: Tensor },
+    /// Without prefixes: the q|k|v product as the heads read it [rows, 3d] and the additive mask
+    /// [b, s]; the backward recomputes the probabilities (see [`AttentionCore`]).
+    Rows { qkv: Tensor, mask: Tensor },
     /// With P prefix positions: q [b, h, s, dh]; k and v with the prefix positions first
     /// [b, h, P + s, dh]; the probabilities [b, h, s, P + s].
     HeadMajor {
@@ -502,13 +458,13 @@ impl FrozenAttention {
         let g = grad.reshape((hs.b * hs.s, hs.h * hs.dh))?.contiguous()?;
         let dctx = self.wo.input_gradient(&g)?;
         let (dqkv, dprefix) = match &self.saved {
-            AttentionSaved::Rows { qkv, probs } => {
-                let op = TrainCoreBackward {
+            AttentionSaved::Rows { qkv, mask } => {
+                let op = CoreBackward {
                     heads: hs,
                     scale: self.scale,
                     dropout: self.dropout.as_ref(),
                 };
-                (qkv.apply_op3_no_bwd(probs, &dctx, &op)?, None)
+                (qkv.apply_op3_no_bwd(mask, &dctx, &op)?, None)
             }
             AttentionSaved::HeadMajor {
                 q,
@@ -737,7 +693,7 @@ fn attention_composed(
 
 /// [`attention`] with trained q, k, v or o weights (top-k and full fine-tuning): the projections
 /// are trained graph nodes, and scores, softmax, dropout and context one node between them that
-/// keeps only the q|k|v product and the probabilities. Composed op by op, the same block kept
+/// keeps only the q|k|v product (and the mask). Composed op by op, the same block kept
 /// the scores, the probabilities before and after dropout and per-head copies of q, k, v and the
 /// context for the backward.
 fn trained_attention(
@@ -767,33 +723,8 @@ fn trained_attention(
     Ok(linear_view(backend, &ctx, w.o)?.reshape((b, s, d))?)
 }
 
-/// Scores, softmax, dropout and context of the q|k|v product [rows, 3d] as one graph node:
-/// returns the context [rows, d] and the probabilities [b, h, s, s] it was drawn from.
-fn core_forward(
-    qkv: &Tensor,
-    mask: &Tensor,
-    heads: Heads,
-    scale: f32,
-    dropout: Option<&Dropout>,
-) -> CResult<(Tensor, Tensor)> {
-    let core = TrainCore {
-        heads,
-        scale,
-        dropout,
-        ctx: std::sync::Mutex::new(None),
-    };
-    let probs = qkv.apply_op2_no_bwd(&mask.contiguous()?, &core)?;
-    let ctx = core
-        .ctx
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
-        .take()
-        .ok_or_else(|| candle_core::Error::Msg("attention: no context".into()))?;
-    let ctx = Tensor::from_vec(ctx, heads.merged_shape(), qkv.device())?;
-    Ok((ctx, probs))
-}
-
-/// [`core_forward`] joined to the graph: the backward gives d(q|k|v) from d(context).
+/// [`AttentionCore`] joined to the graph: the context [rows, d] of the q|k|v product [rows, 3d],
+/// whose backward gives d(q|k|v) from d(context).
 fn attention_core(
     qkv: &Tensor,
     mask: &Tensor,
@@ -802,13 +733,19 @@ fn attention_core(
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
     let saved = qkv.detach();
-    let (ctx, probs) = core_forward(&saved, mask, heads, scale, dropout.as_ref())?;
+    let mask = mask.contiguous()?;
+    let core = AttentionCore {
+        heads,
+        scale,
+        dropout: dropout.as_ref(),
+    };
+    let ctx = saved.apply_op2_no_bwd(&mask, &core)?;
     let backward = CoreGradient {
         heads,
         scale,
         dropout,
         qkv: saved,
-        probs,
+        mask,
     };
     Ok(attach(qkv, ctx, backward)?)
 }
@@ -819,20 +756,20 @@ struct CoreGradient {
     scale: f32,
     dropout: Option<Dropout>,
     qkv: Tensor,
-    probs: Tensor,
+    mask: Tensor,
 }
 
 impl InputGradient for CoreGradient {
     const NAME: &'static str = "attention-core";
 
     fn input_gradient(&self, _qkv: &Tensor, grad: &Tensor) -> CResult<Tensor> {
-        let op = TrainCoreBackward {
+        let op = CoreBackward {
             heads: self.heads,
             scale: self.scale,
             dropout: self.dropout.as_ref(),
         };
         self.qkv
-            .apply_op3_no_bwd(&self.probs, &grad.contiguous()?, &op)
+            .apply_op3_no_bwd(&self.mask, &grad.contiguous()?, &op)
     }
 }
 
@@ -882,6 +819,7 @@ fn frozen_attention(
         let core = AttentionCore {
             heads: hs,
             scale: scale32,
+            dropout: None,
         };
         let ctx = qkv.apply_op2_no_bwd(&mask.contiguous()?, &core)?;
         return w.o.affine(&ctx)?.reshape((b, s, d));
@@ -891,8 +829,14 @@ fn frozen_attention(
         .map(|(p, seed)| Dropout::new(p, seed));
     let (ctx, saved) = match w.prefix {
         None => {
-            let (ctx, probs) = core_forward(&qkv, mask, hs, scale32, drop.as_ref())?;
-            (ctx, AttentionSaved::Rows { qkv, probs })
+            let mask = mask.contiguous()?;
+            let core = AttentionCore {
+                heads: hs,
+                scale: scale32,
+                dropout: drop.as_ref(),
+            };
+            let ctx = qkv.apply_op2_no_bwd(&mask, &core)?;
+            (ctx, AttentionSaved::Rows { qkv, mask })
         }
         Some((pk, pv)) => {
             let part = |p| qkv.apply_op1_no_bwd(&SplitPart { heads: hs, part: p });
@@ -1204,7 +1148,11 @@ mod tests {
                     .unwrap()
             };
             let new = || {
-                let core = AttentionCore { heads: hs, scale };
+                let core = AttentionCore {
+                    heads: hs,
+                    scale,
+                    dropout: None,
+                };
                 qkv.apply_op2_no_bwd(&mask, &core).unwrap()
             };
             assert!(rel(&old(), &new()) < 1e-5);
@@ -1262,21 +1210,18 @@ mod tests {
                 (ctx, dqkv.unwrap())
             };
             let new = || {
-                let core = TrainCore {
-                    heads: hs,
-                    scale,
-                    dropout: Some(&drop),
-                    ctx: std::sync::Mutex::new(None),
-                };
-                let probs = qkv.apply_op2_no_bwd(&mask, &core).unwrap();
-                let ctx = core.ctx.lock().unwrap().take().unwrap();
-                let ctx = Tensor::from_vec(ctx, hs.merged_shape(), &Device::Cpu).unwrap();
-                let back = TrainCoreBackward {
+                let core = AttentionCore {
                     heads: hs,
                     scale,
                     dropout: Some(&drop),
                 };
-                (ctx, qkv.apply_op3_no_bwd(&probs, &dctx, &back).unwrap())
+                let ctx = qkv.apply_op2_no_bwd(&mask, &core).unwrap();
+                let back = CoreBackward {
+                    heads: hs,
+                    scale,
+                    dropout: Some(&drop),
+                };
+                (ctx, qkv.apply_op3_no_bwd(&mask, &dctx, &back).unwrap())
             };
             let ((c0, g0), (c1, g1)) = (old(), new());
             assert!(rel(&c0, &c1) < 1e-5 && rel(&g0, &g1) < 1e-5);
