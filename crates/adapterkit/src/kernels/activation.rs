@@ -99,7 +99,9 @@ pub fn fast_exp(x_in: f32) -> f32 {
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer with plain float arithmetic.
     const ROUND: f32 = 12_582_912.0;
     let x = x_in.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // t = n + 1.5·2²³ exactly, n = round(x·log₂e) ∈ [−126, 127]; its low bits hold n.
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -108,7 +110,10 @@ pub fn fast_exp(x_in: f32) -> f32 {
     let p = p * r + 0.166_666_65;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let y = e * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2ⁿ from t's bits, not from `n as i32`: the saturating float-to-int conversion compiled
+    // to a scalar convert, compare and select per lane, a third of the attention softmax.
+    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let y = e * f32::from_bits(biased << 23);
     // Masked attention scores (-1e9) must give exactly 0, as the reference does.
     if x_in < -87.0 {
         0.0
@@ -147,7 +152,7 @@ impl CustomOp1 for Gelu {
         y.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(x.par_chunks(MIN_TASK_ELEMS))
             .for_each(|(y, x)| {
-                super::wide(super::Call(gelu_rows, (y, x)));
+                super::wide(GeluRows((y, x)));
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -182,11 +187,21 @@ impl CustomOp2 for GeluBackward {
                     .zip(g.par_chunks(MIN_TASK_ELEMS)),
             )
             .for_each(|(dx, (x, g))| {
-                super::wide(super::Call(gelu_backward_rows, (dx, x, g)));
+                super::wide(GeluBackwardRows((dx, x, g)));
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
+
+super::wide_fn!(
+    /// [`gelu_rows`] as a [`super::Wide`] body.
+    GeluRows<'a>((&'a mut [f32], &'a [f32])) -> () = gelu_rows
+);
+
+super::wide_fn!(
+    /// [`gelu_backward_rows`] as a [`super::Wide`] body.
+    GeluBackwardRows<'a>((&'a mut [f32], &'a [f32], &'a [f32])) -> () = gelu_backward_rows
+);
 
 /// `y = gelu(x)` over one parallel task's elements.
 #[inline(always)]

@@ -7,10 +7,10 @@ use super::gemm::gemm_crate_into;
 use super::linear::linear_view;
 use super::matmul::{affine_2d, batched_matmul, bmm};
 use super::softmax::{
-    attention_softmax, softmax_backward_rows, softmax_rows, AttentionSoftmax, SoftmaxBackward,
+    attention_softmax, AttentionSoftmax, HeadSoftmaxRows, SoftmaxBackward, SoftmaxBackwardRows,
 };
 use super::{
-    attach, attach2, attach3, f32_slice, wide, Backend, CResult, Call, FrozenWeight, InputGradient,
+    attach, attach2, attach3, f32_slice, wide, Backend, CResult, FrozenWeight, InputGradient,
     InputGradients2, InputGradients3, LinearView,
 };
 use crate::error::Result;
@@ -212,7 +212,7 @@ fn head_probs(
     let [q, kt, _] = head_operands(qkv, hs, bh);
     small_product(scores, s, s, dh, q, kt);
     let m = &mask[(bh / h) * s..(bh / h + 1) * s];
-    wide(Call(softmax_rows, (probs, &scores[..], m, scale)));
+    wide(HeadSoftmaxRows((probs, &scores[..], m, scale)));
 }
 
 /// One (sequence, head)'s q, kᵀ and v as strided operands of the q|k|v rows [rows, 3d]: q and v
@@ -304,10 +304,7 @@ impl CustomOp3 for CoreBackward<'_> {
                         }
                         None => (y, x),
                     };
-                    wide(Call(
-                        softmax_backward_rows,
-                        (&mut *ds, p, dp, s, self.scale),
-                    ));
+                    wide(SoftmaxBackwardRows((&mut *ds, p, dp, s, self.scale)));
                     let ds = &ds[..];
                     small_product(dq, s, dh, s, (ds, s as isize, 1), k);
                     small_product(dk, s, dh, s, (ds, 1, s as isize), q);

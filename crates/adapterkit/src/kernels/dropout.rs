@@ -42,6 +42,11 @@ fn keeps(seed: u64, i: usize, keep_threshold: u32) -> bool {
     ((z >> 32) as u32) < keep_threshold
 }
 
+super::wide_fn!(
+    /// [`masked_rows`] as a [`super::Wide`] body.
+    MaskedRows<'a>((&'a mut [std::mem::MaybeUninit<f32>], &'a [f32], ChunkMask)) -> () = masked_rows
+);
+
 /// One chunk of [`Dropout::apply`]: `y[j] = x[j] · scale` where element `base + j` survives, 0
 /// where it is dropped. Branch-free, so it compiles to vector code for the widths of
 /// [`super::wide`] (the hash's 64-bit products included); it was a scalar loop over a zeroed
@@ -95,7 +100,7 @@ impl Dropout {
                     keep_threshold: self.keep_threshold,
                     scale: self.scale,
                 };
-                super::wide(super::Call(masked_rows, (y, x, mask)));
+                super::wide(MaskedRows((y, x, mask)));
             });
         // SAFETY: `masked_rows` wrote each of the first `len` slots (the chunks of `y` and `x`
         // pair up one to one and have equal lengths).
@@ -118,7 +123,7 @@ impl Dropout {
             keep_threshold: self.keep_threshold,
             scale: self.scale,
         };
-        super::wide(super::Call(masked_rows, (y, &x[..n], mask)));
+        super::wide(MaskedRows((y, &x[..n], mask)));
     }
 }
 

@@ -1,7 +1,7 @@
 //! LayerNorm over the last dimension: the fused forward and backward, and the composed reference.
 
 use super::dropout::Dropout;
-use super::{f32_slice, rows_per_task, wide, Backend, CResult, Call};
+use super::{f32_slice, rows_per_task, wide, wide_fn, Backend, CResult};
 use crate::error::Result;
 use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
@@ -109,7 +109,7 @@ impl CustomOp3 for ResidualNorm {
             .for_each(|(c, (y, (sub, input)))| {
                 let mut x = vec![0f32; y.len()];
                 self.sum_into(&mut x, sub, input, c * chunk);
-                wide(Call(norm_rows, (y, &x[..], gamma, beta, self.eps)));
+                wide(NormRows((y, &x[..], gamma, beta, self.eps)));
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -178,10 +178,13 @@ impl CustomOp3 for ResidualNormBackward {
             .map(|(c, (((dsub, dx), (sub, input)), dy))| {
                 let mut x = vec![0f32; dx.len()];
                 self.norm.sum_into(&mut x, sub, input, c * chunk);
-                let partial = wide(Call(
-                    norm_backward_rows,
-                    (&mut *dx, &x[..], dy, gamma, self.norm.eps),
-                ));
+                let partial = wide(NormBackwardRows((
+                    &mut *dx,
+                    &x[..],
+                    dy,
+                    gamma,
+                    self.norm.eps,
+                )));
                 // d(sub) is d(sum) through the same mask.
                 match &self.norm.dropout {
                     Some(m) => m.apply_block(dsub, dx, c * chunk),
@@ -245,7 +248,7 @@ impl CustomOp3 for LayerNorm {
         y.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
             .for_each(|(y, x)| {
-                wide(Call(norm_rows, (y, x, gamma, beta, self.eps)));
+                wide(NormRows((y, x, gamma, beta, self.eps)));
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -325,7 +328,7 @@ impl CustomOp3 for LayerNormBackward {
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-            .map(|(dx, (x, dy))| wide(Call(norm_backward_rows, (dx, x, dy, gamma, self.eps))))
+            .map(|(dx, (x, dy))| wide(NormBackwardRows((dx, x, dy, gamma, self.eps))))
             .collect();
         sum_partials(tail, partials);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
@@ -342,6 +345,16 @@ fn sum_partials(tail: &mut [f32], partials: Vec<(Vec<f32>, Vec<f32>)>) {
         }
     }
 }
+
+wide_fn!(
+    /// [`norm_rows`] as a [`Wide`] body.
+    NormRows<'a>((&'a mut [f32], &'a [f32], &'a [f32], &'a [f32], f32)) -> () = norm_rows
+);
+
+wide_fn!(
+    /// [`norm_backward_rows`] as a [`Wide`] body.
+    NormBackwardRows<'a>((&'a mut [f32], &'a [f32], &'a [f32], &'a [f32], f32)) -> (Vec<f32>, Vec<f32>) = norm_backward_rows
+);
 
 /// `y = (x − mean) / σ · γ + β` for each row of one parallel task.
 #[inline(always)]

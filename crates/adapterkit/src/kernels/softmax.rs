@@ -1,7 +1,9 @@
 //! The attention softmax (scale, additive mask, softmax in one pass) with its backward, and the
 //! composed softmax reference.
 
-use super::{activation::fast_exp, f32_slice, rows_per_task, wide, Backend, CResult, Call, Wide};
+use super::{
+    activation::fast_exp, f32_slice, rows_per_task, wide, wide_fn, Backend, CResult, Wide,
+};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -111,6 +113,16 @@ impl Wide for SoftmaxRows<'_> {
     }
 }
 
+wide_fn!(
+    /// [`softmax_rows`] as a [`Wide`] body.
+    pub(crate) HeadSoftmaxRows<'a>((&'a mut [f32], &'a [f32], &'a [f32], f32)) -> () = softmax_rows
+);
+
+wide_fn!(
+    /// [`softmax_backward_rows`] as a [`Wide`] body.
+    pub(crate) SoftmaxBackwardRows<'a>((&'a mut [f32], &'a [f32], &'a [f32], usize, f32)) -> () = softmax_backward_rows
+);
+
 /// `p = softmax(scale · s + m)` for every row of `p` and `s` (the row length is `m`'s): one
 /// sequence's head of attention scores, all rows under the same mask.
 #[inline(always)]
@@ -132,20 +144,19 @@ fn softmax_row(p: &mut [f32], s: &[f32], m: &[f32], scale: f32) {
     let k = p.len().min(s.len()).min(m.len());
     let (p, s, m) = (&mut p[..k], &s[..k], &m[..k]);
     let full = k - k % LANES;
+    for ((p, &s), &m) in p.iter_mut().zip(s).zip(m) {
+        *p = s * scale + m;
+    }
+    // A separate pass, and a compare-and-select rather than `f32::max`: fused into the loop above,
+    // `max`'s NaN rule kept the compiler from vectorising either (it ran one float at a time).
     let mut mx = [f32::NEG_INFINITY; LANES];
-    for ((pc, sc), mc) in p[..full]
-        .chunks_exact_mut(LANES)
-        .zip(s.chunks_exact(LANES))
-        .zip(m.chunks_exact(LANES))
-    {
+    for pc in p[..full].chunks_exact(LANES) {
         for l in 0..LANES {
-            pc[l] = sc[l] * scale + mc[l];
-            mx[l] = mx[l].max(pc[l]);
+            mx[l] = if pc[l] > mx[l] { pc[l] } else { mx[l] };
         }
     }
-    for i in full..k {
-        p[i] = s[i] * scale + m[i];
-        mx[0] = mx[0].max(p[i]);
+    for &v in &p[full..] {
+        mx[0] = if v > mx[0] { v } else { mx[0] };
     }
     let max = mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut sums = [0f32; LANES];
@@ -188,7 +199,7 @@ impl CustomOp2 for SoftmaxBackward {
         ds.par_chunks_mut(chunk)
             .zip(p.par_chunks(chunk).zip(dp.par_chunks(chunk)))
             .for_each(|(ds, (p, dp))| {
-                wide(Call(softmax_backward_rows, (ds, p, dp, k, self.scale)));
+                wide(SoftmaxBackwardRows((ds, p, dp, k, self.scale)));
             });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
     }
