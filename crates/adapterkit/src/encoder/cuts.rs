@@ -8,7 +8,7 @@
 
 use crate::error::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
 
 /// The cuts a training forward made between its layers ([`super::ForwardOptions::cuts`]); consumed
 /// by [`LayerCuts::backward`].
@@ -53,12 +53,32 @@ impl LayerCuts {
                 continue;
             };
             drop(above);
-            // d/d(below) of sum(below · g) is g: the gradient continues as if uncut.
-            let part = detached(below.mul(&g)?.sum_all()?.backward()?);
+            // The gradient continues as if uncut: a one-element node on `below` whose backward
+            // hands `g` over. (`sum(below · g)` gives the same gradient through a product, a sum,
+            // a broadcast and three more zero-filled sums over [rows, d], per layer.)
+            let part = detached(below.apply_op1(Inject(g))?.backward()?);
             drop(below);
             grads.extend(part)?;
         }
         Ok(grads)
+    }
+}
+
+/// A one-element graph node on a layer's output whose gradient with respect to that output is
+/// the held gradient, whatever reaches the node: [`LayerCuts::backward`]'s way into each layer.
+struct Inject(Tensor);
+
+impl CustomOp1 for Inject {
+    fn name(&self) -> &'static str {
+        "layer-cut-gradient"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
     }
 }
 
