@@ -1047,20 +1047,11 @@ mod ymm {
     /// Runs `step(p)` for p in 0..kc, four depths per loop turn. The loop's own instructions
     /// (index, compare, branch) otherwise share the six cycles of one depth's 12 FMAs: in L1 on
     /// a Zen 3 core the tile ran at 73–75 GFLOP/s one depth per turn and 84–86 four per turn,
-    /// against 88 for independent FMAs alone (`align_probe`-style interleaved timing).
-    /// Probe only: runs the tile one depth per loop turn, as before the unrolling (A/B timing).
-    pub(super) static OLD: std::sync::atomic::AtomicBool =
-        std::sync::atomic::AtomicBool::new(false);
+    /// against 88 for independent FMAs alone; whole products 3–14% faster (the probe of commit
+    /// de51602, `bench/results/2026-12-07-gemm-unroll-zen3.txt`).
     #[inline(always)]
     fn unrolled(kc: usize, mut step: impl FnMut(usize)) {
         let mut p = 0;
-        if OLD.load(std::sync::atomic::Ordering::Relaxed) {
-            while p < kc {
-                step(p);
-                p += 1;
-            }
-            return;
-        }
         while p + 4 <= kc {
             step(p);
             step(p + 1);
@@ -1713,121 +1704,5 @@ mod tests {
             ours * 1e6,
             theirs * 1e6
         );
-    }
-}
-#[cfg(test)]
-#[allow(clippy::needless_range_loop, clippy::missing_safety_doc)]
-mod align_probe {
-    use super::*;
-    use std::arch::x86_64::*;
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn kernel_u<const U: usize>(kc: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
-        let mut p = 0;
-        while p + U <= kc {
-            for u in 0..U {
-                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((u + 8) * 16) as *const i8);
-                let (b0, b1) = (
-                    _mm256_loadu_ps(bp.add(u * 16)),
-                    _mm256_loadu_ps(bp.add(u * 16 + 8)),
-                );
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ap.add(u * 6 + r));
-                    acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
-                }
-            }
-            ap = ap.add(6 * U);
-            bp = bp.add(16 * U);
-            p += U;
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            let q = c.as_mut_ptr().add(r * ldc);
-            _mm256_storeu_ps(q, _mm256_add_ps(acc[0], _mm256_loadu_ps(q)));
-            _mm256_storeu_ps(q.add(8), _mm256_add_ps(acc[1], _mm256_loadu_ps(q.add(8))));
-        }
-    }
-    #[test]
-    #[ignore]
-    fn probe_products() {
-        use std::sync::atomic::Ordering;
-        for (m, n, k) in [
-            (1024usize, 1152usize, 384usize),
-            (1024, 384, 1536),
-            (1024, 1536, 384),
-            (2048, 384, 384),
-        ] {
-            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
-            let packed = PackedB::transposed(&w, n, k).unwrap();
-            let mut dst = vec![0f32; m * n];
-            for par in [false, true] {
-                let mut r = [vec![], vec![]];
-                for _ in 0..9 {
-                    for v in 0..2 {
-                        ymm::OLD.store(v == 0, Ordering::Relaxed);
-                        let t = std::time::Instant::now();
-                        for _ in 0..5 {
-                            assert!(gemm_packed(
-                                &mut dst,
-                                m,
-                                (&a[..], k as isize, 1),
-                                &packed,
-                                false,
-                                par
-                            ));
-                        }
-                        r[v].push(2.0 * 5.0 * (m * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9);
-                    }
-                }
-                for v in &mut r {
-                    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                }
-                println!(
-                    "{m}x{n}x{k} parallel {par}: old {:.0} new {:.0} GFLOP/s",
-                    r[0][4], r[1][4]
-                );
-            }
-        }
-        ymm::OLD.store(false, Ordering::Relaxed);
-    }
-    #[test]
-    #[ignore]
-    fn probe_unroll() {
-        let (mr, nr) = (6usize, 16usize);
-        for kc in [256usize, 512] {
-            let a = vec![0.5f32; kc * mr];
-            let b = vec![0.5f32; kc * nr];
-            let mut c = vec![0f32; mr * nr];
-            let calls = 100_000_000 / kc;
-            let mut r = vec![vec![]; 5];
-            for _ in 0..5 {
-                for v in 0..5 {
-                    let t = std::time::Instant::now();
-                    for _ in 0..calls {
-                        unsafe {
-                            match v {
-                                0 => Ymm::kernel::<true>(kc, &a, &b, &mut c, nr, mr, nr, true),
-                                1 => kernel_u::<1>(kc, &a, &b, &mut c, nr),
-                                2 => kernel_u::<2>(kc, &a, &b, &mut c, nr),
-                                3 => kernel_u::<4>(kc, &a, &b, &mut c, nr),
-                                _ => kernel_u::<8>(kc, &a, &b, &mut c, nr),
-                            }
-                        }
-                    }
-                    r[v].push(
-                        2.0 * (calls * kc * mr * nr) as f64 / t.elapsed().as_secs_f64() / 1e9,
-                    );
-                }
-            }
-            for v in &mut r {
-                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            }
-            println!(
-                "kc {kc}: cur {:.0}, u1 {:.0}, u2 {:.0}, u4 {:.0} u8 {:.0}",
-                r[0][2], r[1][2], r[2][2], r[3][2], r[4][2]
-            );
-        }
     }
 }
