@@ -96,8 +96,8 @@ trait Tile {
     const KC: usize;
     /// B panels per column block, so KC × NR × NC_PANELS floats stay in L2.
     const NC_PANELS: usize;
-    /// Whether row-major left operands are read in place rather than packed.
-    const DIRECT_A: bool;
+    /// Whether row-major left operands are read in place rather than packed, on this CPU.
+    fn direct_a() -> bool;
     /// Products of fewer multiply-adds (m·n·k) go to the `gemm` crate, where it is faster.
     const MIN_VOLUME: usize;
 
@@ -289,7 +289,7 @@ fn run_packed<T: Tile>(
         let r0 = t * per;
         let rows = out.len() / n;
         // In place needs rows that do not overlap (a broadcast row, stride 0, is packed).
-        if T::DIRECT_A && lhs.2 == 1 && lhs.1 >= k as isize && direct_a() {
+        if lhs.2 == 1 && lhs.1 >= k as isize && direct_a::<T>() {
             let (src, rs) = (lhs.0, lhs.1 as usize);
             compute_direct::<T>(out, rows, n, k, &src[r0 * rs..], rs, bp, accumulate);
             return;
@@ -666,7 +666,7 @@ fn pack_panel<const W: usize>(
     }
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if sp == 1 && W % 8 != 4 && is_x86_feature_detected!("avx2") {
+    if sp == 1 && is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was just detected; the caller's lines hold every depth of the panel.
         done = unsafe { pack_transposing::<W>(panel, src, x0, lines, sx) };
     }
@@ -711,11 +711,12 @@ fn pack_panel_scalar<const W: usize>(
 /// of a transposed weight), eight depths of eight lines at a time through an 8×8 register
 /// transpose; one float at a time this was about 4% of an MR training step in `perf`. Panels of 6 take
 /// lanes 0..6 of each transposed row: the two extra lanes land on the next depth's first lanes,
-/// which its own store then overwrites (the last depth's store is masked). Returns how many
+/// which its own store then overwrites (the last depth's store is masked). Panels of 12 (the
+/// AVX-512 tile's A) store only the low four lanes of their second group. Returns how many
 /// depths it packed (a multiple of 8); the rest is the caller's.
 ///
 /// # Safety
-/// The CPU must support AVX2; W must be 6 or a multiple of 8; line x0 + lines − 1 must hold
+/// The CPU must support AVX2; W must be 6 or a multiple of 4; line x0 + lines − 1 must hold
 /// `panel.len() / W` depths from its start at (x0 + line)·sx.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -727,7 +728,7 @@ unsafe fn pack_transposing<const W: usize>(
     sx: usize,
 ) -> usize {
     use std::arch::x86_64::*;
-    debug_assert!(W == 6 || W.is_multiple_of(8));
+    debug_assert!(W == 6 || W.is_multiple_of(4));
     let k = panel.len() / W;
     let full = k / 8 * 8;
     let tail = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
@@ -744,11 +745,14 @@ unsafe fn pack_transposing<const W: usize>(
             let t = transpose8(r);
             for (j, t) in t.iter().enumerate() {
                 let p = p0 + j;
-                // SAFETY: row p < k starts at p·W inside the panel; W ≥ 8 stores lanes g..g + 8
-                // ≤ W; W = 6 spills two lanes into row p + 1 < k, or is masked on the last row.
+                // SAFETY: row p < k starts at p·W inside the panel; a group of eight stores
+                // lanes g..g + 8 ≤ W, a group of four (W = 12) lanes g..g + 4 = W; W = 6 spills
+                // two lanes into row p + 1 < k, or is masked on the last row.
                 unsafe {
                     let at = out.add(p * W + g);
-                    if W >= 8 || p + 1 < k {
+                    if W % 8 == 4 && g + 8 > W {
+                        _mm_storeu_ps(at, _mm256_castps256_ps128(*t));
+                    } else if W >= 8 || p + 1 < k {
                         _mm256_storeu_ps(at, *t);
                     } else {
                         _mm256_maskstore_ps(at, tail, *t);
@@ -902,11 +906,34 @@ fn compute_with<T: Tile>(
     }
 }
 
-/// Whether row-major left operands are read in place ([`compute_direct`]) instead of packed;
-/// `ADAPTERKIT_GEMM_A=pack` packs them (for A/B benchmarks).
-fn direct_a() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("ADAPTERKIT_GEMM_A").is_ok_and(|v| v == "pack"))
+/// Whether row-major left operands are read in place ([`compute_direct`]) instead of packed:
+/// the tile's choice for this CPU, unless `ADAPTERKIT_GEMM_A` is `pack` or `direct` (for A/B
+/// benchmarks).
+fn direct_a<T: Tile>() -> bool {
+    static CHOICE: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = *CHOICE.get_or_init(|| match std::env::var("ADAPTERKIT_GEMM_A").as_deref() {
+        Ok("pack") => Some(false),
+        Ok("direct") => Some(true),
+        _ => None,
+    });
+    forced.unwrap_or_else(T::direct_a)
+}
+
+/// Whether the CPU is an Intel one (its vendor string through `cpuid`).
+fn intel() -> bool {
+    static INTEL: OnceLock<bool> = OnceLock::new();
+    *INTEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let id = std::arch::x86_64::__cpuid(0);
+            [id.ebx, id.edx, id.ecx]
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .eq(*b"GenuineIntel")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 /// [`compute`] for a left operand with unit column stride (activations, row-major), read where it
@@ -1026,8 +1053,12 @@ impl Tile for Zmm {
     // A 12×512 A panel is 24 KiB (L1 is 48 KiB); 8 B panels of 512×32 are 512 KiB (L2 ≥ 1 MiB).
     const KC: usize = 512;
     const NC_PANELS: usize = 8;
-    // Measured on the AMD EPYC (Zen 5): 1.0–1.4× packing them (`time_direct_vs_packed_a`).
-    const DIRECT_A: bool = true;
+    // Rows read in place ran at 1.0–1.4× packed panels on an AMD EPYC Zen 5, but at 0.66–0.9×
+    // on an Intel Xeon (family 6 model 207) at MiniLM's products (`time_direct_vs_packed_a`,
+    // `bench/results/2026-12-07-direct-a-xeon.txt`).
+    fn direct_a() -> bool {
+        !intel()
+    }
     const MIN_VOLUME: usize = 0;
 
     micro_kernels!(zmm);
@@ -1044,7 +1075,9 @@ impl Tile for Ymm {
     // On a Zen 3 core six in-place row streams ran at 0.8–0.95× packed panels
     // (`time_direct_vs_packed_a`), and whole products at 0.93× the `gemm` crate against 1.07–1.19×
     // packed (`time_against_gemm_crate`, `ADAPTERKIT_GEMM_A=pack`).
-    const DIRECT_A: bool = false;
+    fn direct_a() -> bool {
+        false
+    }
     // One head's attention products (32×32×32 to 128×128×32) ran 1.2–1.8× as fast on the `gemm`
     // crate on a Zen 3 core (`time_against_gemm_crate`): our per-call packing and the tile's
     // C traffic dominate at depths of 32; the smallest model product above this is 1024×384×384.
@@ -1053,9 +1086,32 @@ impl Tile for Ymm {
     micro_kernels!(ymm);
 }
 
+/// Runs `step(p)` for p in 0..kc, four depths per loop turn. The loop's own instructions
+/// (index, compare, branch) otherwise share the six cycles of one depth's 12 FMAs: in L1 on
+/// a Zen 3 core the tile ran at 73–75 GFLOP/s one depth per turn and 84–86 four per turn,
+/// against 88 for independent FMAs alone; whole products 3–14% faster (the probe of commit
+/// de51602, `bench/results/2026-12-07-gemm-unroll-zen3.txt`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn unrolled(kc: usize, mut step: impl FnMut(usize)) {
+    let mut p = 0;
+    while p + 4 <= kc {
+        step(p);
+        step(p + 1);
+        step(p + 2);
+        step(p + 3);
+        p += 4;
+    }
+    while p < kc {
+        step(p);
+        p += 1;
+    }
+}
+
 /// The 12×32 AVX-512 micro-kernels.
 #[cfg(target_arch = "x86_64")]
 mod zmm {
+    use super::unrolled;
     use std::arch::x86_64::*;
 
     const MR: usize = 12;
@@ -1096,7 +1152,7 @@ mod zmm {
             _mm_prefetch::<_MM_HINT_T0>(row);
             _mm_prefetch::<_MM_HINT_T0>(row.add(64));
         }
-        for p in 0..kc {
+        let step = |acc: &mut [[__m512; 2]; MR], p: usize| {
             _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add((p + 8) * NR + 16) as *const i8);
             // SAFETY: p < kc, and the panel holds kc·NR floats.
@@ -1115,7 +1171,8 @@ mod zmm {
                     acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 }
             }
-        }
+        };
+        unrolled(kc, |p| step(&mut acc, p));
         store_tile(&acc, c, ldc, MR, w, add);
     }
 
@@ -1183,7 +1240,7 @@ mod zmm {
                 _mm_prefetch::<_MM_HINT_T0>(row.add(64));
             }
         }
-        for p in 0..kc {
+        let step = |acc: &mut [[__m512; 2]; MR], p: usize| {
             if PF {
                 // The panels are padded, so reading ahead stays inside the buffer or is dropped
                 // (a prefetch never faults).
@@ -1204,7 +1261,8 @@ mod zmm {
                 acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
             }
-        }
+        };
+        unrolled(kc, |p| step(&mut acc, p));
         store_tile(&acc, c, ldc, h, w, add);
     }
 }
@@ -1213,31 +1271,11 @@ mod zmm {
 /// broadcast of A fill 15 of the 16 registers.
 #[cfg(target_arch = "x86_64")]
 mod ymm {
+    use super::unrolled;
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
     const NR: usize = 16;
-
-    /// Runs `step(p)` for p in 0..kc, four depths per loop turn. The loop's own instructions
-    /// (index, compare, branch) otherwise share the six cycles of one depth's 12 FMAs: in L1 on
-    /// a Zen 3 core the tile ran at 73–75 GFLOP/s one depth per turn and 84–86 four per turn,
-    /// against 88 for independent FMAs alone; whole products 3–14% faster (the probe of commit
-    /// de51602, `bench/results/2026-12-07-gemm-unroll-zen3.txt`).
-    #[inline(always)]
-    fn unrolled(kc: usize, mut step: impl FnMut(usize)) {
-        let mut p = 0;
-        while p + 4 <= kc {
-            step(p);
-            step(p + 1);
-            step(p + 2);
-            step(p + 3);
-            p += 4;
-        }
-        while p < kc {
-            step(p);
-            p += 1;
-        }
-    }
 
     /// [`kernel`] reading a full 6-row panel of A in place: row r's depth p at `a[r·lda + p]`,
     /// from two bases three rows apart (x86 addressing reaches base + lda and base + 2·lda).
@@ -1762,6 +1800,8 @@ mod tests {
         }
         time::<6>("A", 2048, 384);
         time::<6>("A", 2048, 1536);
+        time::<12>("A", 2048, 384);
+        time::<12>("A", 2048, 1536);
         time::<16>("W", 1536, 384);
         time::<32>("W", 1536, 384);
     }
