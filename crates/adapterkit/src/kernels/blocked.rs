@@ -914,7 +914,15 @@ fn direct_a<T: Tile>() -> bool {
     let forced = *CHOICE.get_or_init(|| match std::env::var("ADAPTERKIT_GEMM_A").as_deref() {
         Ok("pack") => Some(false),
         Ok("direct") => Some(true),
-        _ => None,
+        Ok(other) => {
+            // Only the speed depends on it, as with `ADAPTERKIT_GEMM`.
+            tracing::warn!(
+                value = other,
+                "ADAPTERKIT_GEMM_A: expected `pack` or `direct`; using the tile's choice for this CPU"
+            );
+            None
+        }
+        Err(_) => None,
     });
     forced.unwrap_or_else(T::direct_a)
 }
