@@ -398,7 +398,7 @@ impl AdamW {
                 Ok(())
             };
             // A contiguous f32 parameter on the CPU is updated where it lies: copying it out and
-            // back in blocks was a fifth of the optimizer's time in a MiniLM full fine-tuning
+            // back in blocks was about 30% of the optimizer's time in a MiniLM full fine-tuning
             // step on an Intel Xeon (`perf`, 2026-12-07).
             let in_place = in_place
                 && t.device().is_cpu()
