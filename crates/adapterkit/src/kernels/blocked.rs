@@ -1753,7 +1753,7 @@ mod tests {
     #[test]
     #[ignore]
     fn time_transposing_pack() {
-        // Packing a 2048×384 row-major A into 6-row panels and a [1536, 384] weight into 16-column
+        // Packing a row-major A into 6- and 12-row panels and a [1536, 384] weight into 16- and 32-column
         // panels of Wᵀ, and W's panels from Wᵀ's, one thread, interleaved, medians of 15.
         fn time<const W: usize>(what: &str, m: usize, k: usize) {
             let src = values(m * k, 5);
