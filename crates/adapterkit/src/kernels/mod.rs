@@ -19,6 +19,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod loss;
 pub mod matmul;
+mod probe;
 pub mod softmax;
 
 pub use activation::{gelu, Activation};
