@@ -15,6 +15,7 @@ pub mod blocked;
 pub mod dropout;
 pub mod ffn;
 pub mod gemm;
+pub mod half;
 pub mod layer_norm;
 pub mod linear;
 pub mod loss;
