@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// Use the composed reference ops instead of the fast ones (for A/B comparisons).
     #[arg(long)]
     reference_ops: bool,
+    /// Number format of the frozen projections' products in the inference cases: f32, or fp16
+    /// (on CPUs with AVX512_FP16).
+    #[arg(long, default_value = "f32")]
+    precision: adapterkit::Precision,
     /// Adapters the rows are spread over in the infer-mixed case.
     #[arg(long, default_value_t = 8)]
     adapters: usize,
@@ -180,6 +184,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         )?,
     }
     .with_backend(crate::cmd::backend_of(a.reference_ops));
+    if a.precision != adapterkit::Precision::F32 {
+        if matches!(a.case, Case::AdapterTrain | Case::FullTrain) {
+            anyhow::bail!(
+                "--precision {}: the training cases run in f32 only (fp16 is for inference)",
+                a.precision
+            );
+        }
+        base = base
+            .with_precision(a.precision)
+            .with_context(|| format!("--precision {}", a.precision))?;
+    }
     let cfg = base.config.clone();
     let mut rng = Rng::new(1);
     let ids: Vec<u32> = (0..a.batch * a.seq)
@@ -314,6 +329,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "case": format!("{:?}", kind),
         "shape": match a.shape { Shape::Minilm => "minilm-l6", Shape::BertBase => "bert-base" },
         "ops": if a.reference_ops { "reference" } else { "fast" },
+        "precision": a.precision.to_string(),
         "batch": a.batch,
         "seq": a.seq,
         "threads": threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
@@ -354,6 +370,7 @@ fn latency(a: &BenchArgs, base: &BaseModel, task: &TaskModel) -> Result<()> {
     let out = json!({
         "tool": "adapterkit",
         "case": "latency",
+        "precision": a.precision.to_string(),
         "tokens": tokens,
         "calls": a.calls,
         "median_seconds": pct(0.5),
@@ -423,6 +440,7 @@ fn mixed(a: &BenchArgs, base: &BaseModel, ids: &[u32], types: &[u32]) -> Result<
     let out = json!({
         "tool": "adapterkit",
         "case": "InferMixed",
+        "precision": a.precision.to_string(),
         "cpu": crate::serve::loadgen::cpu_model(),
         "batch": a.batch,
         "seq": a.seq,

@@ -34,7 +34,7 @@ pub use config::BertConfig;
 pub use encoder::{BaseModel, Batch, ForwardOptions};
 pub use error::{Error, Result};
 pub use head::{HeadConfig, HeadKind, Pooling};
-pub use kernels::Backend;
+pub use kernels::{Backend, Precision};
 pub use task::{TaskModel, TrainableSet};
 pub use train::{train, TrainConfig};
 

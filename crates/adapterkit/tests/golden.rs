@@ -100,3 +100,43 @@ fn minilm_matches_pytorch_on_real_sentences() {
         assert_eq!(e, &want, "row {i}");
     }
 }
+
+/// fp16 precision (frozen projections in fp16 with f32 sums) stays near PyTorch's f32 forward on
+/// the same sentences; on a CPU without AVX512_FP16 asking for it is a clear error.
+#[test]
+fn minilm_in_fp16_stays_near_pytorch() {
+    let home = assets_home();
+    let base = BaseModel::load(&home.join("models/all-MiniLM-L6-v2")).unwrap();
+    let half = match base.with_precision(adapterkit::Precision::F16) {
+        Ok(half) => half,
+        Err(e) => {
+            assert!(!adapterkit::kernels::half::available(), "{e}");
+            assert!(e.to_string().contains("AVX512_FP16"), "{e}");
+            return;
+        }
+    };
+    assert!(half.weights.packed_bytes() > base.weights.packed_bytes());
+    let g = golden(&fixtures().join("minilm-golden.safetensors"));
+    let batch = golden_batch(&g);
+    let run = |m: &BaseModel| {
+        m.encode(None, &batch, &mut ForwardOptions::default())
+            .unwrap()
+    };
+    let (h16, h32) = (run(&half), run(&base));
+    let d16 = max_abs_diff_masked(&h16, &g["last_hidden_state"], &batch.mask);
+    let d32 = max_abs_diff_masked(&h32, &g["last_hidden_state"], &batch.mask);
+    eprintln!("max abs diff to PyTorch: fp16 {d16}, f32 {d32}");
+    // The fp16 products really ran (not the f32 fallback), and their rounding stays small
+    // against hidden states of magnitude ~1.
+    assert!(
+        d16 > 10.0 * d32,
+        "fp16 {d16} against f32 {d32}: no fp16 product ran?"
+    );
+    assert!(
+        d16 < 1e-2,
+        "MiniLM fp16 last_hidden_state max abs diff {d16}"
+    );
+    let p16 = base.pooler(None, &h16).unwrap();
+    let dp = max_abs_diff(&p16, &g["pooler_output"]);
+    assert!(dp < 1e-2, "MiniLM fp16 pooler max abs diff {dp}");
+}

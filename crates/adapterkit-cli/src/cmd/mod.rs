@@ -162,6 +162,16 @@ pub(crate) fn load_base(model: &Option<PathBuf>) -> Result<BaseModel> {
     BaseModel::load(&dir).with_context(|| format!("loading base model from {}", dir.display()))
 }
 
+/// [`load_base`] in `precision` ([`BaseModel::with_precision`]).
+pub(crate) fn load_base_in(
+    model: &Option<PathBuf>,
+    precision: adapterkit::Precision,
+) -> Result<BaseModel> {
+    load_base(model)?
+        .with_precision(precision)
+        .with_context(|| format!("--precision {precision}"))
+}
+
 pub(crate) fn load_task(base: &BaseModel, dir: &Path) -> Result<TaskModel> {
     TaskModel::load(dir, base).with_context(|| format!("loading adapter {}", dir.display()))
 }

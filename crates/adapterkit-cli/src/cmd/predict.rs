@@ -9,7 +9,7 @@ pub(crate) struct PredictArgs {
     adapter: Option<PathBuf>,
     /// Ask a running `adapterkit serve` at this URL (http://HOST:PORT) instead of loading the
     /// model here; the output is the same.
-    #[arg(long, conflicts_with_all = ["adapter", "model", "skip_adapter_layers", "max_len"])]
+    #[arg(long, conflicts_with_all = ["adapter", "model", "skip_adapter_layers", "max_len", "precision"])]
     server: Option<String>,
     /// With --server: the adapter's name there [default: the server's default adapter].
     #[arg(long, requires = "server")]
@@ -35,6 +35,10 @@ pub(crate) struct PredictArgs {
     /// Maximum tokens per input [default: the length the adapter was trained with].
     #[arg(long)]
     max_len: Option<usize>,
+    /// Number format of the frozen projections' products: f32, or fp16 (fp16 products with f32
+    /// sums, on CPUs with AVX512_FP16; about 4e-3 from f32 on MiniLM's hidden states).
+    #[arg(long, default_value = "f32")]
+    precision: adapterkit::Precision,
 }
 
 /// The texts to predict: the arguments, else every line of --input or stdin.
@@ -122,6 +126,9 @@ pub(crate) fn predict(a: PredictArgs) -> Result<()> {
     let task = load_task(&base, dir)?;
     let mut base = base;
     super::hold_model_once(&mut base, &task)?;
+    let base = base
+        .with_precision(a.precision)
+        .with_context(|| format!("--precision {}", a.precision))?;
     let texts = read_texts(&a)?;
     let inputs = split_pairs(&texts, task.head.pair)?;
     let max_len = a.max_len.unwrap_or(task.max_len);

@@ -3,7 +3,7 @@
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
-use crate::kernels::{PackedWeight, WeightRef};
+use crate::kernels::{PackedWeight, Precision, WeightRef};
 use crate::keys::{Leaf, ParamKey, Role};
 use crate::rng::Rng;
 use candle_core::{Device, Tensor};
@@ -501,6 +501,56 @@ impl BertWeights {
             .filter_map(|v| v.get("").ok()?.whole_panels())
             .map(PackedWeight::bytes)
             .sum()
+    }
+
+    /// The same weights (shared, not copied) whose layers' frozen projections run their forward
+    /// products in `precision`: fp16 panels built beside the f32 ones, or dropped.
+    pub fn with_precision(&self, precision: Precision) -> Result<Self> {
+        let half = precision == Precision::F16;
+        if half && !crate::kernels::half::available() {
+            return Err(Error::config(
+                "precision",
+                "fp16",
+                "needs a CPU with AVX512_FP16 (Intel Sapphire Rapids or later); this one has \
+                 none: use --precision f32",
+            ));
+        }
+        let convert = |v: &ParamValue, name: &str| -> Result<ParamValue> {
+            let ParamValue::Panels {
+                panels,
+                start,
+                rows,
+            } = v
+            else {
+                return Ok(v.clone());
+            };
+            let panels = panels.with_half(half)?.ok_or_else(|| {
+                Error::config(
+                    "precision",
+                    name,
+                    "holds a value beyond fp16's range (65504): this model cannot run in fp16",
+                )
+            })?;
+            Ok(ParamValue::Panels {
+                panels,
+                start: *start,
+                rows: *rows,
+            })
+        };
+        let mut w = self.clone();
+        for l in &mut w.layers {
+            let a = &mut l.attention;
+            let qkv = convert(&a.qkv.weight, a.query.weight.key.name())?;
+            a.qkv = FusedQkv::of(qkv, a.qkv.bias.clone())?;
+            for lin in [
+                &mut l.attention_output.dense,
+                &mut l.intermediate.dense,
+                &mut l.output.dense,
+            ] {
+                lin.weight.value = convert(&lin.weight.value, lin.weight.key.name())?;
+            }
+        }
+        Ok(w)
     }
 
     /// Every base parameter, in checkpoint order.

@@ -20,7 +20,7 @@ pub use view::{LayerView, MergedWeights, SiteView, TaskParts, TaskView};
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
-use crate::kernels::Backend;
+use crate::kernels::{Backend, Precision};
 use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -125,6 +125,15 @@ impl BaseModel {
             backend,
             ..self.clone()
         }
+    }
+
+    /// The same model whose frozen projections run their forward products in `precision`
+    /// ([`BertWeights::with_precision`]); an error for fp16 on a CPU without AVX512_FP16.
+    pub fn with_precision(&self, precision: Precision) -> Result<Self> {
+        Ok(BaseModel {
+            weights: self.weights.with_precision(precision)?,
+            ..self.clone()
+        })
     }
 
     /// A base parameter by canonical name.

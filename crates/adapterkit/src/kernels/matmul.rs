@@ -3,6 +3,7 @@
 
 use super::blocked::PackedB;
 use super::gemm::{gemm_crate_into, gemm_into};
+use super::half::HalfPanels;
 use super::{f32_slice, supported, CResult};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -18,9 +19,10 @@ pub(crate) fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Resu
 }
 
 /// A frozen weight W [n, k] packed once for our blocked product `x · Wᵀ` (see
-/// [`super::blocked::PackedB`]), shared by every forward that reads the same W.
+/// [`super::blocked::PackedB`]), shared by every forward that reads the same W; in the fp16
+/// precision ([`super::Precision::F16`]) also as fp16 panels, which the forward products read.
 #[derive(Debug, Clone)]
-pub struct PackedWeight(Arc<PackedB>);
+pub struct PackedWeight(Arc<PackedB>, Option<Arc<HalfPanels>>);
 
 impl PackedWeight {
     /// Packs `w` [n, k] (f32 on the CPU); `None` where no product would read the panels (another
@@ -38,7 +40,30 @@ impl PackedWeight {
             return Ok(None);
         };
         let data = f32_slice(s, layout, "packed weight")?;
-        Ok(PackedB::transposed(data, n, k).map(|p| PackedWeight(Arc::new(p))))
+        Ok(PackedB::transposed(data, n, k).map(|p| PackedWeight(Arc::new(p), None)))
+    }
+
+    /// The same weight whose forward products `x · Wᵀ + b` run in fp16 ([`super::half`]), or
+    /// only in f32 (`half: false`). `None` where fp16 panels cannot be built: a CPU without
+    /// AVX512_FP16, or a value of W beyond fp16's range.
+    pub fn with_half(&self, half: bool) -> candle_core::Result<Option<PackedWeight>> {
+        if !half {
+            return Ok(Some(PackedWeight(self.0.clone(), None)));
+        }
+        if self.1.is_some() {
+            return Ok(Some(self.clone()));
+        }
+        let (n, k) = self.dims();
+        let Some(w) = self.0.unpack_rows(0, n) else {
+            return Ok(None);
+        };
+        Ok(HalfPanels::transposed(&w, n, k)
+            .map(|h| PackedWeight(self.0.clone(), Some(Arc::new(h)))))
+    }
+
+    /// Whether the forward products read fp16 panels.
+    pub fn is_half(&self) -> bool {
+        self.1.is_some()
     }
 
     /// Whether these are the panels of a weight of W's shape (a cheap guard against pairing a
@@ -47,9 +72,9 @@ impl PackedWeight {
         w.dims() == [self.0.n(), self.0.k()]
     }
 
-    /// Bytes the panels take.
+    /// Bytes the panels take (f32 and, in fp16 precision, fp16).
     pub fn bytes(&self) -> usize {
-        self.0.bytes()
+        self.0.bytes() + self.1.as_ref().map_or(0, |h| h.bytes())
     }
 
     /// W's shape [n, k].
@@ -70,10 +95,11 @@ impl PackedWeight {
         Tensor::from_vec(w, (rows, self.0.k()), &candle_core::Device::Cpu)
     }
 
-    /// `x · Wᵀ + b` for 2-D `x`, from the panels.
+    /// `x · Wᵀ + b` for 2-D `x`, from the panels (the fp16 ones where held, unless x is too
+    /// large for fp16 sums).
     pub(crate) fn affine(&self, x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?
-            .apply_op2_no_bwd(&b.contiguous()?, &PanelAffine(&self.0))
+            .apply_op2_no_bwd(&b.contiguous()?, &PanelAffine(&self.0, self.1.as_deref()))
     }
 
     /// `g · W` for 2-D `g` [rows, n] (the input gradient through the frozen layer), from the
@@ -84,8 +110,9 @@ impl PackedWeight {
     }
 }
 
-/// The forward-only product `x · Wᵀ + b` of [`PackedWeight::affine`].
-struct PanelAffine<'a>(&'a PackedB);
+/// The forward-only product `x · Wᵀ + b` of [`PackedWeight::affine`]: f32 panels, and fp16 ones
+/// that are tried first where present.
+struct PanelAffine<'a>(&'a PackedB, Option<&'a HalfPanels>);
 
 impl CustomOp2 for PanelAffine<'_> {
     fn name(&self) -> &'static str {
@@ -108,6 +135,9 @@ impl CustomOp2 for PanelAffine<'_> {
                 "panel affine: [{m}, {k}] · [{n}, {k2}]ᵀ + [{}] do not fit",
                 b.len()
             )));
+        }
+        if let Some(out) = self.1.and_then(|h| h.affine(x, m, b)) {
+            return Ok((CpuStorage::F32(out), Shape::from((m, n))));
         }
         let mut out = super::rows_of(b, m);
         if !super::blocked::gemm_packed(&mut out, m, (x, k as isize, 1), self.0, true, true) {

@@ -55,6 +55,39 @@ impl Backend {
     }
 }
 
+/// The number format of the frozen weights' forward products `x · Wᵀ + b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// The frozen weights' forward products in fp16 with f32 sums ([`half`]; CPUs with
+    /// AVX512_FP16), everything else in f32. A product whose input is too large for fp16 sums
+    /// runs in f32.
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "f16" | "fp16" => Ok(Precision::F16),
+            _ => Err(format!("unknown precision {s:?}: expected f32 or fp16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "fp16",
+        })
+    }
+}
+
 pub(crate) type CResult<T> = candle_core::Result<T>;
 
 // Rows per parallel task is chosen so each task handles at least this many elements.
