@@ -49,6 +49,10 @@ def main():
                     help="AdapterHub configuration strings separated by ';' (they contain commas), each "
                     "run in the adapter cases on both sides, e.g. 'lora[r=8];ia3;prefix_tuning'; "
                     "empty: Houlsby m=64")
+    ap.add_argument("--precision", default="f32", choices=["f32", "fp16"],
+                    help="inference cases: ours with --precision, PyTorch under autocast in "
+                    "--pytorch-precision (default: the same)")
+    ap.add_argument("--pytorch-precision", choices=["f32", "fp16", "bf16"])
     ap.add_argument("--baseline", help="another adapterkit binary in PyTorch's place (before/after "
                     "runs of a change: 'ratio' is then baseline time / ours)")
     a = ap.parse_args()
@@ -65,9 +69,11 @@ def main():
                     if spec:
                         common += ["--adapter-config", spec]
                     ours, theirs = [], []
-                    ours_cmd = [a.ours, "bench", "--model", a.model] + common
+                    ours_cmd = ([a.ours, "bench", "--model", a.model] + common
+                                + (["--precision", a.precision] if a.precision != "f32" else []))
                     theirs_cmd = ([a.baseline, "bench", "--model", a.model] + common if a.baseline else
-                                  [a.python, os.path.join(here, "pytorch_step.py"), "--model", a.model]
+                                  [a.python, os.path.join(here, "pytorch_step.py"), "--model", a.model,
+                                   "--precision", a.pytorch_precision or a.precision]
                                   + common)
                     for i in range(a.rounds):
                         # A B, B A, ...: whichever runs second in a pair runs on a warmer machine
@@ -83,6 +89,8 @@ def main():
                     row = {
                         "shape": shape, "batch": int(b), "seq": int(s), "threads": int(threads), "case": case,
                         "adapter_config": spec or None,
+                        "precision": a.precision,
+                        "pytorch_precision": None if a.baseline else (a.pytorch_precision or a.precision),
                         "ours_s": o, "pytorch_s": t, "throughput_ratio": t / o,
                         "pair_ratios": [p["median_seconds"] / q["median_seconds"] for p, q in zip(theirs, ours)],
                         "ours_rss_gb": max(r["peak_rss_bytes"] for r in ours) / 1e9,

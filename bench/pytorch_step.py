@@ -9,11 +9,15 @@ eps 1e-6), gradient clipping 1.0, dropout on (train mode). `--adapter-config` ta
 configuration string instead (`par_bn[reduction_factor=6]`, `lora[r=8]`, `ia3`, `compacter`,
 `prefix_tuning`), as `adapter-config` does for ours; for inference LoRA / (IA)^3 is merged and the
 prefix MLP ejected first, as a user serving them would (adapterkit does both at load).
+`--precision fp16|bf16` runs the inference cases under `torch.autocast` in that dtype (set beside
+`adapterkit bench --precision fp16`).
 """
 import argparse
+import contextlib
 import json
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -33,6 +37,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--adapter-config", help="an AdapterHub configuration string (default: Houlsby, m)")
+    ap.add_argument("--precision", default="f32", choices=["f32", "fp16", "bf16"],
+                    help="inference under torch.autocast in this dtype (fp16, bf16); training stays f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -72,6 +78,11 @@ def main():
     else:
         model.active_head = "bench"
 
+    if a.precision != "f32" and a.case.endswith("train"):
+        sys.exit("--precision: the training cases run in f32 only")
+    autocast = (torch.autocast("cpu", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[a.precision])
+                if a.precision != "f32" else contextlib.nullcontext())
+
     if a.case == "latency":
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(a.model)
@@ -80,7 +91,7 @@ def main():
         times = []
         for i in range(a.calls + 10):
             t = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 enc = tok(sentence, return_tensors="pt", truncation=True, max_length=128)
                 logits = model(**enc).logits
                 logits.softmax(-1).tolist()
@@ -89,6 +100,7 @@ def main():
         times.sort()
         print(json.dumps({
             "tool": "pytorch", "torch": torch.__version__, "adapters": adapters.__version__, "case": "latency",
+            "precision": a.precision,
             "calls": a.calls, "median_seconds": times[round((len(times) - 1) * 0.5)],
             "p99_seconds": times[round((len(times) - 1) * 0.99)],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -121,7 +133,7 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 if a.case == "infer-base":
                     model.bert(input_ids=ids, attention_mask=mask)
                 else:
@@ -134,6 +146,7 @@ def main():
         "tool": "pytorch",
         "torch": torch.__version__, "adapters": adapters.__version__,
         "case": a.case, "shape": a.shape, "batch": a.batch, "seq": a.seq, "threads": a.threads,
+        "precision": a.precision,
         "adapter_config": a.adapter_config, "step_seconds": times, "median_seconds": med, "sequences_per_second": a.batch / med,
         "trainable_params": trainable,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

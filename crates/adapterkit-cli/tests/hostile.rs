@@ -1394,6 +1394,29 @@ fn predict_cases(c: &mut Corpus, trained: &Path) {
     );
     stdin_case(
         c,
+        "unknown precision",
+        b"good\n",
+        &["--precision", "bf8"],
+        err(&["--precision", "expected f32 or fp16"]),
+    );
+    // fp16 runs where the CPU has AVX512_FP16 and is refused, naming what is missing, elsewhere.
+    #[cfg(target_arch = "x86_64")]
+    let fp16 = std::arch::is_x86_feature_detected!("avx512fp16");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fp16 = false;
+    stdin_case(
+        c,
+        "fp16 precision",
+        b"good\nawful\n",
+        &["--precision", "fp16"],
+        if fp16 {
+            ok(&["\"label\""])
+        } else {
+            err(&["--precision fp16", "AVX512_FP16"])
+        },
+    );
+    stdin_case(
+        c,
         "adapter and server both",
         b"good\n",
         &["--server", "http://127.0.0.1:9"],
