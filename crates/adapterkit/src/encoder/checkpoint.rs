@@ -515,7 +515,8 @@ impl BertWeights {
                  none: use --precision f32",
             ));
         }
-        let convert = |v: &ParamValue, name: &str| -> Result<ParamValue> {
+        let mut converted = 0;
+        let mut convert = |v: &ParamValue, name: &str| -> Result<ParamValue> {
             let ParamValue::Panels {
                 panels,
                 start,
@@ -531,6 +532,7 @@ impl BertWeights {
                     "holds a value beyond fp16's range (65504): this model cannot run in fp16",
                 )
             })?;
+            converted += 1;
             Ok(ParamValue::Panels {
                 panels,
                 start: *start,
@@ -549,6 +551,16 @@ impl BertWeights {
             ] {
                 lin.weight.value = convert(&lin.weight.value, lin.weight.key.name())?;
             }
+        }
+        // Asked for fp16 and nothing would run in it: say so rather than run f32 unannounced.
+        if half && converted == 0 {
+            return Err(Error::config(
+                "precision",
+                "fp16",
+                "no frozen projection is held as GEMM panels (the task trains its own copy of \
+                 every projection, ADAPTERKIT_GEMM turns our GEMM off, or the model is not on \
+                 the CPU): nothing would run in fp16; use --precision f32",
+            ));
         }
         Ok(w)
     }
