@@ -185,9 +185,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     .with_backend(crate::cmd::backend_of(a.reference_ops));
     if a.precision != adapterkit::Precision::F32 {
-        if matches!(a.case, Case::AdapterTrain | Case::FullTrain) {
+        if a.reference_ops {
             anyhow::bail!(
-                "--precision {}: the training cases run in f32 only (fp16 is for inference)",
+                "--precision {} runs on the fused kernels, and --reference-ops asks for the \
+                 composed ones, which are f32 only: drop one of the two",
+                a.precision
+            );
+        }
+        if matches!(a.case, Case::FullTrain) {
+            anyhow::bail!(
+                "--precision {}: full fine-tuning trains every projection, so none is frozen \
+                 to run in fp16; use --precision f32",
                 a.precision
             );
         }

@@ -951,6 +951,20 @@ fn option_cases(c: &mut Corpus) {
             err(&["a-file"]),
         ),
         (
+            "unknown precision",
+            vec!["--precision".into(), "bf8".into()],
+            err(&["--precision", "expected f32 or fp16"]),
+        ),
+        (
+            "fp16 with the reference ops",
+            vec![
+                "--precision".into(),
+                "fp16".into(),
+                "--reference-ops".into(),
+            ],
+            err(&["--precision fp16", "--reference-ops", "f32 only"]),
+        ),
+        (
             "resume from nowhere",
             vec!["--resume".into(), c.path("nowhere")],
             err(&["no state.json"]),

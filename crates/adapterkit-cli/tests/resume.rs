@@ -169,6 +169,24 @@ fn resume_refuses_another_run_and_a_missing_checkpoint() {
             && err.contains("`train_config.seed` is 7 there, 8 here"),
         "{err}"
     );
+    // So is the same run in another precision, where the CPU has fp16 products.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512fp16") {
+        let o = run(
+            &dir,
+            &[
+                "--out",
+                "out",
+                "--resume",
+                "out.checkpoint",
+                "--precision",
+                "fp16",
+            ],
+        );
+        let err = text(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains("`precision`"), "{err}");
+    }
     // Other data is another run too, even with the same options.
     std::fs::write(
         dir.join("toy.csv"),

@@ -6,6 +6,7 @@ use crate::data::TaskData;
 use crate::encoder::BaseModel;
 use crate::error::Result;
 use crate::head::HeadConfig;
+use crate::kernels::Precision;
 use crate::task::{TaskModel, TrainableSet};
 use crate::train::{
     evaluate, Checkpointing, EpochReport, EvalMetrics, Evaluation, Event, TrainConfig,
@@ -94,6 +95,10 @@ pub fn run_identity(base: &BaseModel, data: &TaskData, spec: &RunSpec) -> serde_
             }
             _ => {}
         }
+        // A resume must not switch precision halfway (its result would match neither).
+        if !base.precision().is_f32() {
+            o.insert("precision".into(), serde_json::json!(base.precision()));
+        }
     }
     fp
 }
@@ -120,6 +125,9 @@ pub struct RunRecord {
     /// The prefix-tuning configuration (as trained, before folding), for runs of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<PrefixConfig>,
+    /// The precision of the frozen projections' products during training.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// The saved task directory.
     pub adapter_dir: PathBuf,
     /// Its size on disk.
@@ -248,6 +256,7 @@ fn make_record(
         adapter: task.adapter.clone(),
         lora: task.lora.clone(),
         prefix: task.prefix.clone(),
+        precision: base.precision(),
         adapter_dir: spec.out.clone(),
         adapter_dir_bytes: bytes,
         base_params,

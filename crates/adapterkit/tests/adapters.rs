@@ -1274,6 +1274,81 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
     }
 }
 
+/// Training in fp16 precision (the frozen projections' forward and input-gradient products in
+/// fp16 with f32 sums) gives nearly f32's loss and gradients, and really runs in fp16.
+#[test]
+fn fp16_precision_gives_nearly_the_f32_loss_and_gradients() {
+    let base = tiny_base();
+    let half = match base.with_precision(adapterkit::Precision::F16) {
+        Ok(half) => half,
+        Err(e) => {
+            assert!(!adapterkit::kernels::half::available(), "{e}");
+            return;
+        }
+    };
+    assert_eq!(half.precision(), adapterkit::Precision::F16);
+    assert_eq!(base.precision(), adapterkit::Precision::F32);
+    let data = toy_data();
+    let enc = base.tokenizer.encode_all(&data.train.inputs, 32).unwrap();
+    let rows: Vec<usize> = (0..8).collect();
+    let mut tasks = vec![TaskModel::new(
+        &base,
+        "f",
+        TrainableSet::Adapters { layernorms: true },
+        Some(adapters(5e-2)),
+        head(),
+        32,
+        4,
+    )
+    .unwrap()];
+    // LoRA on q and v: q|k|v is the task's own (f32), the rest stays frozen in fp16.
+    tasks.push(lora_task(&base, "lqv", LoraConfig::lora(4, 8.0), 7));
+    for task in tasks {
+        let run = |base: &BaseModel| {
+            let mut t = task.clone();
+            let mut vars = Vec::new();
+            for (name, p) in t.params.iter_mut() {
+                let v = Var::from_tensor(p).unwrap();
+                *p = v.as_tensor().clone();
+                vars.push((name.clone(), v));
+            }
+            let loss = batch_loss(base, &t, &enc, &data.train, &rows, None).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<(String, Tensor)> = vars
+                .iter()
+                .map(|(n, v)| (n.to_string(), grads.get(v.as_tensor()).unwrap().clone()))
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (l32, g32) = run(&base);
+        let (l16, g16) = run(&half);
+        assert!(
+            (l16 - l32).abs() <= 1e-2 * l32.abs().max(1.0),
+            "{}: loss {l16} against {l32}",
+            task.name
+        );
+        let mut largest = 0f32;
+        for ((name, a), (_, b)) in g16.iter().zip(&g32) {
+            let scale = max_abs(b);
+            let d = max_abs_diff(a, b);
+            largest = largest.max(d / scale.max(1e-12));
+            // fp16 keeps 11 bits: a few ulps of fp16 per 32-term sum, through a few layers.
+            assert!(
+                d <= 3e-2 * scale + 1e-7,
+                "{} {name}: gradient differs by {d} (scale {scale})",
+                task.name
+            );
+        }
+        // The f32 path is deterministic, so any difference is fp16's rounding: none at all would
+        // mean the fp16 products never ran.
+        assert!(
+            largest > 1e-5,
+            "{}: fp16 gradients equal f32's ({largest})",
+            task.name
+        );
+    }
+}
+
 #[test]
 fn init_schemes_draw_what_adapterhub_draws() {
     use adapterkit::adapter::{Init, Part};

@@ -110,6 +110,10 @@ pub(crate) struct TrainArgs {
     /// Use the composed reference ops instead of the fused kernels (slower; for checking).
     #[arg(long)]
     reference_ops: bool,
+    /// Number format of the frozen projections' products (forward and input gradient): f32, or
+    /// fp16 (fp16 products with f32 sums, on CPUs with AVX512_FP16). Everything trained stays f32.
+    #[arg(long, default_value = "f32")]
+    precision: adapterkit::Precision,
 }
 
 fn default_lr(m: Method) -> f64 {
@@ -122,7 +126,17 @@ fn default_lr(m: Method) -> f64 {
 
 pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let home = adapterkit::default_home();
-    let base = load_base(&a.model)?.with_backend(backend_of(a.reference_ops));
+    if a.reference_ops && a.precision != adapterkit::Precision::F32 {
+        bail!(
+            "--precision {} runs on the fused kernels, and --reference-ops asks for the composed \
+             ones, which are f32 only: drop one of the two",
+            a.precision
+        );
+    }
+    let base = load_base(&a.model)?
+        .with_backend(backend_of(a.reference_ops))
+        .with_precision(a.precision)
+        .with_context(|| format!("--precision {}", a.precision))?;
     let data = a.data.load(&home, a.regression)?;
     let d = base.config.hidden_size;
     let trainable = match a.method {

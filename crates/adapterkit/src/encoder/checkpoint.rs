@@ -486,8 +486,9 @@ impl BertWeights {
         Ok(())
     }
 
-    /// Bytes of the panels that hold frozen weights.
-    pub fn packed_bytes(&self) -> usize {
+    /// The panels of the frozen projections (q|k|v, attention output, FFN up and down) held as
+    /// them.
+    fn projection_panels(&self) -> impl Iterator<Item = &PackedWeight> {
         self.layers
             .iter()
             .flat_map(|l| {
@@ -499,12 +500,26 @@ impl BertWeights {
                 ]
             })
             .filter_map(|v| v.get("").ok()?.whole_panels())
-            .map(PackedWeight::bytes)
-            .sum()
     }
 
-    /// The same weights (shared, not copied) whose layers' frozen projections run their forward
-    /// products in `precision`: fp16 panels built beside the f32 ones, or dropped.
+    /// Bytes of the panels that hold frozen weights.
+    pub fn packed_bytes(&self) -> usize {
+        self.projection_panels().map(PackedWeight::bytes).sum()
+    }
+
+    /// The precision the frozen projections' products run in: fp16 where any has fp16 panels
+    /// ([`BertWeights::with_precision`]).
+    pub fn precision(&self) -> Precision {
+        if self.projection_panels().any(PackedWeight::is_half) {
+            Precision::F16
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// The same weights (shared, not copied) whose layers' frozen projections run their products
+    /// in `precision` (the forward `x · Wᵀ` and, in training, the input gradient `g · W`): fp16
+    /// panels built beside the f32 ones, or dropped.
     pub fn with_precision(&self, precision: Precision) -> Result<Self> {
         let half = precision == Precision::F16;
         if half && !crate::kernels::half::available() {

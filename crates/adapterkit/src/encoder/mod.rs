@@ -127,13 +127,18 @@ impl BaseModel {
         }
     }
 
-    /// The same model whose frozen projections run their forward products in `precision`
+    /// The same model whose frozen projections run their products in `precision`
     /// ([`BertWeights::with_precision`]); an error for fp16 on a CPU without AVX512_FP16.
     pub fn with_precision(&self, precision: Precision) -> Result<Self> {
         Ok(BaseModel {
             weights: self.weights.with_precision(precision)?,
             ..self.clone()
         })
+    }
+
+    /// The precision the frozen projections' products run in ([`BaseModel::with_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.weights.precision()
     }
 
     /// A base parameter by canonical name.

@@ -70,7 +70,7 @@ impl HalfPanels {
                 let mut row = vec![0u16; k];
                 let mut max = 0f32;
                 for c in 0..NR.min(n - j * NR) {
-                    let m = to_half_row(&w[(j * NR + c) * k..][..k], &mut row);
+                    let m = to_half_row(&w[(j * NR + c) * k..][..k], &mut row, 1.0);
                     // NaN must win: `f32::max` would drop it.
                     max = if m.is_nan() || max.is_nan() {
                         f32::NAN
@@ -115,16 +115,68 @@ impl HalfPanels {
         self.data.len() * 2
     }
 
+    /// Panels of W [n, k] (row-major) for the input gradient `g · W` ([`HalfPanels::input_gradient`]):
+    /// the panels of Wᵀ, whose output columns are W's k inputs and whose depths are its n outputs.
+    pub fn turned(w: &[f32], n: usize, k: usize) -> Option<HalfPanels> {
+        if w.len() != n * k {
+            return None;
+        }
+        let mut wt = vec![0f32; n * k];
+        for (r, row) in w.chunks_exact(k).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                wt[c * n + r] = v;
+            }
+        }
+        HalfPanels::transposed(&wt, k, n)
+    }
+
     /// `x · Wᵀ + b` for x [m, k] row-major and b [n]; `None` where some row of x is too large for
     /// fp16 sums against this W (or not finite): the caller runs the f32 product instead.
     pub fn affine(&self, x: &[f32], m: usize, b: &[f32]) -> Option<Vec<f32>> {
-        let (n, k) = (self.n, self.k);
-        if x.len() != m * k || b.len() != n || !available() {
+        if x.len() != m * self.k || b.len() != self.n {
             return None;
         }
-        // Each product is at most |x|·|w|, each fp16 sum holds FLUSH of them.
-        let x_limit = SUM_LIMIT / (FLUSH as f32 * self.max_abs.max(f32::MIN_POSITIVE));
-        let mut out = super::rows_of(b, m);
+        // Unscaled, so that a row's answer does not depend on its batchmates.
+        self.product(x, m, super::rows_of(b, m), Scaling::Unit)
+    }
+
+    /// `g · W` for g [m, n] row-major, with these the panels of [`HalfPanels::turned`] (so
+    /// `self.dims()` is W's [k, n] turned, and g has `self.k` columns); `None` where g holds a
+    /// value that is not finite.
+    ///
+    /// Why the scale: gradients are small (1e-6 and below is common) and fp16's normal range
+    /// ends at 6e-5, so unscaled they would lose their bits or vanish. g is multiplied by the
+    /// power of two that puts its largest value just under the overflow bound (per task of rows,
+    /// which read nothing of each other), and the sums are multiplied back while they are added
+    /// into f32; powers of two change no bits in between.
+    pub fn input_gradient(&self, g: &[f32], m: usize) -> Option<Vec<f32>> {
+        if g.len() != m * self.k {
+            return None;
+        }
+        self.product(g, m, vec![0f32; m * self.n], Scaling::Fit)
+    }
+
+    /// Largest |x| (after scaling) a product may take: each term is at most |x|·max|w|, and each
+    /// fp16 sum holds FLUSH terms.
+    fn x_limit(&self) -> f32 {
+        SUM_LIMIT / (FLUSH as f32 * self.max_abs.max(f32::MIN_POSITIVE))
+    }
+
+    /// `out [m, n] += (s·x) · Wᵀ / s`, x [m, k] converted to fp16 after scaling by a power of two
+    /// s (see [`Scaling`]); `None` where a scaled value of x is above [`HalfPanels::x_limit`] or
+    /// not finite.
+    fn product(
+        &self,
+        x: &[f32],
+        m: usize,
+        mut out: Vec<f32>,
+        scaling: Scaling,
+    ) -> Option<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        if x.len() != m * k || out.len() != m * n || !available() {
+            return None;
+        }
+        let x_limit = self.x_limit();
         let rows_per_task = TASK_PANELS * MR;
         let fits = out
             .par_chunks_mut(rows_per_task * n)
@@ -132,7 +184,22 @@ impl HalfPanels {
             .map(|(t, out)| {
                 let r0 = t * rows_per_task;
                 let rows = out.len() / n;
-                self.task(&x[r0 * k..][..rows * k], rows, out, x_limit)
+                let x = &x[r0 * k..][..rows * k];
+                let scale = match scaling {
+                    Scaling::Unit => 1.0,
+                    Scaling::Fit => {
+                        let max = max_abs(x);
+                        if !max.is_finite() {
+                            return false;
+                        }
+                        if max == 0.0 {
+                            return true;
+                        }
+                        // The largest power of two not above the room, within f32's exponents.
+                        2f32.powi(((x_limit / max).log2().floor() as i32).clamp(-100, 100))
+                    }
+                };
+                self.task(x, rows, out, x_limit, scale)
             })
             .collect::<Vec<_>>();
         fits.into_iter().all(|ok| ok).then_some(out)
@@ -140,7 +207,7 @@ impl HalfPanels {
 
     /// One task's rows: `out` [rows, n] holds the bias and receives the products. `false` (with
     /// `out` partly written) where a value of x exceeds `x_limit`.
-    fn task(&self, x: &[f32], rows: usize, out: &mut [f32], x_limit: f32) -> bool {
+    fn task(&self, x: &[f32], rows: usize, out: &mut [f32], x_limit: f32, scale: f32) -> bool {
         let n = self.n;
         let panels = rows.div_ceil(MR);
         let full_cols = n.is_multiple_of(NR);
@@ -162,7 +229,7 @@ impl HalfPanels {
         } else {
             (&mut *out, n)
         };
-        if !self.run(c, ldc, x, rows, x_limit) {
+        if !self.run(c, ldc, x, rows, x_limit, scale) {
             return false;
         }
         if padded {
@@ -173,16 +240,25 @@ impl HalfPanels {
         true
     }
 
-    /// The tiles of one task: C (`rows` rows padded to MR, stride `ldc`) += x · Wᵀ. `false`
-    /// where a value of x exceeds `x_limit`.
-    fn run(&self, c: &mut [f32], ldc: usize, x: &[f32], rows: usize, x_limit: f32) -> bool {
+    /// The tiles of one task: C (`rows` rows padded to MR, stride `ldc`) += (scale·x) · Wᵀ / scale.
+    /// `false` where a scaled value of x exceeds `x_limit`.
+    fn run(
+        &self,
+        c: &mut [f32],
+        ldc: usize,
+        x: &[f32],
+        rows: usize,
+        x_limit: f32,
+        scale: f32,
+    ) -> bool {
         let (k, kp) = (self.k, self.kp);
         let panels = rows.div_ceil(MR);
         let npad = self.n.div_ceil(NR) * NR;
         let mut a = vec![0u16; panels * KC * MR];
+        let unscale = 1.0 / scale;
         for k0 in (0..kp).step_by(KC) {
             let kc = KC.min(kp - k0);
-            if !pack_rows(&mut a, x, rows, k, k0, kc, x_limit) {
+            if !pack_rows(&mut a, x, rows, (k, k0, kc), x_limit, scale) {
                 return false;
             }
             for j in 0..npad / NR {
@@ -194,7 +270,7 @@ impl HalfPanels {
                     // SAFETY: `available()` held at entry; `ap` holds kc depths of MR values,
                     // `b` kc depths of NR, and `ct` MR rows of NR f32 at stride `ldc` (the
                     // padded copy has whole tiles; in place, rows and n are tile multiples).
-                    unsafe { tile(kc, ap.as_ptr(), b.as_ptr(), ct.as_mut_ptr(), ldc) };
+                    unsafe { tile(kc, ap.as_ptr(), b.as_ptr(), ct.as_mut_ptr(), ldc, unscale) };
                 }
             }
         }
@@ -202,17 +278,63 @@ impl HalfPanels {
     }
 }
 
-/// Packs depths `k0..k0 + kc` of `rows` rows of x [rows, k] into fp16 row panels (per panel,
-/// per depth, MR values; rows past the end and depths past k are zeros). `false` where a value
-/// is above `limit` in magnitude or not finite.
+/// How a product scales x before converting it to fp16.
+#[derive(Debug, Clone, Copy)]
+enum Scaling {
+    /// Not at all: a row's answer then depends on nothing but the row.
+    Unit,
+    /// By the power of two that puts the largest |x| of each task's rows under the bound.
+    Fit,
+}
+
+/// The largest |value| of `src`, NaN if any is NaN.
+fn max_abs(src: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: every CPU with AVX512_FP16 has AVX-512F.
+        return unsafe { max_abs_avx512(src) };
+    }
+    src.iter().fold(0f32, |a, &v| {
+        if v.is_nan() || a.is_nan() {
+            f32::NAN
+        } else {
+            a.max(v.abs())
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_abs_avx512(src: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (mut max, mut nan) = (_mm512_setzero_ps(), 0u16);
+    let mut chunks = src.chunks_exact(16);
+    for c in &mut chunks {
+        let v = _mm512_loadu_ps(c.as_ptr());
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        max = _mm512_max_ps(max, _mm512_abs_ps(v));
+    }
+    let tail = chunks.remainder();
+    let v = _mm512_maskz_loadu_ps((1u16 << tail.len()) - 1, tail.as_ptr());
+    nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    max = _mm512_max_ps(max, _mm512_abs_ps(v));
+    if nan != 0 {
+        f32::NAN
+    } else {
+        _mm512_reduce_max_ps(max)
+    }
+}
+
+/// Packs depths `k0..k0 + kc` of `rows` rows of x [rows, k], times `scale`, into fp16 row panels
+/// (per panel, per depth, MR values; rows past the end and depths past k are zeros). `false`
+/// where a scaled value is above `limit` in magnitude or not finite.
 fn pack_rows(
     a: &mut [u16],
     x: &[f32],
     rows: usize,
-    k: usize,
-    k0: usize,
-    kc: usize,
+    (k, k0, kc): (usize, usize, usize),
     limit: f32,
+    scale: f32,
 ) -> bool {
     let panels = rows.div_ceil(MR);
     let a = &mut a[..panels * kc * MR];
@@ -221,7 +343,7 @@ fn pack_rows(
     let mut row = vec![0u16; depth];
     for r in 0..rows {
         let (i, rr) = (r / MR, r % MR);
-        let max = to_half_row(&x[r * k + k0..][..depth], &mut row);
+        let max = to_half_row(&x[r * k + k0..][..depth], &mut row, scale);
         if max.is_nan() || max > limit {
             return false;
         }
@@ -233,18 +355,19 @@ fn pack_rows(
     true
 }
 
-/// Converts `src` to fp16 bits in `dst[..src.len()]` (round to nearest even) and returns the
-/// largest |value|, NaN if any value is NaN.
-fn to_half_row(src: &[f32], dst: &mut [u16]) -> f32 {
+/// Converts `scale · src` to fp16 bits in `dst[..src.len()]` (round to nearest even) and returns
+/// the largest |scaled value|, NaN if any value is NaN.
+fn to_half_row(src: &[f32], dst: &mut [u16], scale: f32) -> f32 {
     let dst = &mut dst[..src.len()];
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: every CPU with AVX512_FP16 (checked by `available()` before any conversion)
         // has AVX-512F and F16C.
-        unsafe { to_half_row_avx512(src, dst) }
+        unsafe { to_half_row_avx512(src, dst, scale) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = scale;
         dst.fill(0);
         f32::NAN
     }
@@ -252,9 +375,10 @@ fn to_half_row(src: &[f32], dst: &mut [u16]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn to_half_row_avx512(src: &[f32], dst: &mut [u16]) -> f32 {
+unsafe fn to_half_row_avx512(src: &[f32], dst: &mut [u16], scale: f32) -> f32 {
     use std::arch::x86_64::*;
     let mut max = _mm512_setzero_ps();
+    let scale = _mm512_set1_ps(scale);
     let mut nan: u16 = 0;
     for (s, d) in src.chunks(16).zip(dst.chunks_mut(16)) {
         let mask: u16 = if s.len() == 16 {
@@ -262,7 +386,7 @@ unsafe fn to_half_row_avx512(src: &[f32], dst: &mut [u16]) -> f32 {
         } else {
             (1u16 << s.len()) - 1
         };
-        let v = _mm512_maskz_loadu_ps(mask, s.as_ptr());
+        let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s.as_ptr()), scale);
         nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
         max = _mm512_max_ps(max, _mm512_abs_ps(v));
         let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
@@ -288,8 +412,8 @@ macro_rules! fma_row {
     };
 }
 
-/// Adds the fp16 sums of tile row `r` (accumulators `$lo`, `$hi`) into that row of C in f32,
-/// zeroes them, and steps `{cr}` to the next row.
+/// Adds the fp16 sums of tile row `r` (accumulators `$lo`, `$hi`), times the unscale in zmm28,
+/// into that row of C in f32, zeroes them, and steps `{cr}` to the next row.
 #[rustfmt::skip]
 macro_rules! flush_row {
     ($lo:literal, $hi:literal) => {
@@ -297,15 +421,15 @@ macro_rules! flush_row {
             "vcvtph2psx zmm26, ymm", $lo, "\n",
             "vextracti64x4 ymm27, zmm", $lo, ", 1\n",
             "vcvtph2psx zmm27, ymm27\n",
-            "vaddps zmm26, zmm26, zmmword ptr [{cr}]\n",
-            "vaddps zmm27, zmm27, zmmword ptr [{cr} + 64]\n",
+            "vfmadd213ps zmm26, zmm28, zmmword ptr [{cr}]\n",
+            "vfmadd213ps zmm27, zmm28, zmmword ptr [{cr} + 64]\n",
             "vmovups zmmword ptr [{cr}], zmm26\n",
             "vmovups zmmword ptr [{cr} + 64], zmm27\n",
             "vcvtph2psx zmm26, ymm", $hi, "\n",
             "vextracti64x4 ymm27, zmm", $hi, ", 1\n",
             "vcvtph2psx zmm27, ymm27\n",
-            "vaddps zmm26, zmm26, zmmword ptr [{cr} + 128]\n",
-            "vaddps zmm27, zmm27, zmmword ptr [{cr} + 192]\n",
+            "vfmadd213ps zmm26, zmm28, zmmword ptr [{cr} + 128]\n",
+            "vfmadd213ps zmm27, zmm28, zmmword ptr [{cr} + 192]\n",
             "vmovups zmmword ptr [{cr} + 128], zmm26\n",
             "vmovups zmmword ptr [{cr} + 192], zmm27\n",
             "vpxord zmm", $lo, ", zmm", $lo, ", zmm", $lo, "\n",
@@ -315,16 +439,17 @@ macro_rules! flush_row {
     };
 }
 
-/// The MR × NR tile: C[MR, NR] (f32, row stride `ldc` floats) += A panel · B panel over `kc`
-/// depths (a multiple of [`FLUSH`]), summed in fp16 for FLUSH depths at a time.
+/// The MR × NR tile: C[MR, NR] (f32, row stride `ldc` floats) += `unscale` · A panel · B panel
+/// over `kc` depths (a multiple of [`FLUSH`]), summed in fp16 for FLUSH depths at a time.
 ///
 /// # Safety
 /// The CPU has AVX512_FP16 and AVX512BW; `a` holds `kc * MR` and `b` `kc * NR` values; `c`
 /// points at MR rows of NR writable f32 each, `ldc` apart.
 #[cfg(target_arch = "x86_64")]
-unsafe fn tile(kc: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: usize) {
+unsafe fn tile(kc: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: usize, unscale: f32) {
     debug_assert!(kc.is_multiple_of(FLUSH) && kc > 0);
     std::arch::asm!(
+        "vbroadcastss zmm28, dword ptr [{unscale}]",
         "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
         "vpxord zmm3, zmm3, zmm3", "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5",
         "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7", "vpxord zmm8, zmm8, zmm8",
@@ -369,6 +494,9 @@ unsafe fn tile(kc: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: usize)
         flush_row!("22", "23"),
         "sub {blocks}, 1",
         "jnz 2b",
+        // The Rust around this block is compiled for SSE2: with the upper halves of the vector
+        // registers left dirty, its legacy SSE instructions would each wait on a merge.
+        "vzeroupper",
         a = inout(reg) a => _,
         b = inout(reg) b => _,
         c = in(reg) c,
@@ -377,6 +505,7 @@ unsafe fn tile(kc: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: usize)
         inner = out(reg) _,
         blocks = inout(reg) kc / FLUSH => _,
         flush = const FLUSH,
+        unscale = in(reg) &unscale,
         out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
         out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
         out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
@@ -384,12 +513,13 @@ unsafe fn tile(kc: usize, a: *const u16, b: *const u16, c: *mut f32, ldc: usize)
         out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
         out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
         out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _,
+        out("zmm28") _,
         options(nostack),
     );
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile(_: usize, _: *const u16, _: *const u16, _: *mut f32, _: usize) {
+unsafe fn tile(_: usize, _: *const u16, _: *const u16, _: *mut f32, _: usize, _: f32) {
     unreachable!("the fp16 tile runs only where `available()` holds (x86_64)")
 }
 
@@ -399,7 +529,7 @@ mod tests {
 
     fn to_half(v: f32) -> u16 {
         let mut h = [0u16];
-        to_half_row(&[v], &mut h);
+        to_half_row(&[v], &mut h, 1.0);
         h[0]
     }
 
@@ -478,6 +608,56 @@ mod tests {
     }
 
     #[test]
+    fn input_gradients_match_the_rounded_inputs_reference_at_any_magnitude() {
+        if !available() {
+            return;
+        }
+        // g · W for W [n, k]: the output has W's k columns, the depth is W's n rows. Gradients
+        // of 1e-7 would be fp16 subnormals or zeros unscaled; 1e3 would overflow 32-term sums.
+        for (m, n, k, size) in [(7, 70, 45, 1.0), (100, 384, 128, 1e-7), (250, 96, 200, 1e3)] {
+            let g: Vec<f32> = values(m * n, 4).iter().map(|v| v * size).collect();
+            let w: Vec<f32> = values(n * k, 5).iter().map(|v| v * 0.05).collect();
+            let panels = HalfPanels::turned(&w, n, k).expect("fp16 panels");
+            assert_eq!(panels.dims(), (k, n));
+            let got = panels.input_gradient(&g, m).expect("finite");
+            let max = g.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let s = 2f32.powi((panels.x_limit() / max).log2().floor() as i32);
+            let h = |v: f32| f64::from(from_half(to_half(v)));
+            let scale = (n as f64).sqrt() * 0.05 * f64::from(size);
+            let mut total = 0.0;
+            for r in 0..m {
+                for c in 0..k {
+                    let want: f64 = (0..n)
+                        .map(|p| h(g[r * n + p] * s) * h(w[p * k + c]))
+                        .sum::<f64>()
+                        / f64::from(s);
+                    let err = (f64::from(got[r * k + c]) - want).abs();
+                    total += err;
+                    assert!(
+                        err <= 8e-3 * scale,
+                        "{m}x{n}x{k} [{r},{c}]: {} against {want}",
+                        got[r * k + c]
+                    );
+                }
+            }
+            let mean = total / (m * k) as f64;
+            assert!(mean <= 1e-3 * scale, "{m}x{n}x{k}: mean error {mean}");
+        }
+        let (m, n, k) = (3, 64, 32);
+        let w = values(n * k, 6);
+        let panels = HalfPanels::turned(&w, n, k).expect("fp16 panels");
+        assert_eq!(
+            panels.input_gradient(&vec![0.0; m * n], m),
+            Some(vec![0.0; m * k])
+        );
+        let mut g = values(m * n, 7);
+        g[5] = f32::INFINITY;
+        assert!(panels.input_gradient(&g, m).is_none());
+        g[5] = f32::NAN;
+        assert!(panels.input_gradient(&g, m).is_none());
+    }
+
+    #[test]
     fn inputs_too_large_for_fp16_sums_are_refused() {
         if !available() {
             return;
@@ -537,7 +717,36 @@ mod tests {
             let flop = 2.0 * (m * n * k) as f64;
             let (h, f) = (med(th), med(tf));
             println!(
-                "{m}x{n}x{k}: fp16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, {:.2}×",
+                "{m}x{n}x{k} x·Wᵀ: fp16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, {:.2}×",
+                flop / h / 1e9,
+                flop / f / 1e9,
+                f / h
+            );
+            // The input gradient g [m, n] · W through the same weight.
+            let turned = HalfPanels::turned(&w, n, k).expect("fp16 panels");
+            let g: Vec<f32> = values(m * n, 4).iter().map(|v| v * 1e-5).collect();
+            let (mut th, mut tf) = (Vec::new(), Vec::new());
+            for _ in 0..9 {
+                let t = std::time::Instant::now();
+                let y = turned.input_gradient(&g, m).expect("finite");
+                th.push(t.elapsed().as_secs_f64());
+                std::hint::black_box(y);
+                let t = std::time::Instant::now();
+                let mut y = super::super::zeros(m * k);
+                super::super::blocked::gemm_packed_transposed(
+                    &mut y,
+                    m,
+                    (&g, n as isize, 1),
+                    &full,
+                    false,
+                    true,
+                );
+                tf.push(t.elapsed().as_secs_f64());
+                std::hint::black_box(y);
+            }
+            let (h, f) = (med(th), med(tf));
+            println!(
+                "{m}x{n}x{k} g·W: fp16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, {:.2}×",
                 flop / h / 1e9,
                 flop / f / 1e9,
                 f / h

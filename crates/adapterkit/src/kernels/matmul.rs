@@ -20,9 +20,30 @@ pub(crate) fn affine_2d(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Resu
 
 /// A frozen weight W [n, k] packed once for our blocked product `x · Wᵀ` (see
 /// [`super::blocked::PackedB`]), shared by every forward that reads the same W; in the fp16
-/// precision ([`super::Precision::F16`]) also as fp16 panels, which the forward products read.
+/// precision ([`super::Precision::F16`]) also as fp16 panels, which the products read.
 #[derive(Debug, Clone)]
-pub struct PackedWeight(Arc<PackedB>, Option<Arc<HalfPanels>>);
+pub struct PackedWeight(Arc<PackedB>, Option<Arc<Half>>);
+
+/// A weight's fp16 panels: for the forward `x · Wᵀ`, and for the input gradient `g · W`, built
+/// at the first backward (inference never needs them, and they take 2 bytes per weight).
+#[derive(Debug)]
+pub struct Half {
+    forward: HalfPanels,
+    turned: std::sync::OnceLock<Option<HalfPanels>>,
+}
+
+impl Half {
+    /// The panels for `g · W`, built from the f32 ones on first use; `None` where they cannot be
+    /// built (see [`HalfPanels::turned`]).
+    fn turned(&self, f32_panels: &PackedB) -> Option<&HalfPanels> {
+        self.turned
+            .get_or_init(|| {
+                let (n, k) = (f32_panels.n(), f32_panels.k());
+                HalfPanels::turned(&f32_panels.unpack_rows(0, n)?, n, k)
+            })
+            .as_ref()
+    }
+}
 
 impl PackedWeight {
     /// Packs `w` [n, k] (f32 on the CPU); `None` where no product would read the panels (another
@@ -57,11 +78,16 @@ impl PackedWeight {
         let Some(w) = self.0.unpack_rows(0, n) else {
             return Ok(None);
         };
-        Ok(HalfPanels::transposed(&w, n, k)
-            .map(|h| PackedWeight(self.0.clone(), Some(Arc::new(h)))))
+        Ok(HalfPanels::transposed(&w, n, k).map(|forward| {
+            let half = Half {
+                forward,
+                turned: std::sync::OnceLock::new(),
+            };
+            PackedWeight(self.0.clone(), Some(Arc::new(half)))
+        }))
     }
 
-    /// Whether the forward products read fp16 panels.
+    /// Whether the products read fp16 panels.
     pub fn is_half(&self) -> bool {
         self.1.is_some()
     }
@@ -74,7 +100,14 @@ impl PackedWeight {
 
     /// Bytes the panels take (f32 and, in fp16 precision, fp16).
     pub fn bytes(&self) -> usize {
-        self.0.bytes() + self.1.as_ref().map_or(0, |h| h.bytes())
+        let half = self.1.as_ref().map_or(0, |h| {
+            h.forward.bytes()
+                + h.turned
+                    .get()
+                    .and_then(Option::as_ref)
+                    .map_or(0, HalfPanels::bytes)
+        });
+        self.0.bytes() + half
     }
 
     /// W's shape [n, k].
@@ -98,15 +131,18 @@ impl PackedWeight {
     /// `x · Wᵀ + b` for 2-D `x`, from the panels (the fp16 ones where held, unless x is too
     /// large for fp16 sums).
     pub(crate) fn affine(&self, x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?
-            .apply_op2_no_bwd(&b.contiguous()?, &PanelAffine(&self.0, self.1.as_deref()))
+        x.contiguous()?.apply_op2_no_bwd(
+            &b.contiguous()?,
+            &PanelAffine(&self.0, self.1.as_deref().map(|h| &h.forward)),
+        )
     }
 
     /// `g · W` for 2-D `g` [rows, n] (the input gradient through the frozen layer), from the
-    /// panels.
+    /// panels (the fp16 ones in fp16 precision, unless g holds a value that is not finite).
     pub(crate) fn input_gradient(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        let half = self.1.as_deref().and_then(|h| h.turned(&self.0));
         g.contiguous()?
-            .apply_op1_no_bwd(&PanelInputGradient(&self.0))
+            .apply_op1_no_bwd(&PanelInputGradient(&self.0, half))
     }
 }
 
@@ -147,8 +183,9 @@ impl CustomOp2 for PanelAffine<'_> {
     }
 }
 
-/// The forward-only product `g · W` of [`PackedWeight::input_gradient`].
-struct PanelInputGradient<'a>(&'a PackedB);
+/// The forward-only product `g · W` of [`PackedWeight::input_gradient`]: f32 panels, and fp16
+/// ones (of Wᵀ) that are tried first where present.
+struct PanelInputGradient<'a>(&'a PackedB, Option<&'a HalfPanels>);
 
 impl candle_core::CustomOp1 for PanelInputGradient<'_> {
     fn name(&self) -> &'static str {
@@ -163,6 +200,9 @@ impl candle_core::CustomOp1 for PanelInputGradient<'_> {
             return Err(candle_core::Error::Msg(format!(
                 "panel input gradient: [{m}, {n}] · [{n2}, {k}] do not fit"
             )));
+        }
+        if let Some(out) = self.1.and_then(|h| h.input_gradient(g, m)) {
+            return Ok((CpuStorage::F32(out), Shape::from((m, k))));
         }
         let mut out = super::zeros(m * k);
         let lhs = (g, n as isize, 1);
@@ -382,6 +422,42 @@ pub fn batched_matmul(
 mod tests {
     use super::*;
     use crate::kernels::testing::*;
+
+    /// In fp16 precision both products through a frozen weight read fp16 panels: the forward
+    /// `x · Wᵀ + b` and the input gradient `g · W` (its panels built at first use), each close
+    /// to the f32 product and not equal to it.
+    #[test]
+    fn fp16_panels_serve_the_forward_and_the_input_gradient() {
+        if !super::super::half::available() {
+            return;
+        }
+        let w = randn(&[200, 96], 70, 0.05);
+        let b = randn(&[200], 71, 1.0);
+        let x = randn(&[37, 96], 72, 1.0);
+        // Gradients are small: unscaled, many would be fp16 subnormals.
+        let g = randn(&[37, 200], 73, 1e-6);
+        let full = PackedWeight::of(&w).unwrap().expect("panels");
+        let half = full.with_half(true).unwrap().expect("fp16 panels");
+        assert!(half.is_half() && !full.is_half());
+        let before = half.bytes();
+        for (h, f) in [
+            (half.affine(&x, &b).unwrap(), full.affine(&x, &b).unwrap()),
+            (
+                half.input_gradient(&g).unwrap(),
+                full.input_gradient(&g).unwrap(),
+            ),
+        ] {
+            let d = rel(&h, &f);
+            assert!(
+                d > 1e-6 && d < 1e-2,
+                "fp16 against f32: relative difference {d}"
+            );
+        }
+        assert!(
+            half.bytes() > before,
+            "the input gradient's panels were not built"
+        );
+    }
 
     #[test]
     fn batched_matmul_matches_candle_in_every_transpose_mode() {

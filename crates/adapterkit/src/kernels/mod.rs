@@ -55,16 +55,27 @@ impl Backend {
     }
 }
 
-/// The number format of the frozen weights' forward products `x · Wᵀ + b`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The number format of the frozen weights' products: the forward `x · Wᵀ + b` and the input
+/// gradient `g · W` of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Precision {
     /// f32 throughout.
     #[default]
+    #[serde(rename = "f32")]
     F32,
-    /// The frozen weights' forward products in fp16 with f32 sums ([`half`]; CPUs with
-    /// AVX512_FP16), everything else in f32. A product whose input is too large for fp16 sums
-    /// runs in f32.
+    /// The frozen weights' products in fp16 with f32 sums ([`half`]; CPUs with AVX512_FP16),
+    /// everything else in f32 (activations, attention, adapters, every trained weight and its
+    /// gradient). A forward product whose input is too large for fp16 sums runs in f32; input
+    /// gradients are scaled by a power of two to fit.
+    #[serde(rename = "fp16")]
     F16,
+}
+
+impl Precision {
+    /// Whether this is f32 (for `skip_serializing_if`: records of f32 runs keep their keys).
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
 }
 
 impl std::str::FromStr for Precision {
