@@ -50,7 +50,7 @@ def main():
                     "run in the adapter cases on both sides, e.g. 'lora[r=8];ia3;prefix_tuning'; "
                     "empty: Houlsby m=64")
     ap.add_argument("--precision", default="f32", choices=["f32", "fp16"],
-                    help="inference cases: ours with --precision, PyTorch under autocast in "
+                    help="inference and adapter-training cases: ours with --precision, PyTorch under autocast in "
                     "--pytorch-precision (default: the same)")
     ap.add_argument("--pytorch-precision", choices=["f32", "fp16", "bf16"])
     ap.add_argument("--baseline", help="another adapterkit binary in PyTorch's place (before/after "

@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", help="another adapterkit binary in PyTorch's place")
+    ap.add_argument("--precision", default="f32", choices=["f32", "fp16"],
+                    help="ours with `train --precision` (PyTorch stays f32, its fastest CPU training)")
     a = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
     runs = []
@@ -42,7 +44,7 @@ def main():
         out = os.path.join(a.work, f"{tool}-{r}")
         wall, _, _ = timed([binary, "train", "--model", a.model, "--task", a.task, "--method", "adapters",
                             "--bottleneck", "64", "--epochs", str(a.epochs), "--seed", "42",
-                            "--out", out], env)
+                            "--precision", a.precision, "--out", out], env)
         m = json.load(open(os.path.join(out, "metrics.json")))
         return {"tool": tool, "round": r, "process_seconds": wall,
                 "train_eval_seconds": m["seconds"], "dev": m["dev"]["accuracy"],
@@ -84,7 +86,7 @@ def main():
     print(f"  speed-up (process wall, theirs/ours): {speed:.2f}x; per pair: "
           + ", ".join(f"{p:.2f}" for p in pairs))
     json.dump({"cpu": cpu_description(), "task": a.task, "epochs": a.epochs, "threads": a.threads,
-               "baseline": a.baseline, "runs": runs,
+               "baseline": a.baseline, "precision": a.precision, "runs": runs,
                "summary": summary, "speedup": speed, "pair_speedups": pairs,
                "date": time.strftime("%Y-%m-%d")}, open(a.out, "w"), indent=1)
 

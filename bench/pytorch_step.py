@@ -9,8 +9,9 @@ eps 1e-6), gradient clipping 1.0, dropout on (train mode). `--adapter-config` ta
 configuration string instead (`par_bn[reduction_factor=6]`, `lora[r=8]`, `ia3`, `compacter`,
 `prefix_tuning`), as `adapter-config` does for ours; for inference LoRA / (IA)^3 is merged and the
 prefix MLP ejected first, as a user serving them would (adapterkit does both at load).
-`--precision fp16|bf16` runs the inference cases under `torch.autocast` in that dtype (set beside
-`adapterkit bench --precision fp16`).
+`--precision fp16|bf16` runs the cases under `torch.autocast` in that dtype (set beside
+`adapterkit bench --precision fp16`); training's forward runs under it, with fp16's GradScaler
+(PyTorch's mixed-precision recipe).
 """
 import argparse
 import contextlib
@@ -38,7 +39,7 @@ def main():
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--adapter-config", help="an AdapterHub configuration string (default: Houlsby, m)")
     ap.add_argument("--precision", default="f32", choices=["f32", "fp16", "bf16"],
-                    help="inference under torch.autocast in this dtype (fp16, bf16); training stays f32")
+                    help="under torch.autocast in this dtype (fp16, bf16)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -78,8 +79,8 @@ def main():
     else:
         model.active_head = "bench"
 
-    if a.precision != "f32" and a.case.endswith("train"):
-        sys.exit("--precision: the training cases run in f32 only")
+    if a.precision != "f32" and a.case == "full-train":
+        sys.exit("--precision: full fine-tuning runs in f32 only (as ours)")
     autocast = (torch.autocast("cpu", dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[a.precision])
                 if a.precision != "f32" else contextlib.nullcontext())
 
@@ -115,6 +116,7 @@ def main():
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                 lr=1e-4, eps=1e-6)
+        scaler = torch.amp.GradScaler("cpu") if a.precision == "fp16" else None
     else:
         model.eval()
         arch = getattr(config, "architecture", None) if with_adapter else None
@@ -127,10 +129,18 @@ def main():
     for i in range(a.warmup + a.steps):
         t = time.perf_counter()
         if train:
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            with autocast:
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            if scaler:
+                scaler.scale(out.loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
             opt.zero_grad(set_to_none=True)
         else:
             with torch.no_grad(), autocast:

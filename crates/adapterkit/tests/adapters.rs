@@ -916,6 +916,35 @@ fn prefix_tuning_merges_folds_saves_and_trains_only_its_tensors() {
     assert_eq!(snapshot(&base), before, "training wrote to the base");
 }
 
+/// The loss of `rows` and each trainable tensor's gradient, by name.
+fn loss_and_gradients(
+    base: &BaseModel,
+    task: &TaskModel,
+    enc: &[(Vec<u32>, Vec<u32>)],
+    set: &LabelledSet,
+    rows: &[usize],
+) -> (f32, Vec<(String, Tensor)>) {
+    let mut t = task.clone();
+    let mut vars = Vec::new();
+    for (name, p) in t.params.iter_mut() {
+        let v = Var::from_tensor(p).unwrap();
+        *p = v.as_tensor().clone();
+        vars.push((name.clone(), v));
+    }
+    let loss = batch_loss(base, &t, enc, set, rows, None).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = vars
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                grads.get(v.as_tensor()).expect("gradient").clone(),
+            )
+        })
+        .collect();
+    (loss.to_scalar::<f32>().unwrap(), g)
+}
+
 /// Checks every trainable tensor's gradient is finite and non-zero, and three entries of each
 /// adapter and LayerNorm tensor against central finite differences; returns the entries checked.
 fn gradient_check(base: &BaseModel, task: &TaskModel) -> usize {
@@ -1236,26 +1265,7 @@ fn fast_and_reference_paths_agree_on_values_and_gradients() {
             } else {
                 adapterkit::Backend::Reference
             };
-            let base = base.with_backend(backend);
-            let mut t = task.clone();
-            let mut vars = Vec::new();
-            for (name, p) in t.params.iter_mut() {
-                let v = Var::from_tensor(p).unwrap();
-                *p = v.as_tensor().clone();
-                vars.push((name.clone(), v));
-            }
-            let loss = batch_loss(&base, &t, &enc, &data.train, &rows, None).unwrap();
-            let grads = loss.backward().unwrap();
-            let g: Vec<(String, Tensor)> = vars
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.to_string(),
-                        grads.get(v.as_tensor()).expect("gradient").clone(),
-                    )
-                })
-                .collect();
-            (loss.to_scalar::<f32>().unwrap(), g)
+            loss_and_gradients(&base.with_backend(backend), &task, &enc, &data.train, &rows)
         };
         let (lf, gf) = run(true);
         let (lr, gr) = run(false);
@@ -1304,22 +1314,7 @@ fn fp16_precision_gives_nearly_the_f32_loss_and_gradients() {
     // LoRA on q and v: q|k|v is the task's own (f32), the rest stays frozen in fp16.
     tasks.push(lora_task(&base, "lqv", LoraConfig::lora(4, 8.0), 7));
     for task in tasks {
-        let run = |base: &BaseModel| {
-            let mut t = task.clone();
-            let mut vars = Vec::new();
-            for (name, p) in t.params.iter_mut() {
-                let v = Var::from_tensor(p).unwrap();
-                *p = v.as_tensor().clone();
-                vars.push((name.clone(), v));
-            }
-            let loss = batch_loss(base, &t, &enc, &data.train, &rows, None).unwrap();
-            let grads = loss.backward().unwrap();
-            let g: Vec<(String, Tensor)> = vars
-                .iter()
-                .map(|(n, v)| (n.to_string(), grads.get(v.as_tensor()).unwrap().clone()))
-                .collect();
-            (loss.to_scalar::<f32>().unwrap(), g)
-        };
+        let run = |base: &BaseModel| loss_and_gradients(base, &task, &enc, &data.train, &rows);
         let (l32, g32) = run(&base);
         let (l16, g16) = run(&half);
         assert!(
