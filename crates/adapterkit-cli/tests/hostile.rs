@@ -956,6 +956,16 @@ fn option_cases(c: &mut Corpus) {
             err(&["--precision", "expected f32 or fp16"]),
         ),
         (
+            "fp16 with full fine-tuning",
+            vec![
+                "--precision".into(),
+                "fp16".into(),
+                "--method".into(),
+                "full".into(),
+            ],
+            err(&["--precision fp16", "full fine-tuning", "--precision f32"]),
+        ),
+        (
             "fp16 with the reference ops",
             vec![
                 "--precision".into(),

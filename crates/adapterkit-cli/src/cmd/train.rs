@@ -126,6 +126,13 @@ fn default_lr(m: Method) -> f64 {
 
 pub(crate) fn train(a: TrainArgs) -> Result<()> {
     let home = adapterkit::default_home();
+    if a.method == Method::Full && a.precision != adapterkit::Precision::F32 {
+        bail!(
+            "--precision {}: full fine-tuning trains its own f32 copy of every projection, so \
+             none is frozen to run in fp16; use --precision f32",
+            a.precision
+        );
+    }
     if a.reference_ops && a.precision != adapterkit::Precision::F32 {
         bail!(
             "--precision {} runs on the fused kernels, and --reference-ops asks for the composed \
