@@ -4,6 +4,9 @@
 against `adapterkit predict` of its own adapter; PyTorch + AdapterHub serving the same requests
 (bench/serve_torch.py) for the ratio; RSS per adapter count; a run with adapters reloaded and
 churned during traffic. Rounds interleave the configurations; medians are reported.
+`--precision fp16` runs ours (serve and the predict it is checked against) with fp16 products; a
+row's fp16 answer can move by about 1e-3 with its batchmates (see README), so the check's
+tolerance is then 2e-3; PyTorch (bench/serve_torch.py) stays f32.
 Standard library only; run through bench/run-serve.sh.
 """
 import argparse
@@ -74,8 +77,8 @@ def expected(a, dirs, texts):
         f.write("\n".join(texts) + "\n")
     out = {}
     for t, d in dirs.items():
-        r = subprocess.run([a.ours, "predict", "--model", a.model, "--adapter", d, "--input", path],
-                           check=True, capture_output=True, text=True)
+        r = subprocess.run([a.ours, "predict", "--model", a.model, "--adapter", d, "--input", path,
+                            "--precision", a.precision], check=True, capture_output=True, text=True)
         out[t] = [json.loads(l)["probabilities"] for l in r.stdout.splitlines()]
         assert len(out[t]) == len(texts), (t, len(out[t]), len(texts))
     return out
@@ -152,8 +155,10 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=60)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--precision", default="f32", choices=["f32", "fp16"])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    tolerance = 1e-5 if a.precision == "f32" else 2e-3
     os.makedirs(a.work, exist_ok=True)
     dirs = prepare(a)
     texts = texts_of(a)
@@ -171,9 +176,9 @@ def main():
         for n in (1, 8, 64):
             root, names, req = configs[n]
             p, url = start([a.ours, "serve", "--model", a.model, "--adapters", root, "--bind", "127.0.0.1:0",
-                            "--admin-token-file", token])
+                            "--admin-token-file", token, "--precision", a.precision])
             try:
-                runs[f"ours-{n}"].append(loadgen(a, url, req, f"ours-{n}", 1e-5))
+                runs[f"ours-{n}"].append(loadgen(a, url, req, f"ours-{n}", tolerance))
                 rss.setdefault(n, []).append(rss_kib(p.pid))
             finally:
                 p.terminate()
@@ -190,9 +195,9 @@ def main():
     # Hot reload and churn during mixed traffic over 8 adapters.
     root, names, req = configs[8]
     p, url = start([a.ours, "serve", "--model", a.model, "--adapters", root, "--bind", "127.0.0.1:0",
-                    "--admin-token-file", token])
+                    "--admin-token-file", token, "--precision", a.precision])
     try:
-        churn = loadgen(a, url, req, "ours-8-reload", 1e-5,
+        churn = loadgen(a, url, req, "ours-8-reload", tolerance,
                         ["--reload", "mr=mr", "--reload", "sms=sms", "--admin-token-file", token])
     finally:
         p.terminate()
@@ -214,6 +219,7 @@ def main():
     ours_runs = [r for k, v in runs.items() if k.startswith("ours") for r in v] + [churn]
     report = {
         "date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "precision": a.precision, "tolerance": tolerance,
         "clients": a.clients, "total_per_run": a.total, "rounds": a.rounds, "texts": len(texts),
         "summary": summary,
         "mixed8_over_single": summary["ours-8"]["requests_per_s"] / summary["ours-1"]["requests_per_s"],
