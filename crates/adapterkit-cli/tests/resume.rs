@@ -186,6 +186,20 @@ fn resume_refuses_another_run_and_a_missing_checkpoint() {
         let err = text(&o.stderr);
         assert!(!o.status.success());
         assert!(err.contains("`precision`"), "{err}");
+        // A finished fp16 run says so in its record; an f32 one keeps the record's old keys.
+        for (precision, out) in [("fp16", "o16"), ("f32", "o32")] {
+            let o = run(
+                &dir,
+                &["--out", out, "--precision", precision, "--max-steps", "3"],
+            );
+            assert!(o.status.success(), "{}", text(&o.stderr));
+            let m: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(out).join("metrics.json")).unwrap(),
+            )
+            .unwrap();
+            let want = (precision == "fp16").then(|| serde_json::json!("fp16"));
+            assert_eq!(m.get("precision").cloned(), want, "{out}");
+        }
     }
     // Other data is another run too, even with the same options.
     std::fs::write(
