@@ -676,6 +676,26 @@ mod tests {
         assert!(HalfPanels::transposed(&[1e6f32; 64], 1, 64).is_none());
     }
 
+    /// Median seconds of `a` and of `b` over 9 interleaved calls each.
+    fn interleaved_medians<T>(mut a: impl FnMut() -> T, mut b: impl FnMut() -> T) -> (f64, f64) {
+        let (mut ta, mut tb) = (Vec::new(), Vec::new());
+        for _ in 0..9 {
+            for (f, times) in [
+                (&mut a as &mut dyn FnMut() -> T, &mut ta),
+                (&mut b, &mut tb),
+            ] {
+                let t = std::time::Instant::now();
+                std::hint::black_box(f());
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        (med(ta), med(tb))
+    }
+
     /// The fp16 product against the f32 one of our blocked GEMM (2 threads) at MiniLM's forward
     /// shapes: `cargo test --release -p adapterkit --lib kernels::half -- --ignored --nocapture`.
     #[test]
@@ -691,66 +711,40 @@ mod tests {
             let b = values(n, 3);
             let half = HalfPanels::transposed(&w, n, k).expect("fp16 panels");
             let full = super::super::blocked::PackedB::transposed(&w, n, k).expect("f32 panels");
-            let (mut th, mut tf) = (Vec::new(), Vec::new());
-            for _ in 0..9 {
-                let t = std::time::Instant::now();
-                let y = half.affine(&x, m, &b).expect("in range");
-                th.push(t.elapsed().as_secs_f64());
-                std::hint::black_box(y);
-                let t = std::time::Instant::now();
-                let mut y = super::super::rows_of(&b, m);
-                super::super::blocked::gemm_packed(
-                    &mut y,
-                    m,
-                    (&x, k as isize, 1),
-                    &full,
-                    true,
-                    true,
-                );
-                tf.push(t.elapsed().as_secs_f64());
-                std::hint::black_box(y);
-            }
-            let med = |mut v: Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             let flop = 2.0 * (m * n * k) as f64;
-            let (h, f) = (med(th), med(tf));
-            println!(
-                "{m}x{n}x{k} x·Wᵀ: fp16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, {:.2}×",
-                flop / h / 1e9,
-                flop / f / 1e9,
-                f / h
+            let report = |what: &str, (h, f): (f64, f64)| {
+                println!(
+                    "{m}x{n}x{k} {what}: fp16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, {:.2}×",
+                    flop / h / 1e9,
+                    flop / f / 1e9,
+                    f / h
+                );
+            };
+            let forward = interleaved_medians(
+                || half.affine(&x, m, &b).expect("in range"),
+                || {
+                    let mut y = super::super::rows_of(&b, m);
+                    let lhs = (&x[..], k as isize, 1);
+                    super::super::blocked::gemm_packed(&mut y, m, lhs, &full, true, true);
+                    y
+                },
             );
+            report("x·Wᵀ", forward);
             // The input gradient g [m, n] · W through the same weight.
             let turned = HalfPanels::turned(&w, n, k).expect("fp16 panels");
             let g: Vec<f32> = values(m * n, 4).iter().map(|v| v * 1e-5).collect();
-            let (mut th, mut tf) = (Vec::new(), Vec::new());
-            for _ in 0..9 {
-                let t = std::time::Instant::now();
-                let y = turned.input_gradient(&g, m).expect("finite");
-                th.push(t.elapsed().as_secs_f64());
-                std::hint::black_box(y);
-                let t = std::time::Instant::now();
-                let mut y = super::super::zeros(m * k);
-                super::super::blocked::gemm_packed_transposed(
-                    &mut y,
-                    m,
-                    (&g, n as isize, 1),
-                    &full,
-                    false,
-                    true,
-                );
-                tf.push(t.elapsed().as_secs_f64());
-                std::hint::black_box(y);
-            }
-            let (h, f) = (med(th), med(tf));
-            println!(
-                "{m}x{n}x{k} g·W: fp16 {:.0} GFLOP/s, f32 {:.0} GFLOP/s, {:.2}×",
-                flop / h / 1e9,
-                flop / f / 1e9,
-                f / h
+            let gradient = interleaved_medians(
+                || turned.input_gradient(&g, m).expect("finite"),
+                || {
+                    let mut y = super::super::zeros(m * k);
+                    let lhs = (&g[..], n as isize, 1);
+                    super::super::blocked::gemm_packed_transposed(
+                        &mut y, m, lhs, &full, false, true,
+                    );
+                    y
+                },
             );
+            report("g·W", gradient);
         }
     }
 }
