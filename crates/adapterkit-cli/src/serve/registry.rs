@@ -73,6 +73,20 @@ pub(crate) fn load(base: &BaseModel, name: &str, dir: &Path) -> Result<Served> {
     // (their updates run per row group), and the server holds no copy of the projections.
     task.keep_lora_as_updates(base)?;
     let shares_encoder = task.shares_encoder();
+    // Layers a task trained run its own f32 weights: say so, since the server was asked for fp16.
+    if base.precision() != adapterkit::Precision::F32
+        && matches!(
+            task.trainable,
+            adapterkit::task::TrainableSet::Full | adapterkit::task::TrainableSet::TopK { .. }
+        )
+    {
+        tracing::warn!(
+            "{}: the layers it trained ({}) run their own weights in f32, not {}",
+            dir.display(),
+            task.trainable.label(),
+            base.precision()
+        );
+    }
     // A task trained with a length above the model's positions could only fail on a long input;
     // serve it at the length the model can take.
     let positions = base.config.max_position_embeddings;
